@@ -1,0 +1,290 @@
+"""The `salip` command: segment a volume from a text prompt, list prompts, manage models."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .errors import Cancelled, InputError, SalipError
+
+EPILOG = """exit codes: 0 done, 1 internal error, 2 usage, 3 bad input, 4 model or weights,
+5 output not writable or exists, 130 cancelled. See README.md."""
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .models.registry import DEFAULT_SCORER, DEFAULT_SEGMENTER
+
+    group = parser.add_argument_group("models")
+    group.add_argument("--sam", default=DEFAULT_SEGMENTER,
+                       help=f"segmenter: vit_b, vit_l, vit_h or litemedsam (default {DEFAULT_SEGMENTER})")
+    group.add_argument("--sam-checkpoint", type=Path, help="use this SAM weights file instead of resolving one")
+    group.add_argument("--clip", default=DEFAULT_SCORER,
+                       help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, or oracle "
+                            f"(default {DEFAULT_SCORER})")
+    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    group.add_argument("--model-dir", type=Path,
+                       help="folder with weights files for machines without internet (or SALIP_MODEL_DIR)")
+
+
+def _add_proposal_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("proposal settings (defaults depend on --sam)")
+    group.add_argument("--points-per-side", type=int, help="SAM point grid per side (SAM default 32)")
+    group.add_argument("--pred-iou-thresh", type=float, help="minimum predicted IoU of a candidate")
+    group.add_argument("--stability-thresh", type=float, help="minimum stability score of a candidate")
+    group.add_argument("--crop-layers", type=int, help="extra crop layers, each costs encodings (paper: 1)")
+    group.add_argument("--max-area", type=float, help="drop candidates above this fraction of the slice")
+    group.add_argument("--min-region-area", type=int, help="remove islands and holes below this many pixels")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="salip",
+        description="Zero-shot organ segmentation from a text prompt (SaLIP: SAM proposes, CLIP retrieves, "
+                    "SAM refines), slice by slice.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"salip {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    segment = commands.add_parser(
+        "segment", help="segment a volume or 2D image and write a .seg.nrrd", epilog=EPILOG,
+        description="Read INPUT (NRRD, NIfTI, MHA, DICOM folder, 2D image), segment PROMPT on every slice, "
+                    "write a Slicer segmentation on the input's geometry.",
+    )
+    segment.add_argument("input", type=Path, help="volume file, DICOM series folder, or 2D image")
+    segment.add_argument("-p", "--prompt", help="preset name (see `salip prompts`) or free text")
+    segment.add_argument("--preset", help="a preset by name; unlike -p, an unknown name is an error")
+    segment.add_argument("-o", "--output", type=Path, required=True, help="output .seg.nrrd")
+    segment.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    segment.add_argument("--axis", default="auto",
+                         help="numpy axis to slice along: 0 (k), 1 (j), 2 (i), or auto = largest spacing")
+    segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
+    segment.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                         help="intensity window (default: robust 0.5-99.5 percentiles)")
+    segment.add_argument("--top-k", type=int, help="candidates kept per slice (default from the preset)")
+    segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
+    segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
+    segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    _add_model_options(segment)
+    _add_proposal_options(segment)
+    segment.set_defaults(run=run_segment)
+
+    prompts = commands.add_parser("prompts", help="list prompt presets, or show one")
+    prompts.add_argument("name", nargs="?", help="show this preset's sentences")
+    prompts.set_defaults(run=run_prompts)
+
+    models = commands.add_parser("models", help="list, download or verify model weights")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    listing = models_commands.add_parser("list", help="known models, whether present, and where")
+    listing.add_argument("--model-dir", type=Path)
+    listing.set_defaults(run=run_models_list)
+    download = models_commands.add_parser("download", help="download weights into the cache")
+    download.add_argument("name", help="a SAM name (vit_b, ...) or CLIP MODEL:TAG")
+    download.add_argument("--model-dir", type=Path)
+    download.set_defaults(run=run_models_download)
+    verify = models_commands.add_parser("verify", help="check the SHA256 of weights on this machine")
+    verify.add_argument("name", nargs="?", help="one model (default: all present)")
+    verify.add_argument("--model-dir", type=Path)
+    verify.set_defaults(run=run_models_verify)
+    return parser
+
+
+# -- segment -------------------------------------------------------------------------
+
+
+def _prompt_from_args(args):
+    from .prompts import get_preset, resolve_prompt
+
+    if args.preset and args.prompt:
+        raise InputError("Give either -p/--prompt or --preset, not both.")
+    if args.preset:
+        return get_preset(args.preset)
+    if args.prompt is None:
+        raise InputError("Say what to segment with -p PROMPT (a preset name or free text).")
+    return resolve_prompt(args.prompt)
+
+
+def _proposal_settings(args, spec):
+    from .models.base import ProposalSettings
+
+    values = dict(spec.proposal_defaults)
+    overrides = {
+        "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_thresh, "crop_n_layers": args.crop_layers,
+        "max_area_fraction": args.max_area, "min_region_area": args.min_region_area,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ProposalSettings.from_dict(values)
+
+
+def _axis(text: str, image) -> int:
+    from .volume import acquisition_axis
+
+    if text == "auto":
+        return acquisition_axis(image.spacing_kji)
+    if text not in {"0", "1", "2"}:
+        raise InputError(f"--axis takes 0, 1, 2 or auto, got {text!r}.")
+    return int(text)
+
+
+def run_segment(args) -> int:
+    from .io import check_writable, read_image, write_json, write_segmentation
+    from .models import create_scorer, create_segmenter, get_segmenter_spec, resolve_device
+    from .volume import as_volume, parse_slice_range, segment_volume
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    prompt = _prompt_from_args(args)
+    top_k = args.top_k if args.top_k is not None else prompt.top_k
+    if top_k < 1:
+        raise InputError("--top-k must be at least 1.")
+    output = check_writable(args.output, overwrite=args.overwrite)
+    if args.report is not None:
+        check_writable(args.report, overwrite=args.overwrite)
+    spec = get_segmenter_spec(args.sam)
+    proposal = _proposal_settings(args, spec)
+
+    image = read_image(args.input)
+    volume = as_volume(image.array)
+    reference = None
+    if args.reference is not None:
+        reference = read_image(args.reference).array
+        if reference.shape != volume.shape:
+            raise InputError(f"Reference {args.reference} has shape {reference.shape}, the input {volume.shape}.")
+    axis = _axis(args.axis, image)
+    slice_range = parse_slice_range(args.slices, volume.shape[axis])
+    say(f"Prompt: {prompt.display_name} ({'preset' if prompt.is_preset else 'free text'}, top-k {top_k})")
+
+    device = resolve_device(args.device)
+    loading = time.perf_counter()
+    segmenter = create_segmenter(args.sam, device, args.sam_checkpoint, args.model_dir, progress=not args.quiet)
+    scorer = create_scorer(args.clip, device, args.model_dir, progress=not args.quiet)
+    load_seconds = time.perf_counter() - loading
+    say(f"Models: {args.sam} + {args.clip} on {device} (loaded in {load_seconds:.1f} s)")
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=slice_range[1] - slice_range[0], unit="slice", desc="segmenting", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = segment_volume(
+            volume, segmenter, scorer, prompt.sentences, top_k=top_k, axis=axis, slice_range=slice_range,
+            window=tuple(args.window) if args.window else None, proposal=proposal, reference=reference,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        raise Cancelled("Cancelled; nothing was written.") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+    write_segmentation(output, result.mask, image, prompt.display_name, prompt.color)
+    if args.report is not None:
+        write_json(args.report, {
+            "input": str(args.input), "output": str(output), "prompt": prompt.to_dict(), "top_k": top_k,
+            "sam": args.sam, "clip": args.clip, "device": str(device), "axis": result.axis,
+            "slice_range": list(result.slice_range), "window": list(result.window),
+            "proposal": dataclasses.asdict(proposal), "model_load_seconds": round(load_seconds, 3),
+            "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
+        })
+    summary = result.summary()
+    say(f"Wrote {output}: segment '{prompt.display_name}', {summary['voxels']} voxels on "
+        f"{summary['slices_with_mask']} of {summary['slices_in_range']} slices in {summary['seconds']:.1f} s.")
+    return 0
+
+
+# -- prompts and models ----------------------------------------------------------------
+
+
+def run_prompts(args) -> int:
+    from .prompts import get_preset, load_presets
+
+    if args.name:
+        preset = get_preset(args.name)
+        print(f"{preset.display_name} ({preset.name}); top-k {preset.top_k}; modalities "
+              f"{', '.join(preset.modalities) or '-'}; aliases {', '.join(preset.aliases) or '-'}")
+        for sentence in preset.sentences:
+            print(f"  - {sentence}")
+        return 0
+    presets = load_presets()
+    width = max(len(name) for name in presets)
+    for name, preset in presets.items():
+        print(f"{name:<{width}}  top-k {preset.top_k}  {', '.join(preset.modalities):<12} {preset.display_name}")
+    print("\nAny other text is a free-text prompt, e.g. -p 'left kidney'.")
+    return 0
+
+
+def run_models_list(args) -> int:
+    from .models import list_models
+
+    rows = list_models(args.model_dir)
+    print(f"{'name':<18}{'role':<6}{'size':<8}{'present':<9}path / source")
+    for row in rows:
+        where = row.path or row.source
+        print(f"{row.name:<18}{row.role:<6}{row.size:<8}{'yes' if row.present else 'no':<9}{where}")
+    return 0
+
+
+def run_models_download(args) -> int:
+    from .models import weights
+    from .models.registry import weights_for
+
+    spec = weights_for(args.name)
+    path = weights.resolve(spec, None, args.model_dir, download=True, progress=True)
+    print(f"{args.name}: {path} (SHA256 verified)")
+    return 0
+
+
+def run_models_verify(args) -> int:
+    from .errors import ChecksumError
+    from .models import weights
+    from .models.registry import LISTED_CLIP, SEGMENTERS, weights_for
+
+    names = [args.name] if args.name else list(SEGMENTERS) + list(LISTED_CLIP)
+    bad = 0
+    for name in names:
+        spec = weights_for(name)
+        path = weights.find_local(spec, args.model_dir)
+        if path is None:
+            print(f"{name}: not present")
+            continue
+        try:
+            weights.verify(path, spec)
+            print(f"{name}: ok  {path}")
+        except ChecksumError as error:
+            bad += 1
+            print(f"{name}: CORRUPT  {error}")
+    if bad:
+        raise ChecksumError(f"{bad} weights file(s) failed verification.")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except SalipError as error:
+        print(f"salip: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("salip: cancelled", file=sys.stderr)
+        return Cancelled.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Pixel helpers shared by the cascade and the backends: windowing, boxes, crops, Dice.
+
+Pure numpy: no torch, no Slicer, no files.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+Box = Tuple[int, int, int, int]
+"""(x0, y0, x1, y1) in pixels, corners inclusive, as segment_anything uses them."""
+
+# Robust window for volumes without a display window: ignores a few outliers
+# (metal, hot pixels) that would otherwise flatten the contrast.
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+def robust_window(values: np.ndarray) -> Optional[Tuple[float, float]]:
+    """Intensity window (low, high) from robust percentiles of the finite values.
+
+    Returns None when there is no usable contrast (no finite value, or all equal).
+    """
+    finite = np.asarray(values)[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    if finite.size > 2_000_000:
+        # Percentiles of a strided sample are as good and much cheaper on big volumes.
+        finite = finite[:: finite.size // 1_000_000]
+    low, high = np.percentile(finite, ROBUST_PERCENTILES)
+    if not high > low:
+        low, high = float(finite.min()), float(finite.max())
+    if not high > low:
+        return None
+    return float(low), float(high)
+
+
+def window_to_uint8(image: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+    """Map intensities in [low, high] to 0..255; NaN and -inf become 0, +inf 255."""
+    low, high = float(window[0]), float(window[1])
+    if not high > low:
+        raise ValueError(f"window must have high > low, got {window}")
+    scaled = (np.asarray(image, dtype=np.float64) - low) * (255.0 / (high - low))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """H x W uint8 to the H x W x 3 uint8 image that SAM and CLIP expect."""
+    return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)
+
+
+def mask_to_box(mask: np.ndarray) -> Optional[Box]:
+    """Tight bounding box of a 2D mask, or None when it is empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def masked_crop(image_rgb: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:
+    """The image with everything outside the mask zeroed, cropped to the box.
+
+    This is what CLIP sees of a candidate: its shape and texture, no context.
+    """
+    x0, y0, x1, y1 = box
+    crop = image_rgb[y0 : y1 + 1, x0 : x1 + 1].copy()
+    crop[~mask[y0 : y1 + 1, x0 : x1 + 1]] = 0
+    return crop
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks; two empty masks agree perfectly (1.0)."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(a, b).sum()) / total

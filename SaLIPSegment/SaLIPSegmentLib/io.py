@@ -1,0 +1,169 @@
+"""Files: read volumes (SimpleITK), write .seg.nrrd (slicerio) and reports, atomically.
+
+Arrays are in numpy order (k, j, i), as SimpleITK and Slicer's array helpers give them.
+Geometry is kept as SimpleITK's LPS: origin, spacing, direction, and their 4x4 product.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError, OutputError
+
+DICOM_SUFFIXES = {".dcm", ".ima", ""}
+
+
+@dataclass
+class Image3D:
+    """A scalar volume and its physical geometry (LPS, like SimpleITK and DICOM)."""
+
+    array: np.ndarray
+    """Voxels in numpy order (k, j, i)."""
+    spacing: Tuple[float, float, float]
+    """Along i, j, k (x, y, z), in mm."""
+    origin: Tuple[float, float, float]
+    direction: np.ndarray
+    """3 x 3; column c is the LPS direction of voxel axis c (i, j, k)."""
+    source: str = ""
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction @ np.diag(self.spacing)
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    @property
+    def spacing_kji(self) -> Tuple[float, float, float]:
+        """Spacing in numpy axis order, to match `array`."""
+        return tuple(reversed(self.spacing))
+
+
+def _read_sitk(path: Path):
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        series = reader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise InputError(f"{path} is a folder without a DICOM series in it.")
+        # The series with the most files is the volume; the others are usually scouts.
+        files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
+        reader.SetFileNames(files)
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+def read_image(path: os.PathLike) -> Image3D:
+    """NRRD, NIfTI, MHA, a DICOM series folder or a 2D image, as a 3D scalar volume.
+
+    A 2D image becomes a one-slice volume; a 2D RGB(A) image (a screenshot of an
+    ultrasound, a PNG X-ray) becomes grey-scale by luminance.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"Input {path} does not exist.")
+    try:
+        image = _read_sitk(path)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise InputError(f"Could not read {path}: {first_line}") from error
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)
+    dimension = image.GetDimension()
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
+        if dimension == 2 and components in (3, 4):
+            array = array[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        else:
+            raise InputError(
+                f"{path} has {components} components per voxel; SaLIP needs a scalar volume "
+                "(extract one component or convert to grey-scale first)."
+            )
+    if dimension == 2:
+        spacing = tuple(image.GetSpacing()) + (1.0,)
+        origin = tuple(image.GetOrigin()) + (0.0,)
+        direction = np.eye(3)
+        direction[:2, :2] = np.asarray(image.GetDirection()).reshape(2, 2)
+        array = array[np.newaxis]
+    elif dimension == 3:
+        spacing, origin = tuple(image.GetSpacing()), tuple(image.GetOrigin())
+        direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    else:
+        raise InputError(f"{path} has {dimension} dimensions; SaLIP segments 2D images and 3D volumes.")
+    return Image3D(array=array, spacing=spacing, origin=origin, direction=direction, source=str(path))
+
+
+def check_writable(path: os.PathLike, overwrite: bool = True) -> Path:
+    """Fail early, before any model runs, if the output cannot be written."""
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists; pass --overwrite to replace it.")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name such as result.seg.nrrd.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"Folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"Folder {parent} is not writable.")
+    return path
+
+
+def write_atomically(path: os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary) next to path, then rename over it: the old file stays whole on failure."""
+    path = Path(path).expanduser()
+    # Keep the real suffixes at the end: writers pick the format from them.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
+                                         dir=path.parent if str(path.parent) else ".")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OutputError(f"Could not write {path}: {error}") from error
+        raise
+    return path
+
+
+def write_segmentation(
+    path: os.PathLike,
+    mask: np.ndarray,
+    geometry: Image3D,
+    segment_name: str,
+    color: Sequence[float],
+) -> Path:
+    """Write a .seg.nrrd with one segment on the input's grid, for Slicer to load."""
+    import slicerio
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != geometry.array.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the volume's {geometry.array.shape}")
+    segmentation = slicerio.create_segmentation(mask.shape[::-1], geometry.ijk_to_lps)
+    segment = {"id": "Segment_1", "name": segment_name, "color": [float(c) for c in color]}
+    slicerio.add_segment(segmentation, mask.transpose(2, 1, 0), segment)  # slicerio wants (i, j, k)
+    return write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
+
+
+def write_json(path: os.PathLike, data: dict) -> Path:
+    text = json.dumps(data, indent=2, default=_json_default)
+    return write_atomically(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

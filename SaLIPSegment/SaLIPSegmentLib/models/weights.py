@@ -1,0 +1,158 @@
+"""The one place that finds model weights: explicit path, model directory, cache, download.
+
+Air-gapped machines put files in a model directory (`--model-dir` or SALIP_MODEL_DIR).
+Downloads go to the cache (SALIP_CACHE_DIR, default ~/.cache/salip), are checked
+against their SHA256 while they stream, and appear only once complete (temporary
+file, then rename), so an interrupted download never leaves a half file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import ChecksumError, MissingWeightsError
+
+CHUNK = 1024 * 1024
+DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A weights file we know: its name, where it officially comes from, its digest."""
+
+    filename: str
+    url: Optional[str]
+    sha256: Optional[str]
+    size_bytes: Optional[int] = None
+    bundled: Optional[Callable[[], Path]] = None
+    """Returns the path of a copy shipped inside an installed package, if any."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SALIP_CACHE_DIR") or Path.home() / ".cache" / "salip")
+
+
+def model_dir(explicit: Optional[os.PathLike] = None) -> Optional[Path]:
+    value = explicit or os.environ.get("SALIP_MODEL_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def offline() -> bool:
+    return os.environ.get("SALIP_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def file_sha256(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, spec: WeightsFile) -> None:
+    """Raise ChecksumError unless the file has the spec's SHA256 (when it has one)."""
+    if spec.sha256 is None:
+        return
+    actual = file_sha256(path)
+    if actual != spec.sha256:
+        raise ChecksumError(
+            f"{path} does not match the official {spec.filename}: SHA256 is {actual}, "
+            f"expected {spec.sha256}. Delete it and download again"
+            + (f" from {spec.url}." if spec.url else ".")
+        )
+
+
+def candidate_paths(spec: WeightsFile, explicit_dir: Optional[os.PathLike] = None):
+    """Where the file may already be, in the order they are tried."""
+    directory = model_dir(explicit_dir)
+    if directory is not None:
+        yield directory / spec.filename
+    yield cache_dir() / spec.filename
+    if spec.bundled is not None:
+        bundled = spec.bundled()
+        if bundled is not None:
+            yield Path(bundled)
+
+
+def find_local(spec: WeightsFile, explicit_dir: Optional[os.PathLike] = None) -> Optional[Path]:
+    return next((p for p in candidate_paths(spec, explicit_dir) if p.is_file()), None)
+
+
+def missing_message(spec: WeightsFile, explicit_dir: Optional[os.PathLike] = None) -> str:
+    directory = model_dir(explicit_dir)
+    where = [str(directory / spec.filename)] if directory else []
+    where.append(str(cache_dir() / spec.filename))
+    source = f"Download it from {spec.url} and put it" if spec.url else "It has no download address; put it"
+    return (
+        f"Model weights {spec.filename} are not on this machine and could not be downloaded. "
+        f"{source} at {' or '.join(where)} "
+        "(or pass --model-dir / set SALIP_MODEL_DIR to the folder that holds it)."
+    )
+
+
+def resolve(
+    spec: WeightsFile,
+    path: Optional[os.PathLike] = None,
+    explicit_dir: Optional[os.PathLike] = None,
+    download: bool = True,
+    progress: bool = True,
+) -> Path:
+    """The verified path of a weights file, downloading it into the cache if need be."""
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"Weights file {path} does not exist.")
+        verify(path, spec)
+        return path
+    found = find_local(spec, explicit_dir)
+    if found is not None:
+        verify(found, spec)
+        return found
+    if not download or offline() or spec.url is None:
+        raise MissingWeightsError(missing_message(spec, explicit_dir))
+    try:
+        return fetch(spec, cache_dir() / spec.filename, progress=progress)
+    except (urllib.error.URLError, OSError) as error:
+        raise MissingWeightsError(f"{missing_message(spec, explicit_dir)} ({error})") from error
+
+
+def fetch(spec: WeightsFile, destination: Path, progress: bool = True) -> Path:
+    """Download spec.url to destination atomically, checking SHA256 as it streams."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    handle, temporary = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=destination.parent)
+    try:
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            total = int(response.headers.get("Content-Length") or 0) or spec.size_bytes
+            bar = _progress_bar(total, spec.filename) if progress else None
+            for chunk in iter(lambda: response.read(CHUNK), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+            raise ChecksumError(
+                f"Downloaded {spec.filename} from {spec.url} has SHA256 {digest.hexdigest()}, "
+                f"expected {spec.sha256}; it was discarded."
+            )
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return destination
+
+
+def _progress_bar(total: Optional[int], name: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr)

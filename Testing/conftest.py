@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from SaLIPSegmentLib.models import SegmenterSpec, register_segmenter
+from SaLIPSegmentLib.models.registry import load_weights_file
 from SaLIPSegmentLib.models.sam import SamSegmenter
 from SaLIPSegmentLib.models.weights import WeightsFile, file_sha256
 
@@ -122,7 +123,7 @@ def tiny_sam(tiny_sam_checkpoint) -> str:
 
     def build(path, device):
         model = build_tiny_sam()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights_file(path))
         return SamSegmenter(model, device, name=TINY_SAM)
 
     register_segmenter(SegmenterSpec(

@@ -8,6 +8,7 @@ Scorers: CLIP from open_clip as MODEL:TAG or MODEL:/path/to/checkpoint, and `ora
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -44,8 +45,15 @@ class SegmenterSpec:
     """Proposal settings that suit this model better than the generic defaults."""
 
 
-def _load_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def load_weights_file(path: Path) -> dict:
+    """A state dict from a checkpoint, refusing anything that is not plain tensors and containers."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ModelError(
+            f"{path} is not a plain state dict of tensors; it was not loaded "
+            f"(weights files must load with torch.load(weights_only=True)): {error}"
+        ) from error
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     return state
@@ -58,7 +66,7 @@ def _build_sam(arch: str):
         from .sam import SamSegmenter
 
         model = sam_model_registry[arch](checkpoint=None)  # its own loader unpickles freely
-        model.load_state_dict(_load_state(path))
+        model.load_state_dict(load_weights_file(path))
         return SamSegmenter(model, device, name=arch)
 
     return build
@@ -82,7 +90,7 @@ def _build_litemedsam(path: Path, device: torch.device) -> Segmenter:
     from .litemedsam import LiteMedSamSegmenter
 
     model = package.build_lite_medsam()
-    model.load_state_dict(_load_state(path))
+    model.load_state_dict(load_weights_file(path))
     return LiteMedSamSegmenter(model, device)
 
 

@@ -131,15 +131,22 @@ def fetch(spec: WeightsFile, destination: Path, progress: bool = True) -> Path:
     handle, temporary = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=destination.parent)
     try:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            total = int(response.headers.get("Content-Length") or 0) or spec.size_bytes
-            bar = _progress_bar(total, spec.filename) if progress else None
+            announced = int(response.headers.get("Content-Length") or 0)
+            bar = _progress_bar(announced or spec.size_bytes, spec.filename) if progress else None
+            received = 0
             for chunk in iter(lambda: response.read(CHUNK), b""):
                 out.write(chunk)
                 digest.update(chunk)
+                received += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
             if bar is not None:
                 bar.close()
+        if announced and received != announced:
+            raise MissingWeightsError(
+                f"The download of {spec.filename} from {spec.url} stopped after {received} of "
+                f"{announced} bytes; nothing was kept. Try again, or fetch it by hand."
+            )
         if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
             raise ChecksumError(
                 f"Downloaded {spec.filename} from {spec.url} has SHA256 {digest.hexdigest()}, "

@@ -1,0 +1,171 @@
+"""The cascade on a slice and the runner over volumes, with real small models."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_SAM_PROPOSALS, disk_image
+from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
+from SaLIPSegmentLib.errors import Cancelled, InputError
+from SaLIPSegmentLib.imaging import dice
+from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.volume import NO_TISSUE, acquisition_axis, parse_slice_range, segment_volume
+
+PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
+
+
+class CountingSegmenter:
+    """Wraps a real segmenter and counts image encodings."""
+
+    def __init__(self, inner):
+        self.inner, self.encodings = inner, 0
+
+    def set_image(self, image):
+        self.encodings += 1
+        self.inner.set_image(image)
+
+    def propose(self, settings):
+        return self.inner.propose(settings)
+
+    def refine(self, boxes):
+        return self.inner.refine(boxes)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_sam, tiny_sam_checkpoint):
+    return CountingSegmenter(create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint))
+
+
+def test_retrieval_keeps_the_best_scored_candidate_and_refines_its_box(segmenter):
+    image = disk_image()
+    reference = image > 100
+    result = segment_slice(image, segmenter, OracleScorer(), ["disk"], proposal=PROPOSALS, reference=reference)
+    segmenter.inner.set_image(np.repeat(image[:, :, None], 3, 2))
+    candidates = segmenter.inner.propose(PROPOSALS)
+    best = max(candidates, key=lambda c: dice(c.mask, reference))
+    assert result.candidate_count == len(candidates)
+    assert result.boxes == [best.box]
+    assert result.clip_scores == [pytest.approx(100 * dice(best.mask, reference))]
+    expected = segmenter.inner.refine([best.box])[0]
+    np.testing.assert_array_equal(result.mask, expected.mask)
+    assert result.predicted_ious == [pytest.approx(expected.predicted_iou)]
+    assert set(result.seconds) == {"encode", "propose", "score", "refine"}
+
+
+def test_top_k_refines_k_boxes_and_unions_them(segmenter):
+    image = disk_image()
+    keep_all = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "box_nms_thresh": 1.0})
+    result = segment_slice(image, segmenter, OracleScorer(), ["disk"], top_k=2, proposal=keep_all,
+                           reference=image > 100)
+    assert len(result.boxes) == 2 and result.clip_scores[0] >= result.clip_scores[1]
+    parts = segmenter.inner.refine(result.boxes)
+    np.testing.assert_array_equal(result.mask, parts[0].mask | parts[1].mask)
+
+
+def test_each_slice_is_embedded_once_unless_asked_otherwise(segmenter):
+    image = disk_image()
+    segmenter.encodings = 0
+    segment_slice(image, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, reference=image > 100)
+    assert segmenter.encodings == 1
+    segment_slice(image, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, reference=image > 100,
+                  reencode_for_refine=True)
+    assert segmenter.encodings == 3
+
+
+def test_a_slice_without_candidates_is_empty_with_a_reason(segmenter):
+    strict = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "pred_iou_thresh": 1e9})
+    result = segment_slice(disk_image(), segmenter, OracleScorer(), ["x"], proposal=strict,
+                           reference=disk_image() > 100)
+    assert not result.mask.any() and result.reason == NO_CANDIDATE and result.boxes == []
+
+
+def _volume(slices=5):
+    volume = np.stack([disk_image(radius=8 + i) for i in range(slices)]).astype(np.float32)
+    volume[0] = 0.0  # an empty slice: air or padding
+    return volume
+
+
+def test_volume_runner_walks_the_range_reports_progress_and_skips_empty_slices(segmenter):
+    volume = _volume()
+    seen = []
+    segmenter.encodings = 0
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+                            reference=volume > 100, progress=lambda d, t: seen.append((d, t)))
+    assert result.mask.shape == volume.shape and result.mask.dtype == bool
+    assert seen == [(i, 5) for i in range(6)]
+    assert [s.index for s in result.slices] == [0, 1, 2, 3, 4]
+    assert result.slices[0].reason == NO_TISSUE and not result.mask[0].any()
+    assert segmenter.encodings == 4  # the empty slice never reached the model
+    assert all(s.area == int(result.mask[s.index].sum()) for s in result.slices)
+
+
+def test_volume_runner_slices_along_the_requested_axis_and_range(segmenter):
+    volume = np.moveaxis(_volume(), 0, 2)  # slices along the last axis
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=2, slice_range=(1, 3),
+                            proposal=PROPOSALS, reference=volume > 100)
+    assert [s.index for s in result.slices] == [1, 2]
+    assert not result.mask[:, :, [0, 3, 4]].any()
+    assert result.mask[:, :, 1:3].any()
+
+
+def test_a_2d_image_is_a_one_slice_volume(segmenter):
+    image = disk_image().astype(np.int16)
+    result = segment_volume(image, segmenter, OracleScorer(), ["x"], axis=2, proposal=PROPOSALS,
+                            reference=image > 100)
+    assert result.mask.shape == image.shape and len(result.slices) == 1
+
+
+def test_cancel_between_slices_hands_back_nothing(segmenter):
+    calls = []
+
+    def cancel_at_third():
+        calls.append(1)
+        return len(calls) == 3
+
+    with pytest.raises(Cancelled, match="2 of 5"):
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+                       reference=_volume() > 100, should_cancel=cancel_at_third)
+
+
+def test_nan_and_inf_voxels_are_treated_as_background(segmenter):
+    volume = _volume(3)
+    volume[1, :5, :5] = np.nan
+    volume[2, -3:, -3:] = np.inf
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+                            reference=np.nan_to_num(volume) > 100)
+    assert result.mask.shape == volume.shape
+
+
+@pytest.mark.parametrize("volume, message", [
+    (np.zeros((2, 3, 4, 5)), "4 dimensions"),
+    (np.zeros((0, 4, 4)), "empty"),
+    (np.full((3, 8, 8), 42.0), "no contrast"),
+    (np.full((3, 8, 8), np.nan), "no contrast"),
+    (np.zeros((2, 4, 4), dtype=complex), "not supported"),
+])
+def test_unusable_volumes_are_refused_with_a_clear_message(segmenter, volume, message):
+    with pytest.raises(InputError, match=message):
+        segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=np.zeros(volume.shape, bool)
+                       if volume.dtype != complex else None)
+
+
+def test_out_of_range_slices_and_axes_are_refused(segmenter):
+    with pytest.raises(InputError, match="outside"):
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], slice_range=(3, 9), reference=_volume() > 1)
+    with pytest.raises(InputError, match="Axis"):
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], axis=3, reference=_volume() > 1)
+    with pytest.raises(InputError, match="reference"):
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"])
+
+
+def test_acquisition_axis_and_slice_range_parsing():
+    assert acquisition_axis((3.0, 0.8, 0.8)) == 0
+    assert acquisition_axis((0.9, 0.9, 5.0)) == 2
+    assert acquisition_axis((1.0, 1.0, 1.0)) == 0
+    assert parse_slice_range(None, 10) == (0, 10)
+    assert parse_slice_range("2:5", 10) == (2, 5)
+    assert parse_slice_range("-3:", 10) == (7, 10)
+    assert parse_slice_range("4", 10) == (4, 5)
+    for bad in ("5:2", "0:11", "a:b"):
+        with pytest.raises(InputError):
+            parse_slice_range(bad, 10)

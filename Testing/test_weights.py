@@ -1,0 +1,143 @@
+"""Weights: resolution order, SHA256, atomic download from a local server, offline message."""
+
+import functools
+import hashlib
+import http.server
+import pickle
+import socket
+import threading
+
+import pytest
+import torch
+
+from conftest import NetworkBlocked
+from SaLIPSegmentLib.errors import ChecksumError, MissingWeightsError, ModelError
+from SaLIPSegmentLib.models import create_segmenter, weights
+from SaLIPSegmentLib.models.weights import WeightsFile
+
+PAYLOAD = b"not really weights, but bytes with a known digest" * 1000
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A file server on 127.0.0.1 serving tmp_path/served; /broken sends half and hangs up."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "good.pth").write_bytes(PAYLOAD)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/broken.pth":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_download_lands_in_the_cache_verified(server):
+    spec = WeightsFile("good.pth", url=f"{server}/good.pth", sha256=DIGEST)
+    path = weights.resolve(spec, progress=False)
+    assert path == weights.cache_dir() / "good.pth" and path.read_bytes() == PAYLOAD
+    assert weights.resolve(spec, download=False) == path  # found in the cache next time
+
+
+def test_checksum_mismatch_on_download_leaves_nothing(server):
+    spec = WeightsFile("good.pth", url=f"{server}/good.pth", sha256="0" * 64)
+    with pytest.raises(ChecksumError, match="discarded"):
+        weights.resolve(spec, progress=False)
+    assert _files(weights.cache_dir()) == []
+
+
+def test_interrupted_download_leaves_no_partial_file(server):
+    spec = WeightsFile("broken.pth", url=f"{server}/broken.pth", sha256=DIGEST)
+    with pytest.raises(MissingWeightsError):
+        weights.resolve(spec, progress=False)
+    assert _files(weights.cache_dir()) == []
+
+
+def test_a_corrupt_local_file_is_refused(tmp_path):
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(PAYLOAD + b"!")
+    spec = WeightsFile("model.pth", url=None, sha256=DIGEST)
+    with pytest.raises(ChecksumError, match="does not match"):
+        weights.resolve(spec, path=bad)
+    with pytest.raises(ChecksumError):
+        weights.resolve(spec, explicit_dir=tmp_path)
+
+
+def test_model_dir_comes_before_the_cache(tmp_path, monkeypatch):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "m.pth").write_bytes(PAYLOAD)
+    spec = WeightsFile("m.pth", url="http://127.0.0.1:9/m.pth", sha256=DIGEST)
+    assert weights.resolve(spec, explicit_dir=model_dir, download=False) == model_dir / "m.pth"
+    monkeypatch.setenv("SALIP_MODEL_DIR", str(model_dir))
+    assert weights.resolve(spec, download=False) == model_dir / "m.pth"
+
+
+def test_offline_message_names_the_file_its_url_and_where_to_put_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("SALIP_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError) as error:
+        create_segmenter("vit_b", model_dir=tmp_path / "models")
+    message = str(error.value)
+    assert "sam_vit_b_01ec64.pth" in message
+    assert "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth" in message
+    assert str(tmp_path / "models" / "sam_vit_b_01ec64.pth") in message
+
+
+def test_an_unreachable_host_gives_the_same_clear_error():
+    # Port 9 (discard) on loopback is closed here: the refusal an offline machine gets.
+    spec = WeightsFile("x.pth", url="http://127.0.0.1:9/x.pth", sha256=DIGEST)
+    with pytest.raises(MissingWeightsError, match="Download it from"):
+        weights.resolve(spec, progress=False)
+
+
+def test_the_guard_blocks_non_loopback_connections():
+    with pytest.raises(NetworkBlocked):
+        socket.create_connection(("10.255.255.1", 80), timeout=1)
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload._run, ())
+
+    @staticmethod
+    def _run():
+        _Payload.ran = True
+        return {}
+
+
+def test_checkpoints_are_loaded_without_running_pickled_code(tiny_sam, tmp_path):
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as handle:
+        pickle.dump(_Payload(), handle)
+    spec_sha = weights.file_sha256(evil)
+    from SaLIPSegmentLib.models import get_segmenter_spec, register_segmenter
+
+    spec = get_segmenter_spec(tiny_sam)
+    register_segmenter(spec.__class__(**{**spec.__dict__, "name": "evil-sam",
+                                         "weights": WeightsFile("evil.pth", None, spec_sha)}))
+    with pytest.raises(ModelError, match="plain state dict"):
+        create_segmenter("evil-sam", torch.device("cpu"), evil)
+    assert _Payload.ran is False

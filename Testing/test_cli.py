@@ -7,12 +7,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import disk_image
 from SaLIPSegmentLib.cli import main
 from SaLIPSegmentLib.io import read_image, write_segmentation
-from SaLIPSegmentLib.models import create_scorer, create_segmenter, get_segmenter_spec, ProposalSettings
+from SaLIPSegmentLib.models import ProposalSettings, create_scorer, create_segmenter, get_segmenter_spec
 from SaLIPSegmentLib.prompts import get_preset
 from SaLIPSegmentLib.volume import segment_volume
+
+from conftest import disk_image
 from slicer_mrml import read_segments_on_reference, segment_colors
 
 OBLIQUE = np.array([[0.8, -0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]) @ np.array(

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SAM_PROPOSALS, disk_image
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import ProposalSettings, create_scorer, create_segmenter, get_segmenter_spec
 from SaLIPSegmentLib.models.litemedsam import box_grid
+
+from conftest import TINY_SAM_PROPOSALS, disk_image
 
 CPU = torch.device("cpu")
 
@@ -97,6 +98,23 @@ def test_clip_encodes_text_once_and_all_crops_in_one_batch(tiny_clip_option, mon
         scorer.score(gray_to_rgb(disk_image()), candidates, ["brain"])
     assert calls["text"] == 1
     assert calls["image"] == [3, 3, 3]
+
+
+def test_a_torchscript_clip_archive_loads_by_its_state_dict(tiny_clip_config, tmp_path):
+    """OpenAI ships CLIP as TorchScript; torch.load(weights_only=True) cannot read it."""
+    import open_clip
+
+    from SaLIPSegmentLib.models.clip import is_torchscript_archive
+
+    original = open_clip.create_model(tiny_clip_config).eval()
+    tokens = open_clip.get_tokenizer(tiny_clip_config)(["a"])
+    archive = tmp_path / "tiny-openai-style.pt"
+    torch.jit.save(torch.jit.trace(original, (torch.zeros(1, 3, 32, 32), tokens), strict=False,
+                                   check_trace=False), archive)
+    assert is_torchscript_archive(archive)
+    scorer = create_scorer(f"{tiny_clip_config}:{archive}", CPU)
+    for name, value in original.state_dict().items():
+        assert torch.equal(scorer.model.state_dict()[name], value), name
 
 
 def test_box_grid_covers_the_image_at_each_scale():

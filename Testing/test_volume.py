@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SAM_PROPOSALS, disk_image
 from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
 from SaLIPSegmentLib.errors import Cancelled, InputError
 from SaLIPSegmentLib.imaging import dice
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.volume import NO_TISSUE, acquisition_axis, parse_slice_range, segment_volume
+
+from conftest import TINY_SAM_PROPOSALS, disk_image
 
 PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
 

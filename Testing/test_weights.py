@@ -10,10 +10,11 @@ import threading
 import pytest
 import torch
 
-from conftest import NetworkBlocked
 from SaLIPSegmentLib.errors import ChecksumError, MissingWeightsError, ModelError
 from SaLIPSegmentLib.models import create_segmenter, weights
 from SaLIPSegmentLib.models.weights import WeightsFile
+
+from conftest import NetworkBlocked
 
 PAYLOAD = b"not really weights, but bytes with a known digest" * 1000
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()

@@ -75,7 +75,9 @@ def load_clip_weights(model: torch.nn.Module, path: Path) -> None:
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
         for key in ("input_resolution", "context_length", "vocab_size"):
             state.pop(key, None)
-        model.load_state_dict(state)
+        # TorchScript also saves buffers the model marks non-persistent (the causal mask).
+        transient = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+        model.load_state_dict({k: v for k, v in state.items() if k not in transient})
     else:
         open_clip.load_checkpoint(model, str(path), weights_only=True)
 

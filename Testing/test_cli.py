@@ -90,6 +90,31 @@ def test_a_2d_image_gives_a_one_slice_segmentation(tmp_path, models):
     assert [s["name"] for s in segmentation["segments"]] == ["Lungs"]
 
 
+def test_a_dicom_series_folder_is_read_in_slice_order(tmp_path):
+    """SimpleITK writes a real three-slice DICOM series; it must come back whole and in order."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    slices = [disk_image(size=32, radius=4 + 3 * i).astype(np.int16) for i in range(3)]
+    for index in (2, 0, 1):  # written out of order on purpose
+        image = sitk.GetImageFromArray(slices[index])
+        image.SetSpacing((0.8, 0.8))
+        for tag, value in {
+            "0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0013": str(index + 1), "0020|0032": f"0\\0\\{2.5 * index}", "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": "0.8\\0.8", "0018|0050": "2.5", "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{index}",
+        }.items():
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()  # else each file gets a new series UID
+        writer.SetFileName(str(folder / f"slice{index}.dcm"))
+        writer.Execute(image)
+    volume = read_image(folder)
+    assert volume.array.shape == (3, 32, 32)
+    for index in range(3):
+        np.testing.assert_array_equal(volume.array[index], slices[index])
+    assert volume.spacing == pytest.approx((0.8, 0.8, 2.5))
+
+
 def _run(capsys, argv):
     code = main(argv)
     return code, capsys.readouterr().err

@@ -163,6 +163,7 @@ def test_acquisition_axis_and_slice_range_parsing():
     assert acquisition_axis((3.0, 0.8, 0.8)) == 0
     assert acquisition_axis((0.9, 0.9, 5.0)) == 2
     assert acquisition_axis((1.0, 1.0, 1.0)) == 0
+    assert acquisition_axis((1.0, 2.5, 2.5), shape=(1, 300, 200)) == 0  # a 2D image at 2.5 mm
     assert parse_slice_range(None, 10) == (0, 10)
     assert parse_slice_range("2:5", 10) == (2, 5)
     assert parse_slice_range("-3:", 10) == (7, 10)

@@ -126,7 +126,7 @@ def _axis(text: str, image) -> int:
     from .volume import acquisition_axis
 
     if text == "auto":
-        return acquisition_axis(image.spacing_kji)
+        return acquisition_axis(image.spacing_kji, image.array.shape)
     if text not in {"0", "1", "2"}:
         raise InputError(f"--axis takes 0, 1, 2 or auto, got {text!r}.")
     return int(text)

@@ -83,12 +83,15 @@ def as_volume(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def acquisition_axis(spacing: Sequence[float]) -> int:
+def acquisition_axis(spacing: Sequence[float], shape: Optional[Sequence[int]] = None) -> int:
     """The numpy axis with the largest spacing: slices were acquired across it.
 
-    `spacing` is in numpy order (k, j, i). Ties go to the slowest axis, which is the
-    acquisition axis of most files.
+    `spacing` (and `shape`) are in numpy order (k, j, i). Ties go to the slowest axis,
+    which is the acquisition axis of most files. A one-voxel-thick axis (a 2D image
+    stored as a volume) is the slice axis whatever its spacing.
     """
+    if shape is not None and 1 in shape:
+        return list(shape).index(1)
     spacing = [float(s) for s in spacing]
     return int(np.argmax(spacing))
 

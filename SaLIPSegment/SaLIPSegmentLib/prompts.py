@@ -17,9 +17,9 @@ from typing import Dict, Optional, Tuple
 
 from .errors import InputError, UnknownPresetError
 
-# Source checkout and Slicer install: <root>/SaLIPSegment/SaLIPSegmentLib/prompts.py
-# next to <root>/Resources/Prompts.
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Prompts"
+# The module's resources sit next to its Lib package, in the source tree and where
+# Slicer installs a scripted module: SaLIPSegment/{SaLIPSegmentLib,Resources/Prompts}.
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Prompts"
 
 # Free text becomes an ensemble of these; each puts the words in a different
 # caption-like context, which averages out the quirks of any single phrasing.

@@ -133,9 +133,28 @@ def _axis(text: str, image) -> int:
     return int(text)
 
 
+def _load_models(args, device):
+    """Both models, or one error that names every missing weights file, not just the first."""
+    from .errors import MissingWeightsError
+    from .models import create_scorer, create_segmenter
+
+    loaded, missing = [], []
+    for load in (
+        lambda: create_segmenter(args.sam, device, args.sam_checkpoint, args.model_dir, progress=not args.quiet),
+        lambda: create_scorer(args.clip, device, args.model_dir, progress=not args.quiet),
+    ):
+        try:
+            loaded.append(load())
+        except MissingWeightsError as error:
+            missing.append(str(error))
+    if missing:
+        raise MissingWeightsError("\n".join(missing))
+    return loaded
+
+
 def run_segment(args) -> int:
     from .io import check_writable, read_image, write_json, write_segmentation
-    from .models import create_scorer, create_segmenter, get_segmenter_spec, resolve_device
+    from .models import get_segmenter_spec, resolve_device
     from .volume import as_volume, parse_slice_range, segment_volume
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
@@ -162,8 +181,7 @@ def run_segment(args) -> int:
 
     device = resolve_device(args.device)
     loading = time.perf_counter()
-    segmenter = create_segmenter(args.sam, device, args.sam_checkpoint, args.model_dir, progress=not args.quiet)
-    scorer = create_scorer(args.clip, device, args.model_dir, progress=not args.quiet)
+    segmenter, scorer = _load_models(args, device)
     load_seconds = time.perf_counter() - loading
     say(f"Models: {args.sam} + {args.clip} on {device} (loaded in {load_seconds:.1f} s)")
 

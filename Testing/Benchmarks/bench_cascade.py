@@ -6,8 +6,9 @@
 
 Variants, on the same volume and models:
   faithful  as the original SaLIP code: crop layers 1 (extra encodings per slice), a fresh
-            encoding for the refine step, every slice processed (no empty-slice skipping);
-  defaults  this project's defaults.
+            encoding for the refine step, the full cascade on every slice, no slice skipped;
+  defaults  this project's defaults: one encoding per slice, uniform slices skipped, the
+            full cascade on key slices and neighbours' boxes on the rest (--mode propagate).
 Per variant: seconds per volume and per slice, seconds per stage (encode, propose, score,
 refine), peak resident memory of the process that ran it, Dice against the reference when
 there is one, and the ratio faithful / defaults.
@@ -86,8 +87,9 @@ def _variant_settings(variant: str, spec):
     values = dict(spec.proposal_defaults)
     if variant == "faithful":
         values["crop_n_layers"] = 1
-        return ProposalSettings.from_dict(values), {"reencode_for_refine": True, "skip_empty_slices": False}
-    return ProposalSettings.from_dict(values), {}
+        return ProposalSettings.from_dict(values), {
+            "mode": "every-slice", "reencode_for_refine": True, "skip_empty_slices": False}
+    return ProposalSettings.from_dict(values), {"mode": "propagate"}
 
 
 def run_variant(args, variant: str) -> dict:
@@ -117,6 +119,8 @@ def run_variant(args, variant: str) -> dict:
         "seconds_per_stage": stages,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "crop_n_layers": proposal.crop_n_layers, **options,
+        "slices_full_cascade": result.summary()["slices_full_cascade"],
+        "slices_propagated": result.summary()["slices_propagated"],
     }
     if reference is not None:
         start, stop = slice_range

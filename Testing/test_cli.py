@@ -191,3 +191,18 @@ def test_prompts_and_models_commands(capsys):
     listing = capsys.readouterr().out
     assert "vit_h" in listing and "litemedsam" in listing and "ViT-L-14:openai" in listing
     assert main(["models", "verify", "litemedsam"]) == 0 and "ok" in capsys.readouterr().out
+
+
+def test_profiles_pick_model_pairs_and_explicit_choices_win(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SALIP_OFFLINE", "1")
+    volume = tmp_path / "v.nrrd"
+    _oblique_volume(volume)
+    out = str(tmp_path / "o.seg.nrrd")
+    code, err = _run(capsys, ["segment", str(volume), "-p", "brain", "-o", out, "-q", "--profile", "fast"])
+    # LiteMedSAM's weights ship with its package, so only CLIP's file is missing.
+    assert code == 4 and "ViT-B-32.pt" in err and "sam_vit" not in err
+    code, err = _run(capsys, ["segment", str(volume), "-p", "brain", "-o", out, "-q", "--profile", "quality"])
+    assert code == 4 and "sam_vit_h_4b8939.pth" in err and "ViT-L-14.pt" in err
+    code, err = _run(capsys, ["segment", str(volume), "-p", "brain", "-o", out, "-q", "--profile", "quality",
+                              "--sam", "litemedsam"])
+    assert code == 4 and "sam_vit_h" not in err and "ViT-L-14.pt" in err

@@ -18,13 +18,15 @@ EPILOG = """exit codes: 0 done, 1 internal error, 2 usage, 3 bad input, 4 model 
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .models.registry import DEFAULT_SCORER, DEFAULT_SEGMENTER
+    from .models.registry import DEFAULT_SCORER, DEFAULT_SEGMENTER, PROFILES
 
     group = parser.add_argument_group("models")
-    group.add_argument("--sam", default=DEFAULT_SEGMENTER,
-                       help=f"segmenter: vit_b, vit_l, vit_h or litemedsam (default {DEFAULT_SEGMENTER})")
+    group.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                       help="model pair: " + "; ".join(f"{k} = {v[0]} + {v[1]}" for k, v in PROFILES.items())
+                            + " (--sam and --clip override it)")
+    group.add_argument("--sam", help=f"segmenter: vit_b, vit_l, vit_h or litemedsam (default {DEFAULT_SEGMENTER})")
     group.add_argument("--sam-checkpoint", type=Path, help="use this SAM weights file instead of resolving one")
-    group.add_argument("--clip", default=DEFAULT_SCORER,
+    group.add_argument("--clip",
                        help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, or oracle "
                             f"(default {DEFAULT_SCORER})")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
@@ -157,12 +159,21 @@ def _load_models(args, device):
     return loaded
 
 
+def _apply_profile(args) -> None:
+    from .models.registry import PROFILES
+
+    sam, clip = PROFILES[args.profile]
+    args.sam = args.sam or sam
+    args.clip = args.clip or clip
+
+
 def run_segment(args) -> int:
     from .io import check_writable, read_image, write_json, write_segmentation
     from .models import get_segmenter_spec, resolve_device
     from .volume import PropagationSettings, as_volume, parse_slice_range, segment_volume
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    _apply_profile(args)
     prompt = _prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
     if top_k < 1:

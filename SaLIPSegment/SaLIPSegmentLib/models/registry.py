@@ -28,6 +28,13 @@ DEFAULT_SCORER = "ViT-B-32:openai"
 CLIP_ALIASES = {
     "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
 }
+# Model pairs behind `--profile`: LiteMedSAM and a small CLIP for laptops without a GPU;
+# SAM ViT-H and the paper's ViT-L/14 where there is one.
+PROFILES = {
+    "default": (DEFAULT_SEGMENTER, DEFAULT_SCORER),
+    "fast": ("litemedsam", "ViT-B-32:openai"),
+    "quality": ("vit_h", "ViT-L-14:openai"),
+}
 # CLIP weights we list in `salip models list`; any other open_clip MODEL:TAG works too.
 LISTED_CLIP = ("ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai")
 

@@ -7,9 +7,14 @@ are not. LiteMedSAM runs with its real weights.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import ipaddress
 import json
 import socket
+import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -82,6 +87,52 @@ def isolated_model_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("SALIP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("SALIP_MODEL_DIR", raising=False)
     monkeypatch.delenv("SALIP_OFFLINE", raising=False)
+
+
+# -- a local file server ---------------------------------------------------------------------
+
+PAYLOAD = b"not really weights, but bytes with a known digest" * 1000
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A file server on 127.0.0.1 serving tmp_path/served (good.pth is PAYLOAD);
+    /broken.pth sends half and hangs up; /slow.pth trickles PAYLOAD out in small chunks."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "good.pth").write_bytes(PAYLOAD)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.pth":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                for start in range(0, len(PAYLOAD), 4096):
+                    self.wfile.write(PAYLOAD[start : start + 4096])
+                    self.wfile.flush()
+                    time.sleep(0.01)
+                return
+            if self.path == "/broken.pth":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
 
 
 # -- small real architectures ------------------------------------------------------------------

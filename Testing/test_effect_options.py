@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from SaLIPSegmentLib.models.base import OracleScorer, ProposalSettings, Scorer
 from SaLIPSegmentLib.models.registry import weights_for
 from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, segment_volume
 
-from conftest import disk_image
+from conftest import DIGEST, PAYLOAD, disk_image
 
 
 class LargestCandidateScorer(Scorer):
@@ -172,30 +171,22 @@ def test_weights_to_download_lists_only_missing_downloadable_files(tmp_path):
     assert [name for name, _ in eo.weights_to_download(names, model_dir)] == ["ViT-B-32:openai"]
 
 
-def test_download_reports_progress_per_file_and_cancels_between_files(monkeypatch, tmp_path):
-    from SaLIPSegmentLib.models import weights
+def test_download_fetches_from_a_local_server_and_a_cancel_leaves_no_partial_file(server):
+    from SaLIPSegmentLib.models.weights import WeightsFile, cache_dir
 
-    fetched = []
-
-    def fake_resolve(spec, path=None, explicit_dir=None, download=True, progress=True):
-        assert download and not progress
-        fetched.append(spec.filename)
-        time.sleep(0.05)
-        return tmp_path / spec.filename
-
-    monkeypatch.setattr(weights, "resolve", fake_resolve)
-    items = eo.weights_to_download(["vit_b", "vit_l", "vit_h"], tmp_path)
+    items = [(name, WeightsFile(f"{name}.pth", url=f"{server}/{path}", sha256=DIGEST))
+             for name, path in (("first", "good.pth"), ("second", "good.pth"))]
     reports = []
-    result = eo.download_weights(items, tmp_path, progress=lambda d, t: reports.append((d, t)))
-    assert reports == [(0, 3), (1, 3), (2, 3), (3, 3)]
-    assert len(result) == 3 and result[0].startswith("vit_b: ")
+    result = eo.download_weights(items, progress=lambda d, t: reports.append((d, t)))
+    assert reports == [(0, 2), (1, 2), (2, 2)]
+    assert [line.split(":")[0] for line in result] == ["first", "second"]
+    assert (cache_dir() / "first.pth").read_bytes() == PAYLOAD
 
-    fetched.clear()
-    job = BackgroundJob(lambda progress, cancel: eo.download_weights(items, tmp_path, progress, cancel))
-    job.cancel()  # asked before it starts: nothing is fetched
-    job.start().wait(5)
-    assert job.cancelled and isinstance(job.error, Cancelled)
-    assert fetched == []
+    slow = [("slow", WeightsFile("slow.pth", url=f"{server}/slow.pth", sha256=DIGEST))]
+    job = BackgroundJob(lambda progress, cancel: eo.download_weights(slow, None, progress, cancel)).start()
+    job.cancel()  # checked before each file and after every chunk read
+    assert job.wait(30) and job.cancelled and isinstance(job.error, Cancelled)
+    assert sorted(p.name for p in cache_dir().iterdir()) == ["first.pth", "second.pth"]  # no partial file
 
 
 # -- models, end to end on a tiny SAM -------------------------------------------------------------

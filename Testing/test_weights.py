@@ -1,11 +1,7 @@
 """Weights: resolution order, SHA256, atomic download from a local server, offline message."""
 
-import functools
-import hashlib
-import http.server
 import pickle
 import socket
-import threading
 
 import pytest
 import torch
@@ -14,40 +10,7 @@ from SaLIPSegmentLib.errors import ChecksumError, MissingWeightsError, ModelErro
 from SaLIPSegmentLib.models import create_segmenter, weights
 from SaLIPSegmentLib.models.weights import WeightsFile
 
-from conftest import NetworkBlocked
-
-PAYLOAD = b"not really weights, but bytes with a known digest" * 1000
-DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A file server on 127.0.0.1 serving tmp_path/served; /broken sends half and hangs up."""
-    served = tmp_path / "served"
-    served.mkdir()
-    (served / "good.pth").write_bytes(PAYLOAD)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/broken.pth":
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(PAYLOAD)))
-                self.end_headers()
-                self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+from conftest import DIGEST, PAYLOAD, NetworkBlocked
 
 
 def _files(folder):

@@ -243,7 +243,8 @@ def weights_to_download(names: Sequence[str], model_dir=None):
 def download_weights(items, model_dir=None, progress=None, should_cancel=None) -> List[str]:
     """Fetch each (name, WeightsFile) into the cache, checking SHA256; a BackgroundJob's work.
 
-    Progress is per file; a cancel request takes effect between files.
+    Progress counts files; a cancel request stops the current file at its next chunk
+    and removes its partial download.
     """
     from .errors import Cancelled
     from .models import weights
@@ -255,7 +256,7 @@ def download_weights(items, model_dir=None, progress=None, should_cancel=None) -
     for done, (name, spec) in enumerate(items, start=1):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"Download cancelled after {done - 1} of {total} files.")
-        path = weights.resolve(spec, None, model_dir, download=True, progress=False)
+        path = weights.resolve(spec, None, model_dir, download=True, progress=False, should_cancel=should_cancel)
         done_paths.append(f"{name}: {path}")
         if progress:
             progress(done, total)

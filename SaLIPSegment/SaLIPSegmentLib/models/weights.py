@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import ChecksumError, MissingWeightsError
+from ..errors import Cancelled, ChecksumError, MissingWeightsError
 
 CHUNK = 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30
@@ -104,8 +104,13 @@ def resolve(
     explicit_dir: Optional[os.PathLike] = None,
     download: bool = True,
     progress: bool = True,
+    should_cancel: Optional[Callable[[], bool]] = None,
 ) -> Path:
-    """The verified path of a weights file, downloading it into the cache if need be."""
+    """The verified path of a weights file, downloading it into the cache if need be.
+
+    `should_cancel()` is checked after every chunk of a download; a cancelled download
+    raises Cancelled and leaves nothing behind.
+    """
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
@@ -119,12 +124,17 @@ def resolve(
     if not download or offline() or spec.url is None:
         raise MissingWeightsError(missing_message(spec, explicit_dir))
     try:
-        return fetch(spec, cache_dir() / spec.filename, progress=progress)
+        return fetch(spec, cache_dir() / spec.filename, progress=progress, should_cancel=should_cancel)
     except (urllib.error.URLError, OSError) as error:
         raise MissingWeightsError(f"{missing_message(spec, explicit_dir)} ({error})") from error
 
 
-def fetch(spec: WeightsFile, destination: Path, progress: bool = True) -> Path:
+def fetch(
+    spec: WeightsFile,
+    destination: Path,
+    progress: bool = True,
+    should_cancel: Optional[Callable[[], bool]] = None,
+) -> Path:
     """Download spec.url to destination atomically, checking SHA256 as it streams."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -138,6 +148,8 @@ def fetch(spec: WeightsFile, destination: Path, progress: bool = True) -> Path:
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"Download of {spec.filename} cancelled; nothing was kept.")
                 if bar is not None:
                     bar.update(len(chunk))
             if bar is not None:

@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -151,13 +152,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     context = multiprocessing.get_context("spawn")  # each variant's peak memory is its own
+    # A stopped benchmark must not leave a variant computing in the background.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     for variant in args.variants.split(","):
         queue = context.Queue()
-        child = context.Process(target=_child, args=(args, variant, queue))
+        child = context.Process(target=_child, args=(args, variant, queue), daemon=True)
         child.start()
-        rows.append(queue.get())
-        child.join()
+        try:
+            rows.append(queue.get())
+            child.join()
+        finally:
+            if child.is_alive():
+                child.terminate()
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     print(f"\n{'variant':<10}{'s/volume':>10}{'s/slice':>9}" + "".join(f"{s:>9}" for s in STAGES)

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .imaging import Box, gray_to_rgb
-from .models.base import ProposalSettings, Scorer, Segmenter
+from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
 
 NO_CANDIDATE = "no candidate"
 
@@ -35,6 +35,10 @@ class SliceResult:
     """Why the mask is empty, when it is."""
     seconds: Dict[str, float] = field(default_factory=dict)
     """Time per stage: encode, propose, score, refine."""
+    candidates: List[Candidate] = field(default_factory=list)
+    """Every proposal, kept only when asked (evaluation measures each stage with them)."""
+    retrieved: List[int] = field(default_factory=list)
+    """Indices into `candidates` of the retrieved ones, best first (with candidates kept)."""
 
 
 def empty_result(shape, reason: str, candidate_count: int = 0, seconds=None) -> SliceResult:
@@ -52,6 +56,7 @@ def segment_slice(
     reference: Optional[np.ndarray] = None,
     reencode_for_refine: bool = False,
     already_embedded: bool = False,
+    keep_candidates: bool = False,
 ) -> SliceResult:
     """Segment the prompt's target on one slice.
 
@@ -78,6 +83,7 @@ def segment_slice(
     seconds["propose"] = time.perf_counter() - started
     if not candidates:
         return empty_result(rgb.shape[:2], NO_CANDIDATE, seconds=seconds)
+    kept = candidates if keep_candidates else []
 
     started = time.perf_counter()
     scores = np.asarray(scorer.score(rgb, candidates, sentences, reference=reference), dtype=np.float64)
@@ -102,4 +108,6 @@ def segment_slice(
         candidate_count=len(candidates),
         reason=None if mask.any() else "refined mask is empty",
         seconds=seconds,
+        candidates=kept,
+        retrieved=[int(i) for i in best] if keep_candidates else [],
     )

@@ -14,7 +14,7 @@ from SaLIPSegmentLib.jobs import BackgroundJob
 from SaLIPSegmentLib.models import get_segmenter_spec
 from SaLIPSegmentLib.models.base import OracleScorer, ProposalSettings, Scorer
 from SaLIPSegmentLib.models.registry import weights_for
-from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, segment_volume
+from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, flag_slices, segment_volume
 
 from conftest import DIGEST, PAYLOAD, disk_image
 
@@ -101,13 +101,14 @@ def test_durations_and_progress_read_well():
 # -- flagged slices and jumping to them -----------------------------------------------------------
 
 
-def test_flagged_slices_leave_out_skipped_air():
+def test_flagged_slices_list_what_the_engine_flagged():
     records = [
-        SliceRecord(index=0, reason=NO_TISSUE),
+        SliceRecord(index=0, reason=NO_TISSUE, method="skipped"),
         SliceRecord(index=1, reason="no candidate", area=0),
         SliceRecord(index=2, reason=None, area=120),
         SliceRecord(index=3, reason=None, area=0),
     ]
+    flag_slices(records)
     flagged = eo.flagged_slices(records)
     assert [(f.index, f.reason) for f in flagged] == [(1, "no candidate"), (3, "empty mask")]
     assert flagged[0].label == "Slice 1: no candidate"

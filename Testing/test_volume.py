@@ -12,6 +12,7 @@ from SaLIPSegmentLib.volume import (
     BEYOND_ORGAN,
     NO_TISSUE,
     PropagationSettings,
+    SliceRecord,
     acquisition_axis,
     parse_slice_range,
     segment_volume,
@@ -229,3 +230,30 @@ def test_acquisition_axis_and_slice_range_parsing():
     for bad in ("5:2", "0:11", "a:b"):
         with pytest.raises(InputError):
             parse_slice_range(bad, 10)
+
+
+def test_flags_mark_no_candidate_empty_low_score_and_area_jumps_but_not_skipped_slices():
+    from SaLIPSegmentLib.volume import flag_slices
+
+    def row(index, area, score=30.0, reason=None, method="cascade"):
+        return SliceRecord(index=index, reason=reason, method=method, area=area,
+                           clip_scores=[score] if area else [])
+
+    records = [
+        row(0, 0, reason=NO_TISSUE, method="skipped"),
+        row(1, 100, 30.0), row(2, 105, 30.5), row(3, 400, 29.5),  # 3: four times its neighbours
+        row(4, 110, 31.0), row(5, 100, 12.0),  # 5: far below the others' scores
+        row(6, 0, reason=NO_CANDIDATE), row(7, 0), row(8, 95, 30.2),
+        row(9, 0, reason=BEYOND_ORGAN, method="skipped"),
+    ]
+    flag_slices(records)
+    assert {r.index: r.flags for r in records if r.flags} == {
+        3: ["area jump"], 5: ["low score"], 6: ["no candidate"], 7: ["empty mask"]}
+
+
+def test_a_volume_result_carries_flags_into_its_summary(segmenter):
+    strict = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "pred_iou_thresh": 1e9})
+    result = segment_volume(_stack(3), segmenter, OracleScorer(), ["x"], proposal=strict, mode="every-slice",
+                            reference=_stack(3) > 100)
+    assert [s.flags for s in result.slices] == [["no candidate"]] * 3
+    assert result.summary()["slices_flagged"] == 3

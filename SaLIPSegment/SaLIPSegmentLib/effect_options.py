@@ -170,18 +170,9 @@ class FlaggedSlice:
         return f"Slice {self.index}: {self.reason}"
 
 
-def flagged_slices(records, skipped_reason: str = "no tissue") -> List[FlaggedSlice]:
-    """Slices where the models ran but left no mask, for the user to check by eye.
-
-    Slices skipped before any model ran (uniform air or padding) are not flagged.
-    """
-    flagged = []
-    for record in records:
-        if record.reason == skipped_reason:
-            continue
-        if record.area == 0 or record.reason:
-            flagged.append(FlaggedSlice(int(record.index), record.reason or "empty mask"))
-    return flagged
+def flagged_slices(records) -> List[FlaggedSlice]:
+    """The slices the engine flagged (volume.flag_slices), for the user to check by eye."""
+    return [FlaggedSlice(int(r.index), ", ".join(r.flags)) for r in records if r.flags]
 
 
 def slice_center_ras(ijk_to_ras, shape_kji: Sequence[int], axis: int, index: int) -> Tuple[float, float, float]:

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cascade import SliceResult, segment_slice
+from .cascade import NO_CANDIDATE, SliceResult, segment_slice
 from .errors import Cancelled, InputError
 from .imaging import gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
@@ -36,6 +36,8 @@ class SliceRecord:
     candidate_count: int = 0
     area: int = 0
     seconds: Dict[str, float] = field(default_factory=dict)
+    flags: List[str] = field(default_factory=list)
+    """Why a person should look at this slice (see flag_slices); empty when nothing is odd."""
 
     @property
     def skipped(self) -> bool:
@@ -65,6 +67,7 @@ class VolumeResult:
             "slices_processed": len(processed),
             "slices_full_cascade": sum(1 for s in self.slices if s.method == "cascade"),
             "slices_propagated": sum(1 for s in self.slices if s.method == "propagated"),
+            "slices_flagged": sum(1 for s in self.slices if s.flags),
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
             "voxels": int(self.mask.sum()),
             "seconds": round(self.seconds, 3),
@@ -165,6 +168,47 @@ class PropagationSettings:
 
 
 MODES = ("propagate", "every-slice")
+
+# A slice's score is low when it sits this many median absolute deviations below the median
+# of the volume's segmented slices (with a floor, so a very uniform volume flags nothing).
+LOW_SCORE_MADS = 3.0
+LOW_SCORE_MIN_MARGIN = 2.0
+# An area jump: the mask is under half or over twice the median of its neighbours' areas.
+AREA_JUMP_RATIO = 2.0
+
+
+def flag_slices(records: Sequence[SliceRecord]) -> None:
+    """Mark slices worth a look: no candidate, an empty mask, a low score, an area jump.
+
+    Slices skipped before any model ran (air, or beyond the organ) are never flagged.
+    Records are in slice order; flags are written into them.
+    """
+    segmented = [r for r in records if r.area > 0 and r.clip_scores]
+    scores = np.array([min(r.clip_scores) for r in segmented]) if segmented else np.zeros(0)
+    if scores.size >= 3:
+        median = float(np.median(scores))
+        margin = max(LOW_SCORE_MIN_MARGIN, LOW_SCORE_MADS * float(np.median(np.abs(scores - median))))
+        low_score = median - margin
+    else:
+        low_score = -np.inf
+    for position, record in enumerate(records):
+        record.flags = []
+        if record.skipped:
+            continue
+        if record.reason == NO_CANDIDATE:
+            record.flags.append("no candidate")
+        elif record.area == 0:
+            record.flags.append("empty mask")
+        if record.area > 0 and record.clip_scores and min(record.clip_scores) < low_score:
+            record.flags.append("low score")
+        # The median of up to two segmented slices on each side, so one outlier does not
+        # make its neighbours look odd too.
+        around = records[max(0, position - 2) : position] + records[position + 1 : position + 3]
+        neighbour_areas = [n.area for n in around if n.area > 0]
+        if record.area > 0 and len(neighbour_areas) >= 3:
+            expected = float(np.median(neighbour_areas))
+            if not expected / AREA_JUMP_RATIO <= record.area <= expected * AREA_JUMP_RATIO:
+                record.flags.append("area jump")
 
 
 @dataclass
@@ -339,9 +383,11 @@ def segment_volume(
             if index not in records:
                 finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
 
+    ordered = [records[index] for index in range(start, stop)]
+    flag_slices(ordered)
     return VolumeResult(
         mask=mask.reshape(original_shape),
-        slices=[records[index] for index in range(start, stop)],
+        slices=ordered,
         axis=axis,
         slice_range=(start, stop),
         window=window,

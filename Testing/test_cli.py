@@ -206,3 +206,21 @@ def test_profiles_pick_model_pairs_and_explicit_choices_win(tmp_path, capsys, mo
     code, err = _run(capsys, ["segment", str(volume), "-p", "brain", "-o", out, "-q", "--profile", "quality",
                               "--sam", "litemedsam"])
     assert code == 4 and "sam_vit_h" not in err and "ViT-L-14.pt" in err
+
+
+def test_cleanup_options_shape_the_written_mask(tmp_path, models):
+    from scipy import ndimage
+
+    volume_path = tmp_path / "v.nrrd"
+    _oblique_volume(volume_path, slices=4)
+    output, report = tmp_path / "o.seg.nrrd", tmp_path / "r.json"
+    assert main(["segment", str(volume_path), "-p", "brain", "-o", str(output), "--report", str(report),
+                 "--keep-largest", "--fill-holes", "--mode", "every-slice"] + models) == 0
+    masks, _ = read_segments_on_reference(output, volume_path)
+    written = masks["Brain"]
+    assert written.any()
+    assert ndimage.label(written, structure=np.ones((3, 3, 3)))[1] == 1
+    for index in range(written.shape[0]):
+        np.testing.assert_array_equal(written[index], ndimage.binary_fill_holes(written[index]))
+    cleanup = json.loads(report.read_text())["cleanup"]
+    assert cleanup["keep_largest"] and cleanup["voxels_after"] == int(written.sum())

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --mode propagate, the full cascade on every N-th slice (default 8)")
     segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
+    cleanup = segment.add_argument_group("3D clean-up (all off by default)")
+    cleanup.add_argument("--keep-largest", action="store_true",
+                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
+    cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
+    cleanup.add_argument("--fill-flagged", action="store_true",
+                         help="replace flagged slices by what their two neighbours agree on")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_model_options(segment)
     _add_proposal_options(segment)
@@ -188,6 +194,19 @@ def _apply_profile(args) -> None:
     args.clip = args.clip or clip
 
 
+def _clean_up(args, result, top_k: int):
+    from . import cleanup
+
+    mask = result.mask
+    if args.fill_flagged:
+        mask = cleanup.fill_from_neighbours(mask, [s.index for s in result.slices if s.flags], result.axis)
+    if args.fill_holes:
+        mask = cleanup.fill_holes_per_slice(mask, result.axis)
+    if args.keep_largest:
+        mask = cleanup.keep_largest_components(mask, top_k)
+    return mask
+
+
 def run_segment(args) -> int:
     from .io import check_writable, read_image, write_json, write_segmentation
     from .models import get_segmenter_spec, resolve_device
@@ -247,7 +266,8 @@ def run_segment(args) -> int:
         if bar is not None:
             bar.close()
 
-    write_segmentation(output, result.mask, image, prompt.display_name, prompt.color)
+    mask = _clean_up(args, result, top_k)
+    write_segmentation(output, mask.reshape(image.array.shape), image, prompt.display_name, prompt.color)
     if args.report is not None:
         write_json(args.report, {
             "input": str(args.input), "output": str(output), "prompt": prompt.to_dict(), "top_k": top_k,
@@ -255,10 +275,12 @@ def run_segment(args) -> int:
             "mode": args.mode, "key_interval": args.key_interval,
             "slice_range": list(result.slice_range), "window": list(result.window),
             "proposal": dataclasses.asdict(proposal), "model_load_seconds": round(load_seconds, 3),
+            "cleanup": {"keep_largest": args.keep_largest, "fill_holes": args.fill_holes,
+                        "fill_flagged": args.fill_flagged, "voxels_after": int(mask.sum())},
             "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
         })
     summary = result.summary()
-    say(f"Wrote {output}: segment '{prompt.display_name}', {summary['voxels']} voxels on "
+    say(f"Wrote {output}: segment '{prompt.display_name}', {int(mask.sum())} voxels on "
         f"{summary['slices_with_mask']} of {summary['slices_in_range']} slices in {summary['seconds']:.1f} s.")
     return 0
 

@@ -224,3 +224,21 @@ def test_cleanup_options_shape_the_written_mask(tmp_path, models):
         np.testing.assert_array_equal(written[index], ndimage.binary_fill_holes(written[index]))
     cleanup = json.loads(report.read_text())["cleanup"]
     assert cleanup["keep_largest"] and cleanup["voxels_after"] == int(written.sum())
+
+
+def test_qa_draws_a_picture_from_a_report(tmp_path, models, capsys):
+    from PIL import Image
+
+    volume_path = tmp_path / "v.nrrd"
+    _oblique_volume(volume_path, slices=4)
+    output, report = tmp_path / "o.seg.nrrd", tmp_path / "r.json"
+    assert main(["segment", str(volume_path), "-p", "liver", "-o", str(output), "--report", str(report)]
+                + models) == 0
+    picture = tmp_path / "qa.png"
+    assert main(["qa", str(report), "-o", str(picture)]) == 0
+    with Image.open(picture) as png:
+        assert png.format == "PNG" and png.width > 300 and png.height > 300
+    code, err = _run(capsys, ["qa", str(tmp_path / "missing.json"), "-o", str(tmp_path / "x.png")])
+    assert code == 3 and "does not exist" in err
+    code, err = _run(capsys, ["qa", str(report), "-o", str(picture)])
+    assert code == 5  # exists, no --overwrite

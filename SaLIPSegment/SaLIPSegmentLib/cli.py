@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proposal_options(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
+    qa = commands.add_parser("qa", help="draw a QA picture from a segment --report")
+    qa.add_argument("report", type=Path, help="the JSON written by salip segment --report")
+    qa.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
+    qa.add_argument("--overwrite", action="store_true")
+    qa.set_defaults(run=run_qa)
+
     prompts = commands.add_parser("prompts", help="list prompt presets, or show one")
     prompts.add_argument("name", nargs="?", help="show this preset's sentences")
     prompts.set_defaults(run=run_prompts)
@@ -270,7 +276,9 @@ def run_segment(args) -> int:
     write_segmentation(output, mask.reshape(image.array.shape), image, prompt.display_name, prompt.color)
     if args.report is not None:
         write_json(args.report, {
-            "input": str(args.input), "output": str(output), "prompt": prompt.to_dict(), "top_k": top_k,
+            # Absolute, so that `salip qa` finds them from any folder.
+            "input": str(args.input.resolve()), "output": str(output.resolve()), "prompt": prompt.to_dict(),
+            "top_k": top_k,
             "sam": args.sam, "clip": args.clip, "device": str(device), "axis": result.axis,
             "mode": args.mode, "key_interval": args.key_interval,
             "slice_range": list(result.slice_range), "window": list(result.window),
@@ -331,6 +339,17 @@ def run_evaluate(args) -> int:
         write_json(args.json, {"input": str(args.input), "reference": str(args.reference), "prompt": prompt.to_dict(),
                                "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis,
                                "slice_range": list(slice_range), **result.to_dict()})
+    return 0
+
+
+def run_qa(args) -> int:
+    from .io import check_writable
+    from .qa import render_qa
+
+    if not args.report.is_file():
+        raise InputError(f"Report {args.report} does not exist.")
+    output = check_writable(args.output, overwrite=args.overwrite)
+    print(render_qa(args.report, output))
     return 0
 
 

@@ -66,3 +66,39 @@ def test_salip_evaluate_on_a_real_brain(tmp_path, mni152, capsys):
     assert figures["box_bound_mean"] > 0.4
     assert 0.15 < figures["dice_volume"] < figures["box_bound_mean"] + 0.1
     assert figures["hd95_mm"] > 0
+
+
+def _case(folder, name, radius):
+    volume = np.stack([disk_image(size=40, radius=radius + i) for i in range(3)]).astype(np.int16)
+    (folder / "images").mkdir(exist_ok=True)
+    (folder / "labels").mkdir(exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(folder / "images" / f"{name}_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray((volume > 100).astype(np.uint8)), str(folder / "labels" / f"{name}.nii.gz"))
+
+
+def test_evaluate_dataset_writes_per_case_tables_and_goes_on_after_a_failure(
+        tmp_path, tiny_sam, tiny_sam_checkpoint, capsys):
+    import csv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _case(data, "case_a", 6)
+    _case(data, "case_b", 9)
+    (data / "labels" / "case_b.nii.gz").rename(data / "labels" / "case_b_moved.nii.gz")  # b has no label now
+    _case(data, "case_c", 7)
+    options = ["-p", "brain", "--sam", tiny_sam, "--sam-checkpoint", str(tiny_sam_checkpoint), "--clip", "oracle",
+               "--device", "cpu", "-q", "--points-per-side", "4", "--pred-iou-thresh=-1e9",
+               "--stability-thresh=-1e9", "--max-area", "1.0"]
+    assert main(["evaluate-dataset", str(data), "-o", str(tmp_path / "table")] + options) == 0
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert [r["case"] for r in rows] == ["case_a", "case_b", "case_c", "mean"]
+    assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed") and rows[3]["status"] == "2 of 3 ok"
+    assert float(rows[3]["dice_volume"]) == pytest.approx((float(rows[0]["dice_volume"]) +
+                                                            float(rows[2]["dice_volume"])) / 2, abs=1e-3)
+    markdown = (tmp_path / "table.md").read_text()
+    assert markdown.startswith("| case | status |") and markdown.count("\n") == 6
+
+    # The same pairs from a CSV, paths relative to it.
+    (tmp_path / "pairs.csv").write_text("image,reference\ndata/images/case_a_0000.nii.gz,data/labels/case_a.nii.gz\n")
+    assert main(["evaluate-dataset", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "one")] + options) == 0
+    assert [r["case"] for r in csv.DictReader((tmp_path / "one.csv").open())] == ["case_a", "mean"]

@@ -109,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proposal_options(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
+    dataset = commands.add_parser(
+        "evaluate-dataset", help="evaluate over many (image, reference) pairs; CSV and Markdown tables",
+        epilog=EPILOG,
+        description="PAIRS is a CSV with columns image,reference (paths relative to it) or a folder with "
+                    "images/ and labels/ (nnU-Net's imagesTr/labelsTr too). A failing case is recorded and the "
+                    "run goes on. Writes OUT.csv and OUT.md: one row per case, then the means.",
+    )
+    dataset.add_argument("pairs", type=Path)
+    dataset.add_argument("-p", "--prompt")
+    dataset.add_argument("--preset")
+    dataset.add_argument("-o", "--output", type=Path, required=True, help="table path without suffix")
+    dataset.add_argument("--axis", default="auto")
+    dataset.add_argument("--top-k", type=int)
+    dataset.add_argument("--overwrite", action="store_true")
+    dataset.add_argument("-q", "--quiet", action="store_true")
+    _add_model_options(dataset)
+    _add_proposal_options(dataset)
+    dataset.set_defaults(run=run_evaluate_dataset)
+
     qa = commands.add_parser("qa", help="draw a QA picture from a segment --report")
     qa.add_argument("report", type=Path, help="the JSON written by salip segment --report")
     qa.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
@@ -340,6 +359,71 @@ def run_evaluate(args) -> int:
                                "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis,
                                "slice_range": list(slice_range), **result.to_dict()})
     return 0
+
+
+TABLE_COLUMNS = ("case", "status", "slices_with_reference", "dice_volume", "dice_mean_per_slice", "hd95_mm",
+                 "ceiling_mean", "retrieved_mean", "box_bound_mean", "false_positive_slices", "seconds")
+
+
+def run_evaluate_dataset(args) -> int:
+    import csv
+    import io as text_io
+    import math
+
+    from .evaluation import evaluate_volume
+    from .io import check_writable, find_pairs, read_image, write_atomically
+    from .models import get_segmenter_spec, resolve_device
+
+    _apply_profile(args)
+    prompt = _prompt_from_args(args)
+    top_k = args.top_k if args.top_k is not None else prompt.top_k
+    csv_path = check_writable(args.output.with_suffix(".csv"), overwrite=args.overwrite)
+    md_path = check_writable(args.output.with_suffix(".md"), overwrite=args.overwrite)
+    pairs = find_pairs(args.pairs)
+    if not pairs:
+        raise InputError(f"No (image, reference) pairs found in {args.pairs}.")
+    device = resolve_device(args.device)
+    segmenter, scorer = _load_models(args, device)
+    proposal = _proposal_settings(args, get_segmenter_spec(args.sam))
+    rows = []
+    for number, (case, image_path, reference_path) in enumerate(pairs, start=1):
+        try:
+            image = read_image(image_path)
+            reference = read_image(reference_path).array > 0
+            if reference.shape != image.array.shape:
+                raise InputError(f"reference grid {reference.shape} differs from the image's {image.array.shape}")
+            result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences,
+                                     spacing=image.spacing_kji, top_k=top_k, axis=_axis(args.axis, image),
+                                     proposal=proposal)
+            row = {"case": case, "status": "ok", **{k: v for k, v in result.to_dict().items() if k in TABLE_COLUMNS}}
+        except SalipError as error:
+            row = {"case": case, "status": f"failed: {error}"}
+        rows.append(row)
+        if not args.quiet:
+            print(f"[{number}/{len(pairs)}] {case}: {row['status']}", file=sys.stderr)
+    done = [r for r in rows if r["status"] == "ok"]
+
+    def mean(column):
+        values = [r[column] for r in done if r.get(column) is not None and math.isfinite(r[column])]
+        return sum(values) / len(values) if values else None
+
+    rows.append({"case": "mean", "status": f"{len(done)} of {len(rows)} ok",
+                 **{c: mean(c) for c in TABLE_COLUMNS[2:]}})
+
+    def fmt(value):
+        return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    buffer = text_io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TABLE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({c: fmt(r.get(c)) for c in TABLE_COLUMNS} for r in rows)
+    csv_text = buffer.getvalue()
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)).replace("|", "/") for c in TABLE_COLUMNS) + " |" for r in rows]
+    write_atomically(csv_path, lambda tmp: tmp.write_text(csv_text, encoding="utf-8"))
+    write_atomically(md_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    print(f"{len(done)} of {len(pairs)} cases evaluated; tables: {csv_path}, {md_path}")
+    return 0 if done else 3
 
 
 def run_qa(args) -> int:

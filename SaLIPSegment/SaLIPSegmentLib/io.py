@@ -167,3 +167,50 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+IMAGE_FOLDERS = ("images", "imagesTr", "imagesTs")
+LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".tif", ".tiff")
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    # nnU-Net names image channels NAME_0000; the label is NAME.
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+
+
+def find_pairs(source: os.PathLike) -> list:
+    """(case, image, reference) triples from a CSV (columns image,reference) or a folder.
+
+    A folder holds images/ and labels/ (or nnU-Net's imagesTr/labelsTr) matched by file
+    name; CSV paths are relative to the CSV's folder. Missing files are kept in the list:
+    the case fails on its own and the run goes on.
+    """
+    import csv
+
+    source = Path(source).expanduser()
+    if source.is_file():
+        with source.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"image", "reference"} <= set(reader.fieldnames):
+                raise InputError(f"{source} needs a header with the columns image,reference.")
+            rows = list(reader)
+        pairs = []
+        for row in rows:
+            image = (source.parent / row["image"]).resolve()
+            pairs.append((row.get("case") or _case_name(image), image, (source.parent / row["reference"]).resolve()))
+        return pairs
+    if source.is_dir():
+        images = next((source / f for f in IMAGE_FOLDERS if (source / f).is_dir()), None)
+        labels = next((source / f for f in LABEL_FOLDERS if (source / f).is_dir()), None)
+        if images is None or labels is None:
+            raise InputError(f"{source} needs an images/ and a labels/ folder (or imagesTr/labelsTr).")
+        by_name = {_case_name(p): p for p in sorted(labels.iterdir()) if not p.name.startswith(".")}
+        return [(_case_name(p), p, by_name.get(_case_name(p), labels / p.name))
+                for p in sorted(images.iterdir()) if not p.name.startswith(".")]
+    raise InputError(f"Dataset {source} does not exist.")

@@ -102,3 +102,18 @@ def test_evaluate_dataset_writes_per_case_tables_and_goes_on_after_a_failure(
     (tmp_path / "pairs.csv").write_text("image,reference\ndata/images/case_a_0000.nii.gz,data/labels/case_a.nii.gz\n")
     assert main(["evaluate-dataset", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "one")] + options) == 0
     assert [r["case"] for r in csv.DictReader((tmp_path / "one.csv").open())] == ["case_a", "mean"]
+
+
+def test_evaluate_reports_adapted_against_fixed(tmp_path, tiny_sam, tiny_sam_checkpoint, capsys):
+    data = tmp_path / "d"
+    data.mkdir()
+    _case(data, "c", 6)
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(data / "images" / "c_0000.nii.gz"), str(data / "labels" / "c.nii.gz"), "-p", "x",
+                 "--sam", tiny_sam, "--sam-checkpoint", str(tiny_sam_checkpoint), "--clip", "oracle", "--adapt",
+                 "--points-per-side", "4", "--pred-iou-thresh=-1e9", "--stability-thresh=-1e9", "--max-area", "1",
+                 "--json", str(out), "-q"]) == 0
+    assert "adapted" in capsys.readouterr().out
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"fixed", "adapted"}
+    assert all(0 <= v["dice_volume"] <= 1 for v in variants.values())

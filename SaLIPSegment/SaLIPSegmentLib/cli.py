@@ -42,6 +42,9 @@ def _add_proposal_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--crop-layers", type=int, help="extra crop layers, each costs encodings (paper: 1)")
     group.add_argument("--max-area", type=float, help="drop candidates above this fraction of the slice")
     group.add_argument("--min-region-area", type=int, help="remove islands and holes below this many pixels")
+    group.add_argument("--adapt", action="store_true",
+                       help="label-free test-time adaptation: pick the proposal thresholds per volume from a "
+                            "small grid by predicted IoU, stability, neighbour agreement and CLIP score")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +271,16 @@ def run_segment(args) -> int:
     load_seconds = time.perf_counter() - loading
     say(f"Models: {args.sam} + {args.clip} on {device} (loaded in {load_seconds:.1f} s)")
 
+    adaptation = None
+    if args.adapt:
+        from .adaptation import adapt_settings
+
+        proposal, adaptation = adapt_settings(
+            volume, segmenter, scorer, prompt.sentences, proposal, top_k=top_k, axis=axis,
+            window=tuple(args.window) if args.window else None, reference=reference)
+        say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
+            f"stability >= {proposal.stability_score_thresh:.2f}")
+
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -302,6 +315,7 @@ def run_segment(args) -> int:
             "mode": args.mode, "key_interval": args.key_interval,
             "slice_range": list(result.slice_range), "window": list(result.window),
             "proposal": dataclasses.asdict(proposal), "model_load_seconds": round(load_seconds, 3),
+            "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,
             "cleanup": {"keep_largest": args.keep_largest, "fill_holes": args.fill_holes,
                         "fill_flagged": args.fill_flagged, "voxels_after": int(mask.sum())},
             "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
@@ -334,30 +348,38 @@ def run_evaluate(args) -> int:
     slice_range = parse_slice_range(args.slices, volume.shape[axis])
     device = resolve_device(args.device)
     segmenter, scorer = _load_models(args, device)
-    result = evaluate_volume(
+    window = tuple(args.window) if args.window else None
+    fixed = _proposal_settings(args, get_segmenter_spec(args.sam))
+    variants = [("fixed", fixed)]
+    if args.adapt:
+        from .adaptation import adapt_settings
+
+        adapted, _ = adapt_settings(volume, segmenter, scorer, prompt.sentences, fixed, top_k=top_k, axis=axis,
+                                    window=window, reference=reference > 0)
+        variants.append(("adapted", adapted))
+    results = [(name, evaluate_volume(
         volume, reference > 0, segmenter, scorer, prompt.sentences, spacing=image.spacing_kji, top_k=top_k,
-        axis=axis, slice_range=slice_range, window=tuple(args.window) if args.window else None,
-        proposal=_proposal_settings(args, get_segmenter_spec(args.sam)),
-    )
+        axis=axis, slice_range=slice_range, window=window, proposal=settings)) for name, settings in variants]
 
     def show(value):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
-    print(f"{prompt.display_name}: {result.slices_with_reference} slices with reference tissue, "
-          f"{args.sam} + {args.clip}, {result.seconds:.1f} s")
-    print(f"  Dice (volume)            {show(result.dice_volume)}")
-    print(f"  Dice (mean per slice)    {show(result.dice_mean_per_slice)}")
-    print(f"  HD95 (mm)                {show(result.hd95_mm)}")
-    print("  stage-wise mean Dice per slice:")
-    print(f"    proposal ceiling       {show(result.ceiling_mean)}")
-    print(f"    retrieved candidate    {show(result.retrieved_mean)}")
-    print(f"    refined (final)        {show(result.dice_mean_per_slice)}")
-    print(f"    box upper bound        {show(result.box_bound_mean)}")
-    print(f"  false-positive slices    {result.false_positive_slices}")
+    first = results[0][1]
+    print(f"{prompt.display_name}: {first.slices_with_reference} slices with reference tissue, "
+          f"{args.sam} + {args.clip}")
+    print(f"  {'':<28}" + "".join(f"{name:>10}" for name, _ in results))
+    for label, key in (("Dice (volume)", "dice_volume"), ("Dice (mean per slice)", "dice_mean_per_slice"),
+                       ("HD95 (mm)", "hd95_mm"), ("proposal ceiling", "ceiling_mean"),
+                       ("retrieved candidate", "retrieved_mean"), ("refined (final)", "dice_mean_per_slice"),
+                       ("box upper bound", "box_bound_mean"), ("false-positive slices", "false_positive_slices"),
+                       ("seconds", "seconds")):
+        print(f"  {label:<28}" + "".join(f"{show(float(getattr(r, key))):>10}" for _, r in results))
     if args.json is not None:
         write_json(args.json, {"input": str(args.input), "reference": str(args.reference), "prompt": prompt.to_dict(),
                                "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis,
-                               "slice_range": list(slice_range), **result.to_dict()})
+                               "slice_range": list(slice_range), **first.to_dict(),
+                               "variants": {name: {"proposal": dataclasses.asdict(settings), **r.to_dict()}
+                                            for (name, settings), (_, r) in zip(variants, results)}})
     return 0
 
 
@@ -392,9 +414,15 @@ def run_evaluate_dataset(args) -> int:
             reference = read_image(reference_path).array > 0
             if reference.shape != image.array.shape:
                 raise InputError(f"reference grid {reference.shape} differs from the image's {image.array.shape}")
+            axis = _axis(args.axis, image)
+            settings = proposal
+            if args.adapt:
+                from .adaptation import adapt_settings
+
+                settings, _ = adapt_settings(image.array, segmenter, scorer, prompt.sentences, proposal,
+                                             top_k=top_k, axis=axis, reference=reference)
             result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences,
-                                     spacing=image.spacing_kji, top_k=top_k, axis=_axis(args.axis, image),
-                                     proposal=proposal)
+                                     spacing=image.spacing_kji, top_k=top_k, axis=axis, proposal=settings)
             row = {"case": case, "status": "ok", **{k: v for k, v in result.to_dict().items() if k in TABLE_COLUMNS}}
         except SalipError as error:
             row = {"case": case, "status": f"failed: {error}"}

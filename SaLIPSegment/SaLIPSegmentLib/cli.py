@@ -214,6 +214,28 @@ def _load_models(args, device):
     return loaded
 
 
+class _ProgressBar:
+    """A tqdm bar on stderr driven by progress(done, total) callbacks; silent with --quiet."""
+
+    def __init__(self, quiet: bool, description: str):
+        self.quiet, self.description, self.bar = quiet, description, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="slice", desc=self.description, file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _apply_profile(args) -> None:
     from .models.registry import PROFILES
 
@@ -281,17 +303,7 @@ def run_segment(args) -> int:
         say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
             f"stability >= {proposal.stability_score_thresh:.2f}")
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=slice_range[1] - slice_range[0], unit="slice", desc="segmenting", file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.n = done
-            bar.refresh()
-
+    progress = _ProgressBar(args.quiet, "segmenting")
     try:
         result = segment_volume(
             volume, segmenter, scorer, prompt.sentences, top_k=top_k, axis=axis, slice_range=slice_range,
@@ -301,8 +313,7 @@ def run_segment(args) -> int:
     except KeyboardInterrupt:
         raise Cancelled("Cancelled; nothing was written.") from None
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
 
     mask = _clean_up(args, result, top_k)
     write_segmentation(output, mask.reshape(image.array.shape), image, prompt.display_name, prompt.color)
@@ -357,9 +368,15 @@ def run_evaluate(args) -> int:
         adapted, _ = adapt_settings(volume, segmenter, scorer, prompt.sentences, fixed, top_k=top_k, axis=axis,
                                     window=window, reference=reference > 0)
         variants.append(("adapted", adapted))
-    results = [(name, evaluate_volume(
-        volume, reference > 0, segmenter, scorer, prompt.sentences, spacing=image.spacing_kji, top_k=top_k,
-        axis=axis, slice_range=slice_range, window=window, proposal=settings)) for name, settings in variants]
+    results = []
+    for name, settings in variants:
+        bar = _ProgressBar(args.quiet, f"evaluating ({name})")
+        try:
+            results.append((name, evaluate_volume(
+                volume, reference > 0, segmenter, scorer, prompt.sentences, spacing=image.spacing_kji,
+                top_k=top_k, axis=axis, slice_range=slice_range, window=window, proposal=settings, progress=bar)))
+        finally:
+            bar.close()
 
     def show(value):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

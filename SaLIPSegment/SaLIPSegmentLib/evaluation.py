@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -116,10 +116,12 @@ def evaluate_volume(
     slice_range: Optional[Tuple[int, int]] = None,
     window: Optional[Tuple[float, float]] = None,
     proposal: Optional[ProposalSettings] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> Evaluation:
     """Run the cascade on every slice and measure each stage against `reference`.
 
-    `spacing` is in numpy axis order (k, j, i), for HD95 in millimetres.
+    `spacing` is in numpy axis order (k, j, i), for HD95 in millimetres;
+    `progress(done, total)` follows the slices.
     """
     volume = as_volume(volume)
     reference = as_volume(reference).astype(bool)
@@ -135,6 +137,8 @@ def evaluate_volume(
     rows: List[SliceEvaluation] = []
     started = time.perf_counter()
     for index in range(start, stop):
+        if progress:
+            progress(index - start, stop - start)
         image = window_to_uint8(slices[index], window)
         ref = ref_slices[index]
         if image.min() == image.max() and not ref.any():
@@ -158,6 +162,8 @@ def evaluate_volume(
             index, int(ref.sum()), int(result.mask.sum()), result.candidate_count, ceiling,
             dice(retrieved_mask, ref) if result.retrieved else 0.0, dice(result.mask, ref), dice(bound, ref),
         ))
+    if progress:
+        progress(stop - start, stop - start)
     region = [slice(None)] * 3
     region[axis] = slice(start, stop)
     region = tuple(region)

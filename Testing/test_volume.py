@@ -144,6 +144,8 @@ def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmen
     box = _grow(mask_to_box(result.mask[0]), 0.1, volume.shape[1:])
     np.testing.assert_array_equal(result.mask[1], segmenter.inner.refine([box])[0].mask)
     assert result.summary()["slices_propagated"] == 6
+    # The oracle does not re-score propagated slices, and a score is never copied from the source.
+    assert all(s.clip_scores == [] for s in result.slices if s.method == "propagated")
 
 
 def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(segmenter):

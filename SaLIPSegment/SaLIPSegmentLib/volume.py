@@ -333,7 +333,7 @@ def segment_volume(
         ious = [r.predicted_iou for r in refined]
         keep = all(p.sum() >= settings.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)) and all(
             iou >= src - settings.max_iou_drop for iou, src in zip(ious, source.ious))
-        scores = list(source.scores)
+        scores: List[float] = []  # measured only with a label-free scorer; never inherited
         if keep and not scorer.needs_reference:
             # The oracle would judge with the reference; acceptance stays label-free.
             clock = time.perf_counter()
@@ -346,7 +346,7 @@ def segment_volume(
             union = np.logical_or.reduce(parts)
             finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=scores,
                                predicted_ious=ious, seconds={k: round(v, 4) for k, v in timing.items()}), union)
-            found[index] = _Found(parts, scores, ious)
+            found[index] = _Found(parts, scores or source.scores, ious)
             return True
         return full_cascade(index, pixels, already_embedded=True, seconds=timing)
 

@@ -316,6 +316,10 @@ def run_segment(args) -> int:
         progress.close()
 
     mask = _clean_up(args, result, top_k)
+    from .io import ascii_segment_name
+
+    if ascii_segment_name(prompt.display_name) != prompt.display_name:
+        say(f"NRRD headers hold ASCII only: the segment is named '{ascii_segment_name(prompt.display_name)}'.")
     write_segmentation(output, mask.reshape(image.array.shape), image, prompt.display_name, prompt.color)
     if args.report is not None:
         write_json(args.report, {

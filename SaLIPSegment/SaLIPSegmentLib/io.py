@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Tuple
@@ -135,6 +136,16 @@ def write_atomically(path: os.PathLike, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def ascii_segment_name(name: str) -> str:
+    """The segment name as NRRD headers can hold it: ASCII (pynrrd reads and writes only that).
+
+    Accents are folded ("cœur" -> "coeur"); a name with no Latin letters becomes "Segment".
+    """
+    folded = unicodedata.normalize("NFKD", name.replace("œ", "oe").replace("Œ", "Oe"))
+    folded = " ".join(folded.encode("ascii", "ignore").decode("ascii").split())
+    return folded if any(c.isalnum() for c in folded) else "Segment"
+
+
 def write_segmentation(
     path: os.PathLike,
     mask: np.ndarray,
@@ -149,7 +160,7 @@ def write_segmentation(
     if mask.shape != geometry.array.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume's {geometry.array.shape}")
     segmentation = slicerio.create_segmentation(mask.shape[::-1], geometry.ijk_to_lps)
-    segment = {"id": "Segment_1", "name": segment_name, "color": [float(c) for c in color]}
+    segment = {"id": "Segment_1", "name": ascii_segment_name(segment_name), "color": [float(c) for c in color]}
     slicerio.add_segment(segmentation, mask.transpose(2, 1, 0), segment)  # slicerio wants (i, j, k)
     return write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
 

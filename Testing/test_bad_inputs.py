@@ -1,0 +1,62 @@
+"""Odd but legal inputs go through; unusable ones fail with the documented code, writing nothing."""
+
+import numpy as np
+import SimpleITK as sitk
+
+from SaLIPSegmentLib.cli import main
+
+from conftest import disk_image
+
+
+def _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    return ["--sam", tiny_sam, "--sam-checkpoint", str(tiny_sam_checkpoint), "--clip", tiny_clip_option,
+            "--device", "cpu", "-q", "--mode", "every-slice"]
+
+
+def _write(array, path):
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    return str(path)
+
+
+def test_one_by_one_slices(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    volume = _write(np.arange(4, dtype=np.int16).reshape(4, 1, 1), tmp_path / "thin.nrrd")
+    assert main(["segment", volume, "-p", "brain", "-o", str(tmp_path / "o.seg.nrrd")]
+                + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 0
+
+
+def test_integer_types_at_their_limits(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    for dtype in (np.uint8, np.int32, np.uint32, np.int64):
+        info = np.iinfo(dtype)
+        volume = np.where(np.stack([disk_image(size=32)] * 2) > 100, info.max, info.min).astype(dtype)
+        path = _write(volume, tmp_path / f"{dtype.__name__}.nrrd")
+        assert main(["segment", path, "-p", "brain", "-o", str(tmp_path / f"{dtype.__name__}.seg.nrrd")]
+                    + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 0, dtype
+
+
+def test_a_prompt_in_another_language_is_free_text(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    volume = _write(np.stack([disk_image(size=32)] * 2).astype(np.int16), tmp_path / "v.nrrd")
+    import slicerio
+
+    for number, (prompt, name) in enumerate((("cerveau", "cerveau"), ("cœur gauche", "coeur gauche"),
+                                              ("肺", "Segment"), ("Niere links", "Niere links"))):
+        out = tmp_path / f"{number}.seg.nrrd"
+        assert main(["segment", volume, "-p", prompt, "-o", str(out)]
+                    + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 0
+        assert [s["name"] for s in slicerio.read_segmentation(str(out))["segments"]] == [name]
+
+
+def test_an_rgb_picture_is_read_as_grey(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    grey = disk_image(size=40)
+    rgb = sitk.GetImageFromArray(np.stack([grey, grey // 2, grey // 3], axis=-1), isVector=True)
+    sitk.WriteImage(rgb, str(tmp_path / "us.png"))
+    assert main(["segment", str(tmp_path / "us.png"), "-p", "fetal head", "-o", str(tmp_path / "us.seg.nrrd")]
+                + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 0
+
+
+def test_a_3d_vector_volume_is_refused(tmp_path, capsys, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    vector = sitk.GetImageFromArray(np.zeros((3, 8, 8, 3), np.uint8), isVector=True)
+    sitk.WriteImage(vector, str(tmp_path / "rgb3d.nrrd"))
+    out = tmp_path / "o.seg.nrrd"
+    assert main(["segment", str(tmp_path / "rgb3d.nrrd"), "-p", "brain", "-o", str(out)]
+                + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 3
+    assert "components per voxel" in capsys.readouterr().err and not out.exists()

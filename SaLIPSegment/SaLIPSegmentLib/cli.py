@@ -160,60 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- segment -------------------------------------------------------------------------
 
 
-def _prompt_from_args(args):
-    from .prompts import get_preset, resolve_prompt
-
-    if args.preset and args.prompt:
-        raise InputError("Give either -p/--prompt or --preset, not both.")
-    if args.preset:
-        return get_preset(args.preset)
-    if args.prompt is None:
-        raise InputError("Say what to segment with -p PROMPT (a preset name or free text).")
-    return resolve_prompt(args.prompt)
-
-
-def _proposal_settings(args, spec):
-    from .models.base import ProposalSettings
-
-    values = dict(spec.proposal_defaults)
-    overrides = {
-        "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
-        "stability_score_thresh": args.stability_thresh, "crop_n_layers": args.crop_layers,
-        "max_area_fraction": args.max_area, "min_region_area": args.min_region_area,
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return ProposalSettings.from_dict(values)
-
-
-def _axis(text: str, image) -> int:
-    from .volume import acquisition_axis
-
-    if text == "auto":
-        return acquisition_axis(image.spacing_kji, image.array.shape)
-    if text not in {"0", "1", "2"}:
-        raise InputError(f"--axis takes 0, 1, 2 or auto, got {text!r}.")
-    return int(text)
-
-
-def _load_models(args, device):
-    """Both models, or one error that names every missing weights file, not just the first."""
-    from .errors import MissingWeightsError
-    from .models import create_scorer, create_segmenter
-
-    loaded, missing = [], []
-    for load in (
-        lambda: create_segmenter(args.sam, device, args.sam_checkpoint, args.model_dir, progress=not args.quiet),
-        lambda: create_scorer(args.clip, device, args.model_dir, progress=not args.quiet),
-    ):
-        try:
-            loaded.append(load())
-        except MissingWeightsError as error:
-            missing.append(str(error))
-    if missing:
-        raise MissingWeightsError("\n".join(missing))
-    return loaded
-
-
 class _ProgressBar:
     """A tqdm bar on stderr driven by progress(done, total) callbacks; silent with --quiet."""
 
@@ -236,106 +182,51 @@ class _ProgressBar:
             self.bar = None
 
 
-def _apply_profile(args) -> None:
-    from .models.registry import PROFILES
-
-    sam, clip = PROFILES[args.profile]
-    args.sam = args.sam or sam
-    args.clip = args.clip or clip
-
-
-def _clean_up(args, result, top_k: int):
-    from . import cleanup
-
-    mask = result.mask
-    if args.fill_flagged:
-        mask = cleanup.fill_from_neighbours(mask, [s.index for s in result.slices if s.flags], result.axis)
-    if args.fill_holes:
-        mask = cleanup.fill_holes_per_slice(mask, result.axis)
-    if args.keep_largest:
-        mask = cleanup.keep_largest_components(mask, top_k)
-    return mask
-
-
 def run_segment(args) -> int:
-    from .io import check_writable, read_image, write_json, write_segmentation
-    from .models import get_segmenter_spec, resolve_device
-    from .volume import PropagationSettings, as_volume, parse_slice_range, segment_volume
+    from .io import ascii_segment_name, check_writable, read_image, write_json, write_segmentation
+    from .models import resolve_device
+    from .pipeline import load_models, segment_image, settings_from_args
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    _apply_profile(args)
-    prompt = _prompt_from_args(args)
-    top_k = args.top_k if args.top_k is not None else prompt.top_k
-    if top_k < 1:
-        raise InputError("--top-k must be at least 1.")
-    if args.key_interval < 1:
-        raise InputError("--key-interval must be at least 1.")
+    settings = settings_from_args(args)
+    prompt = settings.prompt
     output = check_writable(args.output, overwrite=args.overwrite)
     if args.report is not None:
         check_writable(args.report, overwrite=args.overwrite)
-    spec = get_segmenter_spec(args.sam)
-    proposal = _proposal_settings(args, spec)
 
     image = read_image(args.input)
-    volume = as_volume(image.array)
     reference = None
     if args.reference is not None:
         reference = read_image(args.reference).array
-        if reference.shape != volume.shape:
-            raise InputError(f"Reference {args.reference} has shape {reference.shape}, the input {volume.shape}.")
-    axis = _axis(args.axis, image)
-    slice_range = parse_slice_range(args.slices, volume.shape[axis])
-    say(f"Prompt: {prompt.display_name} ({'preset' if prompt.is_preset else 'free text'}, top-k {top_k})")
+        if reference.shape != image.array.shape:
+            raise InputError(f"Reference {args.reference} has shape {reference.shape}, "
+                             f"the input {image.array.shape}.")
+    say(f"Prompt: {prompt.display_name} ({'preset' if prompt.is_preset else 'free text'}, top-k {settings.top_k})")
 
-    device = resolve_device(args.device)
+    device = resolve_device(settings.device)
     loading = time.perf_counter()
-    segmenter, scorer = _load_models(args, device)
+    segmenter, scorer = load_models(settings.sam, settings.clip, device, settings.sam_checkpoint,
+                                    settings.model_dir, progress=not args.quiet)
     load_seconds = time.perf_counter() - loading
-    say(f"Models: {args.sam} + {args.clip} on {device} (loaded in {load_seconds:.1f} s)")
-
-    adaptation = None
-    if args.adapt:
-        from .adaptation import adapt_settings
-
-        proposal, adaptation = adapt_settings(
-            volume, segmenter, scorer, prompt.sentences, proposal, top_k=top_k, axis=axis,
-            window=tuple(args.window) if args.window else None, reference=reference)
-        say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
-            f"stability >= {proposal.stability_score_thresh:.2f}")
+    say(f"Models: {settings.sam} + {settings.clip} on {device} (loaded in {load_seconds:.1f} s)")
 
     progress = _ProgressBar(args.quiet, "segmenting")
     try:
-        result = segment_volume(
-            volume, segmenter, scorer, prompt.sentences, top_k=top_k, axis=axis, slice_range=slice_range,
-            window=tuple(args.window) if args.window else None, proposal=proposal, reference=reference,
-            mode=args.mode, propagation=PropagationSettings(key_interval=args.key_interval), progress=progress,
-        )
+        mask, report = segment_image(image, settings, segmenter, scorer, reference=reference,
+                                     progress=progress, say=say)
     except KeyboardInterrupt:
         raise Cancelled("Cancelled; nothing was written.") from None
     finally:
         progress.close()
 
-    mask = _clean_up(args, result, top_k)
-    from .io import ascii_segment_name
-
     if ascii_segment_name(prompt.display_name) != prompt.display_name:
         say(f"NRRD headers hold ASCII only: the segment is named '{ascii_segment_name(prompt.display_name)}'.")
-    write_segmentation(output, mask.reshape(image.array.shape), image, prompt.display_name, prompt.color)
+    write_segmentation(output, mask, image, prompt.display_name, prompt.color)
     if args.report is not None:
-        write_json(args.report, {
-            # Absolute, so that `salip qa` finds them from any folder.
-            "input": str(args.input.resolve()), "output": str(output.resolve()), "prompt": prompt.to_dict(),
-            "top_k": top_k,
-            "sam": args.sam, "clip": args.clip, "device": str(device), "axis": result.axis,
-            "mode": args.mode, "key_interval": args.key_interval,
-            "slice_range": list(result.slice_range), "window": list(result.window),
-            "proposal": dataclasses.asdict(proposal), "model_load_seconds": round(load_seconds, 3),
-            "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,
-            "cleanup": {"keep_largest": args.keep_largest, "fill_holes": args.fill_holes,
-                        "fill_flagged": args.fill_flagged, "voxels_after": int(mask.sum())},
-            "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
-        })
-    summary = result.summary()
+        # Absolute, so that `salip qa` finds them from any folder.
+        write_json(args.report, {"input": str(args.input.resolve()), "output": str(output.resolve()),
+                                 "device": str(device), "model_load_seconds": round(load_seconds, 3), **report})
+    summary = report["summary"]
     say(f"Wrote {output}: segment '{prompt.display_name}', {int(mask.sum())} voxels on "
         f"{summary['slices_with_mask']} of {summary['slices_in_range']} slices in {summary['seconds']:.1f} s.")
     return 0
@@ -347,10 +238,11 @@ def run_evaluate(args) -> int:
     from .evaluation import evaluate_volume
     from .io import check_writable, read_image, write_json
     from .models import get_segmenter_spec, resolve_device
+    from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
     from .volume import as_volume, parse_slice_range
 
-    _apply_profile(args)
-    prompt = _prompt_from_args(args)
+    apply_profile(args)
+    prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
     if args.json is not None:
         check_writable(args.json, overwrite=args.overwrite)
@@ -359,12 +251,13 @@ def run_evaluate(args) -> int:
     reference = read_image(args.reference).array
     if reference.shape != volume.shape:
         raise InputError(f"Reference {args.reference} has shape {reference.shape}, the input {volume.shape}.")
-    axis = _axis(args.axis, image)
+    axis = axis_for(args.axis, image)
     slice_range = parse_slice_range(args.slices, volume.shape[axis])
     device = resolve_device(args.device)
-    segmenter, scorer = _load_models(args, device)
+    segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
+                                    progress=not args.quiet)
     window = tuple(args.window) if args.window else None
-    fixed = _proposal_settings(args, get_segmenter_spec(args.sam))
+    fixed = proposal_settings(args, get_segmenter_spec(args.sam))
     variants = [("fixed", fixed)]
     if args.adapt:
         from .adaptation import adapt_settings
@@ -416,9 +309,10 @@ def run_evaluate_dataset(args) -> int:
     from .evaluation import evaluate_volume
     from .io import check_writable, find_pairs, read_image, write_atomically
     from .models import get_segmenter_spec, resolve_device
+    from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
 
-    _apply_profile(args)
-    prompt = _prompt_from_args(args)
+    apply_profile(args)
+    prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
     csv_path = check_writable(args.output.with_suffix(".csv"), overwrite=args.overwrite)
     md_path = check_writable(args.output.with_suffix(".md"), overwrite=args.overwrite)
@@ -426,8 +320,9 @@ def run_evaluate_dataset(args) -> int:
     if not pairs:
         raise InputError(f"No (image, reference) pairs found in {args.pairs}.")
     device = resolve_device(args.device)
-    segmenter, scorer = _load_models(args, device)
-    proposal = _proposal_settings(args, get_segmenter_spec(args.sam))
+    segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
+                                    progress=not args.quiet)
+    proposal = proposal_settings(args, get_segmenter_spec(args.sam))
     rows = []
     for number, (case, image_path, reference_path) in enumerate(pairs, start=1):
         try:
@@ -435,7 +330,7 @@ def run_evaluate_dataset(args) -> int:
             reference = read_image(reference_path).array > 0
             if reference.shape != image.array.shape:
                 raise InputError(f"reference grid {reference.shape} differs from the image's {image.array.shape}")
-            axis = _axis(args.axis, image)
+            axis = axis_for(args.axis, image)
             settings = proposal
             if args.adapt:
                 from .adaptation import adapt_settings

@@ -1,0 +1,194 @@
+"""One volume from settings to mask and report: what `salip segment` and `salip batch` share.
+
+`SegmentSettings` is everything that decides a mask, in a picklable form, so that a
+batch worker process or a Ray actor can be handed it and load the models once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError, MissingWeightsError
+from .io import Image3D
+from .models.base import ProposalSettings
+from .prompts import Prompt
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    prompt: Prompt
+    top_k: int
+    sam: str
+    clip: str
+    proposal: ProposalSettings
+    sam_checkpoint: Optional[str] = None
+    model_dir: Optional[str] = None
+    device: str = "auto"
+    axis: str = "auto"
+    slices: Optional[str] = None
+    window: Optional[Tuple[float, float]] = None
+    mode: str = "propagate"
+    key_interval: int = 8
+    adapt: bool = False
+    keep_largest: bool = False
+    fill_holes: bool = False
+    fill_flagged: bool = False
+
+    def describe(self) -> dict:
+        """The settings as JSON-ready values."""
+        values = dataclasses.asdict(self)
+        values["prompt"] = self.prompt.to_dict()
+        return json.loads(json.dumps(values, default=list))
+
+    def fingerprint(self) -> str:
+        """SHA256 of what changes the mask; where the models run or live does not."""
+        values = self.describe()
+        for where in ("device", "model_dir"):
+            values.pop(where)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def settings_from_args(args) -> SegmentSettings:
+    """Validated settings from `salip segment`/`salip batch` options; raises InputError early."""
+    from .models import get_segmenter_spec
+    prompt = prompt_from_args(args)
+    top_k = args.top_k if args.top_k is not None else prompt.top_k
+    if top_k < 1:
+        raise InputError("--top-k must be at least 1.")
+    if args.key_interval < 1:
+        raise InputError("--key-interval must be at least 1.")
+    apply_profile(args)
+    return SegmentSettings(
+        prompt=prompt, top_k=top_k, sam=args.sam, clip=args.clip,
+        proposal=proposal_settings(args, get_segmenter_spec(args.sam)),
+        sam_checkpoint=str(args.sam_checkpoint) if args.sam_checkpoint else None,
+        model_dir=str(args.model_dir) if args.model_dir else None, device=args.device, axis=args.axis,
+        slices=args.slices, window=tuple(args.window) if args.window else None, mode=args.mode,
+        key_interval=args.key_interval, adapt=args.adapt, keep_largest=args.keep_largest,
+        fill_holes=args.fill_holes, fill_flagged=args.fill_flagged,
+    )
+
+
+def prompt_from_args(args) -> Prompt:
+    from .prompts import get_preset, resolve_prompt
+
+    if args.preset and args.prompt:
+        raise InputError("Give either -p/--prompt or --preset, not both.")
+    if args.preset:
+        return get_preset(args.preset)
+    if args.prompt is None:
+        raise InputError("Say what to segment with -p PROMPT (a preset name or free text).")
+    return resolve_prompt(args.prompt)
+
+
+def apply_profile(args) -> None:
+    """--sam and --clip from --profile where they were not given."""
+    from .models.registry import PROFILES
+
+    sam, clip = PROFILES[args.profile]
+    args.sam = args.sam or sam
+    args.clip = args.clip or clip
+
+
+def proposal_settings(args, spec) -> ProposalSettings:
+    """The segmenter's defaults with the command line's proposal knobs on top."""
+    values = dict(spec.proposal_defaults)
+    overrides = {
+        "points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
+        "stability_score_thresh": args.stability_thresh, "crop_n_layers": args.crop_layers,
+        "max_area_fraction": args.max_area, "min_region_area": args.min_region_area,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ProposalSettings.from_dict(values)
+
+
+def axis_for(text: str, image: Image3D) -> int:
+    from .volume import acquisition_axis
+
+    if text == "auto":
+        return acquisition_axis(image.spacing_kji, image.array.shape)
+    if text not in {"0", "1", "2"}:
+        raise InputError(f"--axis takes 0, 1, 2 or auto, got {text!r}.")
+    return int(text)
+
+
+def load_models(sam: str, clip: str, device, sam_checkpoint=None, model_dir=None, progress: bool = True):
+    """(segmenter, scorer), or one error that names every missing weights file, not just the first."""
+    from .models import create_scorer, create_segmenter
+
+    loaded, missing = [], []
+    for load in (
+        lambda: create_segmenter(sam, device, sam_checkpoint, model_dir, progress=progress),
+        lambda: create_scorer(clip, device, model_dir, progress=progress),
+    ):
+        try:
+            loaded.append(load())
+        except MissingWeightsError as error:
+            missing.append(str(error))
+    if missing:
+        raise MissingWeightsError("\n".join(missing))
+    return tuple(loaded)
+
+
+def segment_image(
+    image: Image3D,
+    settings: SegmentSettings,
+    segmenter,
+    scorer,
+    *,
+    reference: Optional[np.ndarray] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    should_cancel: Optional[Callable[[], bool]] = None,
+    say: Callable[[str], None] = lambda text: None,
+) -> Tuple[np.ndarray, dict]:
+    """The cleaned-up mask on the image's own shape, and the report (per-slice table included)."""
+    from . import cleanup
+    from .volume import PropagationSettings, as_volume, parse_slice_range, segment_volume
+
+    volume = as_volume(image.array)
+    if reference is not None and reference.shape != volume.shape:
+        raise InputError(f"The reference has shape {reference.shape}, the input {volume.shape}.")
+    axis = axis_for(settings.axis, image)
+    slice_range = parse_slice_range(settings.slices, volume.shape[axis])
+    proposal, adaptation = settings.proposal, None
+    if settings.adapt:
+        from .adaptation import adapt_settings
+
+        proposal, adaptation = adapt_settings(
+            volume, segmenter, scorer, settings.prompt.sentences, proposal, top_k=settings.top_k, axis=axis,
+            window=settings.window, reference=reference)
+        say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
+            f"stability >= {proposal.stability_score_thresh:.2f}")
+    started = time.perf_counter()
+    result = segment_volume(
+        volume, segmenter, scorer, settings.prompt.sentences, top_k=settings.top_k, axis=axis,
+        slice_range=slice_range, window=settings.window, proposal=proposal, reference=reference,
+        mode=settings.mode, propagation=PropagationSettings(key_interval=settings.key_interval),
+        progress=progress, should_cancel=should_cancel,
+    )
+    mask = result.mask
+    if settings.fill_flagged:
+        mask = cleanup.fill_from_neighbours(mask, [s.index for s in result.slices if s.flags], result.axis)
+    if settings.fill_holes:
+        mask = cleanup.fill_holes_per_slice(mask, result.axis)
+    if settings.keep_largest:
+        mask = cleanup.keep_largest_components(mask, settings.top_k)
+    report = {
+        "prompt": settings.prompt.to_dict(), "top_k": settings.top_k, "sam": settings.sam, "clip": settings.clip,
+        "axis": result.axis, "mode": settings.mode, "key_interval": settings.key_interval,
+        "slice_range": list(result.slice_range), "window": list(result.window),
+        "proposal": dataclasses.asdict(proposal),
+        "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,
+        "cleanup": {"keep_largest": settings.keep_largest, "fill_holes": settings.fill_holes,
+                    "fill_flagged": settings.fill_flagged, "voxels_after": int(mask.sum())},
+        "seconds": round(time.perf_counter() - started, 3),
+        "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
+    }
+    return mask.reshape(image.array.shape), report

@@ -11,29 +11,23 @@ import functools
 import hashlib
 import http.server
 import ipaddress
-import json
 import socket
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from SaLIPSegmentLib.models import SegmenterSpec, register_segmenter
-from SaLIPSegmentLib.models.registry import load_weights_file
-from SaLIPSegmentLib.models.sam import SamSegmenter
-from SaLIPSegmentLib.models.weights import WeightsFile, file_sha256
+from SaLIPSegmentLib.models.weights import file_sha256
+
+from tiny_models import TINY_CLIP, TINY_SAM, TINY_SAM_PROPOSALS, build_tiny_sam  # noqa: F401 (re-exported)
+from tiny_models import register as register_tiny_models
 
 torch.set_num_threads(2)
 
-TINY_SAM = "tiny-sam"
-TINY_CLIP = "salip-test-tiny-clip"
-# Random weights predict arbitrary IoUs, so nothing may be filtered on them.
-TINY_SAM_PROPOSALS = {"points_per_side": 4, "points_per_batch": 16, "pred_iou_thresh": -1e9,
-                      "stability_score_thresh": -1e9, "max_area_fraction": 1.0}
+TINY_MODELS_PLUGIN = Path(__file__).with_name("tiny_models.py")
 
 
 # -- no network --------------------------------------------------------------------------
@@ -138,28 +132,6 @@ def server(tmp_path):
 # -- small real architectures ------------------------------------------------------------------
 
 
-def build_tiny_sam():
-    """segment_anything's real Sam with a 2-block ViT on 128 px input."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    embed = 32
-    model = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0,
-            out_chans=embed, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True, window_size=4, global_attn_indexes=(1,),
-        ),
-        prompt_encoder=PromptEncoder(embed_dim=embed, image_embedding_size=(8, 8),
-                                     input_image_size=(128, 128), mask_in_chans=4),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=embed, mlp_dim=64, num_heads=2),
-            transformer_dim=embed, iou_head_depth=2, iou_head_hidden_dim=32,
-        ),
-    )
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -170,34 +142,14 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sam(tiny_sam_checkpoint) -> str:
-    """Registers the tiny SAM as a segmenter named "tiny-sam"; returns the name."""
-
-    def build(path, device):
-        model = build_tiny_sam()
-        model.load_state_dict(load_weights_file(path))
-        return SamSegmenter(model, device, name=TINY_SAM)
-
-    register_segmenter(SegmenterSpec(
-        name=TINY_SAM, description="test-sized SAM, random weights",
-        weights=WeightsFile("tiny_sam.pth", url=None, sha256=file_sha256(tiny_sam_checkpoint)),
-        build=build, proposal_defaults=dict(TINY_SAM_PROPOSALS),
-    ))
+    """The tiny SAM's name, registered with its checkpoint's SHA256 so that a wrong file is refused."""
+    register_tiny_models(file_sha256(tiny_sam_checkpoint))
     return TINY_SAM
 
 
 @pytest.fixture(scope="session")
-def tiny_clip_config(tmp_path_factory) -> str:
-    """An open_clip model config (ViT 2 layers, text 2 layers) registered under TINY_CLIP."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip_config")
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
+def tiny_clip_config() -> str:
+    """The name of the open_clip config (ViT 2 layers, text 2 layers) that tiny_models registers."""
     return TINY_CLIP
 
 

@@ -47,6 +47,28 @@ def _add_proposal_options(parser: argparse.ArgumentParser) -> None:
                             "small grid by predicted IoU, stability, neighbour agreement and CLIP score")
 
 
+def _add_segment_options(parser: argparse.ArgumentParser) -> None:
+    """What to segment and how: shared by `segment` and `batch`."""
+    parser.add_argument("-p", "--prompt", help="preset name (see `salip prompts`) or free text")
+    parser.add_argument("--preset", help="a preset by name; unlike -p, an unknown name is an error")
+    parser.add_argument("--axis", default="auto",
+                        help="numpy axis to slice along: 0 (k), 1 (j), 2 (i), or auto = largest spacing")
+    parser.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="intensity window (default: robust 0.5-99.5 percentiles)")
+    parser.add_argument("--top-k", type=int, help="candidates kept per slice (default from the preset)")
+    parser.add_argument("--mode", choices=("propagate", "every-slice"), default="propagate",
+                        help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
+                             "every-slice: the full cascade on every slice, as the paper")
+    parser.add_argument("--key-interval", type=int, default=8,
+                        help="with --mode propagate, the full cascade on every N-th slice (default 8)")
+    cleanup = parser.add_argument_group("3D clean-up (all off by default)")
+    cleanup.add_argument("--keep-largest", action="store_true",
+                        help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
+    cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
+    cleanup.add_argument("--fill-flagged", action="store_true",
+                        help="replace flagged slices by what their two neighbours agree on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="salip",
@@ -63,29 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "write a Slicer segmentation on the input's geometry.",
     )
     segment.add_argument("input", type=Path, help="volume file, DICOM series folder, or 2D image")
-    segment.add_argument("-p", "--prompt", help="preset name (see `salip prompts`) or free text")
-    segment.add_argument("--preset", help="a preset by name; unlike -p, an unknown name is an error")
     segment.add_argument("-o", "--output", type=Path, required=True, help="output .seg.nrrd")
     segment.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    segment.add_argument("--axis", default="auto",
-                         help="numpy axis to slice along: 0 (k), 1 (j), 2 (i), or auto = largest spacing")
     segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
-    segment.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                         help="intensity window (default: robust 0.5-99.5 percentiles)")
-    segment.add_argument("--top-k", type=int, help="candidates kept per slice (default from the preset)")
-    segment.add_argument("--mode", choices=("propagate", "every-slice"), default="propagate",
-                         help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
-                              "every-slice: the full cascade on every slice, as the paper")
-    segment.add_argument("--key-interval", type=int, default=8,
-                         help="with --mode propagate, the full cascade on every N-th slice (default 8)")
     segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
-    cleanup = segment.add_argument_group("3D clean-up (all off by default)")
-    cleanup.add_argument("--keep-largest", action="store_true",
-                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
-    cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
-    cleanup.add_argument("--fill-flagged", action="store_true",
-                         help="replace flagged slices by what their two neighbours agree on")
+    _add_segment_options(segment)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_model_options(segment)
     _add_proposal_options(segment)
@@ -130,6 +135,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(dataset)
     _add_proposal_options(dataset)
     dataset.set_defaults(run=run_evaluate_dataset)
+
+    batch = commands.add_parser(
+        "batch", help="segment a whole dataset: resumable, in parallel, on this machine or a Ray cluster",
+        epilog=EPILOG + " batch exits 3 when any case failed; the summary and the manifest say which.",
+        description="Segment every volume in INPUTS (a folder of volume files and DICOM series folders, or a CSV "
+                    "with an image column and an optional case column) into OUTPUT_DIR: CASE.seg.nrrd (or "
+                    "CASE.nii.gz with --format nifti) and CASE.report.json. OUTPUT_DIR/" + "salip-batch-manifest"
+                    ".json records each case's input SHA256 and settings; a second run skips finished cases and "
+                    "redoes those whose input or settings changed. A failing case is recorded and the run goes on.",
+    )
+    batch.add_argument("inputs", type=Path, help="folder of volumes / DICOM series folders, or a CSV list")
+    batch.add_argument("output_dir", type=Path, help="folder for the outputs and the manifest (created if missing)")
+    batch.add_argument("--format", choices=("seg.nrrd", "nifti"), default="seg.nrrd",
+                       help="seg.nrrd (Slicer segmentation, default) or nifti (uint8 labelmap, label 1, for "
+                            "nnU-Net-style datasets)")
+    batch.add_argument("--workers", type=int,
+                       help="parallel workers, each loading the models once (default: one per GPU, else 1)")
+    batch.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: processes on this machine; ray: actors on a Ray cluster")
+    batch.add_argument("--address", help="with --engine ray: the cluster's address, e.g. 10.0.0.5:6379 "
+                                         "(default: RAY_ADDRESS, else a new local instance)")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="replace output files this batch did not write (or that were edited since)")
+    _add_segment_options(batch)
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar; the summary only")
+    _add_model_options(batch)
+    _add_proposal_options(batch)
+    batch.set_defaults(run=run_batch, slices=None)
 
     qa = commands.add_parser("qa", help="draw a QA picture from a segment --report")
     qa.add_argument("report", type=Path, help="the JSON written by salip segment --report")
@@ -230,6 +263,31 @@ def run_segment(args) -> int:
     say(f"Wrote {output}: segment '{prompt.display_name}', {int(mask.sum())} voxels on "
         f"{summary['slices_with_mask']} of {summary['slices_in_range']} slices in {summary['seconds']:.1f} s.")
     return 0
+
+
+def run_batch(args) -> int:
+    from .batch import cancelled_error
+    from .batch import run_batch as run
+    from .io import find_volumes
+    from .pipeline import settings_from_args
+
+    settings = settings_from_args(args)
+    if args.workers is not None and args.workers < 1:
+        raise InputError("--workers must be at least 1.")
+    if args.address and args.engine != "ray":
+        raise InputError("--address needs --engine ray.")
+    # An output folder inside the input folder is not a DICOM series to segment.
+    cases = [(case, path) for case, path in find_volumes(args.inputs) if path != args.output_dir.resolve()]
+    if not cases:
+        raise InputError(f"No volumes found in {args.inputs}.")
+    summary = run(cases, args.output_dir, settings, output_format=args.format, engine=args.engine,
+                  workers=args.workers, address=args.address, overwrite=args.overwrite,
+                  say=(lambda *a: None) if args.quiet else (lambda text: print(text, file=sys.stderr)),
+                  show_progress=not args.quiet)
+    print(summary.table())
+    if summary.cancelled:
+        raise cancelled_error(summary)
+    return 3 if summary.failed else 0
 
 
 def run_evaluate(args) -> int:

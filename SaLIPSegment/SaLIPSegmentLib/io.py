@@ -165,6 +165,20 @@ def write_segmentation(
     return write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
 
 
+def write_labelmap(path: os.PathLike, mask: np.ndarray, geometry: Image3D, label: int = 1) -> Path:
+    """Write the mask as a uint8 labelmap (NIfTI, NRRD, MHA by suffix) on the input's grid."""
+    import SimpleITK as sitk
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != geometry.array.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the volume's {geometry.array.shape}")
+    image = sitk.GetImageFromArray(mask.astype(np.uint8) * np.uint8(label))
+    image.SetSpacing([float(v) for v in geometry.spacing])
+    image.SetOrigin([float(v) for v in geometry.origin])
+    image.SetDirection([float(v) for v in np.asarray(geometry.direction).ravel()])
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+
+
 def write_json(path: os.PathLike, data: dict) -> Path:
     text = json.dumps(data, indent=2, default=_json_default)
     return write_atomically(path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
@@ -185,7 +199,7 @@ LABEL_FOLDERS = ("labels", "labelsTr", "labelsTs")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".tif", ".tiff")
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: Path) -> str:
     name = path.name
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -214,14 +228,46 @@ def find_pairs(source: os.PathLike) -> list:
         pairs = []
         for row in rows:
             image = (source.parent / row["image"]).resolve()
-            pairs.append((row.get("case") or _case_name(image), image, (source.parent / row["reference"]).resolve()))
+            pairs.append((row.get("case") or case_name(image), image, (source.parent / row["reference"]).resolve()))
         return pairs
     if source.is_dir():
         images = next((source / f for f in IMAGE_FOLDERS if (source / f).is_dir()), None)
         labels = next((source / f for f in LABEL_FOLDERS if (source / f).is_dir()), None)
         if images is None or labels is None:
             raise InputError(f"{source} needs an images/ and a labels/ folder (or imagesTr/labelsTr).")
-        by_name = {_case_name(p): p for p in sorted(labels.iterdir()) if not p.name.startswith(".")}
-        return [(_case_name(p), p, by_name.get(_case_name(p), labels / p.name))
+        by_name = {case_name(p): p for p in sorted(labels.iterdir()) if not p.name.startswith(".")}
+        return [(case_name(p), p, by_name.get(case_name(p), labels / p.name))
                 for p in sorted(images.iterdir()) if not p.name.startswith(".")]
     raise InputError(f"Dataset {source} does not exist.")
+
+
+def find_volumes(source: os.PathLike) -> list:
+    """(case, path) pairs from a folder or a CSV list, sorted by case, for `salip batch`.
+
+    A folder contributes its volume files and, as one case each, its sub-folders
+    (DICOM series); a CSV has an `image` column (relative to the CSV) and an optional
+    `case` column. Case names are file names without suffixes (nnU-Net's _0000 dropped)
+    and must be unique: they name the outputs.
+    """
+    import csv
+
+    source = Path(source).expanduser()
+    if source.is_file():
+        with source.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise InputError(f"{source} needs a header with an image column (and optionally case).")
+            rows = list(reader)
+        cases = [(row.get("case") or case_name(source.parent / row["image"]),
+                  (source.parent / row["image"]).resolve()) for row in rows]
+    elif source.is_dir():
+        cases = [(case_name(p), p.resolve()) for p in sorted(source.iterdir())
+                 if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES))]
+    else:
+        raise InputError(f"Inputs {source} do not exist.")
+    names = [name for name, _ in cases]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"Several inputs would write the same outputs: {', '.join(repeated)}. "
+                         "Give them distinct names (a CSV with a case column does).")
+    return sorted(cases)

@@ -7,9 +7,11 @@ Scorers: CLIP from open_clip as MODEL:TAG or MODEL:/path/to/checkpoint, and `ora
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +158,39 @@ register_segmenter(
 )
 
 
+PLUGINS_ENV = "SALIP_PLUGINS"
+_loaded_plugins: set = set()
+
+
+def load_plugins(value: Optional[str] = None) -> List[str]:
+    """Import the Python files listed in SALIP_PLUGINS (separated by os.pathsep), once each.
+
+    A plugin adds models: it calls register_segmenter() or open_clip.add_model_config().
+    Batch worker processes and Ray actors load the same list, so a model that exists
+    here exists there too. Returns the plugins loaded so far.
+    """
+    value = os.environ.get(PLUGINS_ENV, "") if value is None else value
+    for entry in filter(None, value.split(os.pathsep)):
+        path = Path(entry).expanduser().resolve()
+        # Already imported, under this name or as an ordinary module: importing twice would re-register.
+        if str(path) in _loaded_plugins or any(
+                getattr(module, "__file__", None) == str(path) for module in list(sys.modules.values())):
+            _loaded_plugins.add(str(path))
+            continue
+        if not path.is_file():
+            raise ModelError(f"Plugin {path} (from {PLUGINS_ENV}) does not exist.")
+        module_spec = importlib.util.spec_from_file_location(f"salip_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:
+            raise ModelError(f"Plugin {path} failed to load: {type(error).__name__}: {error}") from error
+        _loaded_plugins.add(str(path))
+    return sorted(_loaded_plugins)
+
+
 def get_segmenter_spec(name: str) -> SegmenterSpec:
+    load_plugins()
     try:
         return SEGMENTERS[name]
     except KeyError:
@@ -232,6 +266,7 @@ def create_scorer(
     progress: bool = True,
 ) -> Scorer:
     """`oracle`, an open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or hf-hub:/local-dir:."""
+    load_plugins()
     if value == "oracle":
         return OracleScorer()
     from .clip import build_clip
@@ -287,6 +322,7 @@ class ModelRow:
 
 
 def list_models(model_dir: Optional[os.PathLike] = None) -> List[ModelRow]:
+    load_plugins()
     rows = []
     for spec in SEGMENTERS.values():
         found = weights.find_local(spec.weights, model_dir)

@@ -92,13 +92,22 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 @pytest.fixture
 def server(tmp_path):
     """A file server on 127.0.0.1 serving tmp_path/served (good.pth is PAYLOAD);
-    /broken.pth sends half and hangs up; /slow.pth trickles PAYLOAD out in small chunks."""
+    /broken.pth sends half and hangs up; /slow.pth trickles PAYLOAD out in small chunks;
+    /moved.pth redirects to good.pth on 127.0.0.1, /elsewhere.pth to good.pth on "localhost"."""
     served = tmp_path / "served"
     served.mkdir()
     (served / "good.pth").write_bytes(PAYLOAD)
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
+            port = self.server.server_address[1]
+            redirects = {"/moved.pth": f"http://127.0.0.1:{port}/good.pth",  # same host: followed
+                         "/elsewhere.pth": f"http://localhost:{port}/good.pth"}  # another host name: refused
+            if self.path in redirects:
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.end_headers()
+                return
             if self.path == "/slow.pth":
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(PAYLOAD)))

@@ -1,14 +1,18 @@
 """Weights: resolution order, SHA256, atomic download from a local server, offline message."""
 
 import pickle
+import shutil
 import socket
+import urllib.parse
 
 import pytest
 import torch
 
+from SaLIPSegmentLib.cli import main
 from SaLIPSegmentLib.errors import ChecksumError, MissingWeightsError, ModelError
 from SaLIPSegmentLib.models import create_segmenter, weights
-from SaLIPSegmentLib.models.weights import WeightsFile
+from SaLIPSegmentLib.models.registry import LISTED_CLIP, SEGMENTERS, weights_for
+from SaLIPSegmentLib.models.weights import UntrustedRedirect, WeightsFile
 
 from conftest import DIGEST, PAYLOAD, NetworkBlocked
 
@@ -36,6 +40,45 @@ def test_interrupted_download_leaves_no_partial_file(server):
     with pytest.raises(MissingWeightsError):
         weights.resolve(spec, progress=False)
     assert _files(weights.cache_dir()) == []
+
+
+def test_redirects_are_followed_only_within_the_official_host(server):
+    moved = WeightsFile("moved.pth", url=f"{server}/moved.pth", sha256=DIGEST)
+    assert weights.resolve(moved, progress=False).read_bytes() == PAYLOAD
+    elsewhere = WeightsFile("elsewhere.pth", url=f"{server}/elsewhere.pth", sha256=DIGEST)
+    with pytest.raises(UntrustedRedirect, match="not the official host 127.0.0.1"):
+        weights.resolve(elsewhere, progress=False)
+    assert _files(weights.cache_dir()) == ["moved.pth"]
+
+
+def test_every_registered_download_is_https_from_an_official_host():
+    official = {"dl.fbaipublicfiles.com", "openaipublic.azureedge.net"}
+    urls = [spec.weights.url for spec in SEGMENTERS.values() if spec.weights.url]
+    urls += [weights_for(name).url for name in LISTED_CLIP]
+    assert len(urls) >= 6
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        assert parts.scheme == "https" and parts.hostname in official, url
+
+
+def test_a_read_only_model_directory_is_only_read(tmp_path, monkeypatch, tiny_sam, tiny_sam_checkpoint):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    shutil.copy(tiny_sam_checkpoint, model_dir / "tiny_sam.pth")
+    (model_dir / "tiny_sam.pth").chmod(0o444)
+    model_dir.chmod(0o555)
+    before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SALIP_CACHE_DIR", str(blocker / "cache"))  # no cache can exist: nothing may need one
+    monkeypatch.setenv("SALIP_MODEL_DIR", str(model_dir))
+    try:
+        segmenter = create_segmenter(tiny_sam, torch.device("cpu"))
+        assert segmenter is not None
+        assert main(["models", "verify", tiny_sam]) == 0
+        assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
+    finally:
+        model_dir.chmod(0o755)
 
 
 def test_a_corrupt_local_file_is_refused(tmp_path):

@@ -13,12 +13,13 @@ import os
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import Cancelled, ChecksumError, MissingWeightsError
+from ..errors import Cancelled, ChecksumError, MissingWeightsError, ModelError
 
 CHUNK = 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30
@@ -129,6 +130,31 @@ def resolve(
         raise MissingWeightsError(f"{missing_message(spec, explicit_dir)} ({error})") from error
 
 
+class UntrustedRedirect(ModelError):
+    """A download was redirected away from the official host."""
+
+
+class _OfficialHostOnly(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only within the official URL's host, and never from https down to http."""
+
+    def __init__(self, url: str):
+        self.url, self.official = url, urllib.parse.urlsplit(url)
+
+    def redirect_request(self, request, fp, code, msg, headers, new_url):
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(request.full_url, new_url))
+        if target.hostname != self.official.hostname or (self.official.scheme == "https" and target.scheme != "https"):
+            raise UntrustedRedirect(
+                f"The download from {self.url} was redirected to {target.scheme}://{target.netloc}, which is not "
+                f"the official host {self.official.hostname}: refused, nothing was downloaded. Fetch the file "
+                "by hand from the official page and put it in the model directory.")
+        return super().redirect_request(request, fp, code, msg, headers, new_url)
+
+
+def _open_official(url: str):
+    """Open url with redirects restricted to its own host (the registry only holds official URLs)."""
+    return urllib.request.build_opener(_OfficialHostOnly(url)).open(url, timeout=DOWNLOAD_TIMEOUT_S)
+
+
 def fetch(
     spec: WeightsFile,
     destination: Path,
@@ -140,7 +166,7 @@ def fetch(
     digest = hashlib.sha256()
     handle, temporary = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=destination.parent)
     try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(spec.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with os.fdopen(handle, "wb") as out, _open_official(spec.url) as response:
             announced = int(response.headers.get("Content-Length") or 0)
             bar = _progress_bar(announced or spec.size_bytes, spec.filename) if progress else None
             received = 0

@@ -60,3 +60,32 @@ def test_a_3d_vector_volume_is_refused(tmp_path, capsys, tiny_sam, tiny_sam_chec
     assert main(["segment", str(tmp_path / "rgb3d.nrrd"), "-p", "brain", "-o", str(out)]
                 + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 3
     assert "components per voxel" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_full_disk_leaves_the_old_output_whole(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    """The disk fills up mid-write (a file-size limit makes every write past 512 bytes fail, as ENOSPC would)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import TINY_MODELS_PLUGIN
+
+    volume = _write(np.stack([disk_image(size=64)] * 3).astype(np.int16), tmp_path / "v.nrrd")
+    output, report = tmp_path / "o.seg.nrrd", tmp_path / "o.json"
+    models = _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)
+    assert main(["segment", volume, "-p", "brain", "-o", str(output), "--report", str(report)] + models) == 0
+    old_output, old_report = output.read_bytes(), report.read_bytes()
+    assert len(old_output) > 512
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    run = subprocess.run(
+        [sys.executable, "-m", "SaLIPSegmentLib.cli", "segment", volume, "-p", "lungs", "-o", str(output),
+         "--report", str(report), "--overwrite"] + models, preexec_fn=small_disk, capture_output=True, text=True,
+        env=dict(os.environ, SALIP_PLUGINS=str(TINY_MODELS_PLUGIN)), timeout=300)
+    assert run.returncode == 5, run.stderr
+    assert "Could not write" in run.stderr and "Traceback" not in run.stderr
+    assert output.read_bytes() == old_output and report.read_bytes() == old_report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json", "o.seg.nrrd", "v.nrrd"]  # no temporary left

@@ -89,3 +89,19 @@ def test_a_full_disk_leaves_the_old_output_whole(tmp_path, tiny_sam, tiny_sam_ch
     assert "Could not write" in run.stderr and "Traceback" not in run.stderr
     assert output.read_bytes() == old_output and report.read_bytes() == old_report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json", "o.seg.nrrd", "v.nrrd"]  # no temporary left
+
+
+def test_a_very_large_picture_comes_back_at_full_size(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    """A 3000 x 3000 picture (a scanned film): segmented at 1024 px, written at 3000 px."""
+    import json
+
+    import slicerio
+
+    picture = np.kron(disk_image(size=60), np.ones((50, 50), np.uint8))
+    sitk.WriteImage(sitk.GetImageFromArray(picture), str(tmp_path / "film.png"))
+    out, report = tmp_path / "film.seg.nrrd", tmp_path / "film.json"
+    assert main(["segment", str(tmp_path / "film.png"), "-p", "lungs", "-o", str(out), "--report", str(report)]
+                + _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option)) == 0
+    segmentation = slicerio.read_segmentation(str(out))
+    assert segmentation["voxels"].shape[:2] == (3000, 3000)
+    assert json.loads(report.read_text())["summary"]["working_shape"] == [1024, 1024]

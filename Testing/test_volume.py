@@ -124,6 +124,27 @@ def test_a_2d_image_is_a_one_slice_volume(segmenter):
     assert result.mask.shape == image.shape and len(result.slices) == 1
 
 
+class SizeRecordingSegmenter(CountingSegmenter):
+    def set_image(self, image):
+        self.sizes.append(image.shape[:2])
+        super().set_image(image)
+
+
+def test_a_very_large_slice_is_segmented_small_and_enlarged_back(segmenter):
+    small = disk_image(size=64).astype(np.float32)
+    large = np.kron(small, np.ones((8, 8), np.float32))  # 512 px: each pixel an 8 x 8 block
+    recording = SizeRecordingSegmenter(segmenter.inner)
+    recording.sizes = []
+    expected = segment_volume(small, recording, OracleScorer(), ["x"], proposal=PROPOSALS, reference=small > 100)
+    result = segment_volume(large, recording, OracleScorer(), ["x"], proposal=PROPOSALS, reference=large > 100,
+                            max_slice_side=64)
+    assert recording.sizes == [(64, 64), (64, 64)]  # the models never saw the 512 px slice
+    assert result.mask.shape == large.shape and result.working_shape == (64, 64)
+    assert expected.mask.any() and np.array_equal(result.mask, np.kron(expected.mask, np.ones((8, 8), bool)))
+    assert result.slices[0].area == int(result.mask.sum()) == 64 * int(expected.mask.sum())
+    assert result.summary()["working_shape"] == [64, 64]
+
+
 def _stack(slices=9):
     return np.stack([disk_image(radius=6 + i % 5) for i in range(slices)]).astype(np.float32)
 

@@ -46,6 +46,33 @@ def window_to_uint8(image: np.ndarray, window: Tuple[float, float]) -> np.ndarra
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def working_shape(shape: Tuple[int, int], max_side: int) -> Tuple[int, int]:
+    """The slice shape the models see: the slice itself, or shrunk so its longer side is max_side."""
+    longer = max(shape)
+    if longer <= max_side:
+        return tuple(shape)
+    return tuple(max(1, round(side * max_side / longer)) for side in shape)
+
+
+def resize_uint8(image: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """Shrink a grey uint8 slice by area averaging (no aliasing)."""
+    from PIL import Image
+
+    if image.shape == tuple(shape):
+        return image
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.BOX))
+
+
+def resize_mask(mask: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """Resize a boolean mask by nearest neighbour (up to the slice's size, or down for a reference)."""
+    from PIL import Image
+
+    if mask.shape == tuple(shape):
+        return mask.astype(bool)
+    picture = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(picture.resize((shape[1], shape[0]), Image.Resampling.NEAREST)) > 127
+
+
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     """H x W uint8 to the H x W x 3 uint8 image that SAM and CLIP expect."""
     return np.repeat(np.asarray(gray, dtype=np.uint8)[:, :, None], 3, axis=2)

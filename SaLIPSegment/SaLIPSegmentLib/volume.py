@@ -13,7 +13,15 @@ import numpy as np
 
 from .cascade import NO_CANDIDATE, SliceResult, segment_slice
 from .errors import Cancelled, InputError
-from .imaging import gray_to_rgb, mask_to_box, robust_window, window_to_uint8
+from .imaging import (
+    gray_to_rgb,
+    mask_to_box,
+    resize_mask,
+    resize_uint8,
+    robust_window,
+    window_to_uint8,
+    working_shape,
+)
 from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
 
 NO_TISSUE = "no tissue"
@@ -58,6 +66,8 @@ class VolumeResult:
     window: Tuple[float, float]
     seconds: float
     mode: str = "propagate"
+    working_shape: Tuple[int, int] = (0, 0)
+    """The slice size the models saw: the slice's own, or smaller for very large slices."""
 
     def summary(self) -> dict:
         processed = [s for s in self.slices if not s.skipped]
@@ -70,8 +80,14 @@ class VolumeResult:
             "slices_flagged": sum(1 for s in self.slices if s.flags),
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
             "voxels": int(self.mask.sum()),
+            "working_shape": list(self.working_shape),
             "seconds": round(self.seconds, 3),
         }
+
+
+# The models work at 1024 px at most (SAM's input; LiteMedSAM's is 256), so a larger slice
+# gains nothing but memory: each candidate mask would be kept at full size.
+MAX_SLICE_SIDE = 1024
 
 
 def as_volume(array: np.ndarray) -> np.ndarray:
@@ -246,13 +262,16 @@ def segment_volume(
     reencode_for_refine: bool = False,
     progress: Optional[ProgressCallback] = None,
     should_cancel: Optional[CancelCheck] = None,
+    max_slice_side: int = MAX_SLICE_SIDE,
 ) -> VolumeResult:
     """Segment the prompt's target on the slices of `volume` along `axis` within `slice_range`.
 
     `mode="every-slice"` runs the full cascade on every slice, as the paper did;
     `mode="propagate"` (default) runs it on key slices and propagates boxes to the others
     (see PropagationSettings). Slices whose windowed image is uniform (air, padding) are
-    skipped before any model runs. `progress(done, total)` follows the slices handled;
+    skipped before any model runs. Slices longer than `max_slice_side` are shrunk for the
+    models and their masks enlarged back (nearest), so memory stays bounded whatever the
+    slice size. `progress(done, total)` follows the slices handled;
     `should_cancel()` is checked between slices and a cancelled run raises Cancelled,
     handing back nothing partial. The mask has the input's shape (2D in, 2D out).
     """
@@ -278,6 +297,8 @@ def segment_volume(
     ref_slices = np.moveaxis(reference, axis, 0) if reference is not None else None
     mask = np.zeros(volume.shape, dtype=bool)
     mask_slices = np.moveaxis(mask, axis, 0)  # a view: writing here fills `mask`
+    full_shape = slices.shape[1:]
+    shape = working_shape(full_shape, max_slice_side)
     records: Dict[int, SliceRecord] = {}
     found: Dict[int, _Found] = {}
     total = stop - start
@@ -286,12 +307,12 @@ def segment_volume(
         progress(0, total)
 
     def image(index: int) -> np.ndarray:
-        return window_to_uint8(slices[index], window)
+        return resize_uint8(window_to_uint8(slices[index], window), shape)
 
     def finish(record: SliceRecord, result_mask: Optional[np.ndarray] = None) -> None:
         if result_mask is not None:
-            mask_slices[record.index] = result_mask
-            record.area = int(result_mask.sum())
+            mask_slices[record.index] = resize_mask(result_mask, full_shape)
+            record.area = int(mask_slices[record.index].sum())
         records[record.index] = record
         if progress:
             progress(len(records), total)
@@ -303,7 +324,7 @@ def segment_volume(
     def full_cascade(index: int, pixels: np.ndarray, already_embedded: bool = False, seconds=None) -> bool:
         result: SliceResult = segment_slice(
             pixels, segmenter, scorer, sentences, top_k=top_k, proposal=proposal,
-            reference=None if ref_slices is None else ref_slices[index],
+            reference=None if ref_slices is None else resize_mask(ref_slices[index], shape),
             reencode_for_refine=reencode_for_refine, already_embedded=already_embedded,
         )
         timing = dict(seconds or {})
@@ -325,8 +346,7 @@ def segment_volume(
         segmenter.set_image(gray_to_rgb(pixels))
         timing["encode"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        shape = pixels.shape
-        boxes = [_grow(mask_to_box(part), settings.box_margin, shape) for part in source.parts if part.any()]
+        boxes = [_grow(mask_to_box(part), settings.box_margin, pixels.shape) for part in source.parts if part.any()]
         refined = segmenter.refine(boxes)
         timing["refine"] = time.perf_counter() - clock
         parts = [r.mask for r in refined]
@@ -393,4 +413,5 @@ def segment_volume(
         window=window,
         seconds=time.perf_counter() - started,
         mode=mode,
+        working_shape=shape,
     )

@@ -460,3 +460,58 @@ def test_preview_apply_into_an_existing_segment_and_discard(scene, oblique):
     state = snapshot(target, node)
     assert list(state) == [segment] and state[segment][:2] == ("liver", RED)
     np.testing.assert_array_equal(state[segment][2], new)
+
+
+# -- cancelling the effect's run, at any slice --------------------------------------------------
+
+
+def test_cancel_at_any_slice_leaves_the_scene_and_the_segments_as_they_were(scene, tiny_sam, tiny_sam_checkpoint):
+    """The effect's path: volume from MRML, segment_volume in a BackgroundJob, preview_from_job at the end."""
+    from SaLIPSegmentLib.jobs import BackgroundJob
+    from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+    from SaLIPSegmentLib.volume import segment_volume
+
+    from conftest import TINY_SAM_PROPOSALS, disk_image
+
+    volume = np.stack([disk_image(size=32, center=(15, 16), radius=5 + i) for i in range(6)]).astype(np.int16)
+    node = add_volume(scene, volume, OBLIQUE, "mri")
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "radiologist's work")
+    tumour = bridge.write_mask_to_segment(target, node, blob(volume.shape, (2, 15, 16), (1, 3, 3)), "tumour", RED)
+    array, _ = bridge.volume_to_numpy(node)
+    segmenter = create_segmenter(tiny_sam, checkpoint=tiny_sam_checkpoint)
+    proposal = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
+    before_segments = snapshot(target, node)
+
+    def node_ids():  # snapshot() itself adds a colour table per call; those are the test's own
+        return [scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())
+                if not scene.GetNthNode(n).IsA("vtkMRMLColorTableNode")]
+
+    before_nodes = node_ids()
+
+    def run(cancel_at):
+        def work(progress, should_cancel):
+            def report(done, total):
+                progress(done, total)
+                if done == cancel_at:
+                    job.cancel()  # the user clicks Cancel while slice `done` + 1 is running
+
+            return segment_volume(array, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
+                                  reference=array > 100, mode="every-slice", progress=report,
+                                  should_cancel=should_cancel)
+
+        job = BackgroundJob(work).start()
+        assert job.wait(120)
+        return job, bridge.preview_from_job(job, scene, node, "brain", GREEN)
+
+    for cancel_at in range(len(volume) + 1):  # before the first slice ... after the last
+        job, (preview, error) = run(cancel_at)
+        assert job.cancelled and preview is None and error is job.error, cancel_at
+        assert node_ids() == before_nodes
+        assert_same(before_segments, snapshot(target, node))
+
+    # Not cancelled, the same path does produce a preview (and still leaves the target alone).
+    job, (preview, error) = run(cancel_at=None)
+    assert error is None and preview is not None and preview.GetAttribute(bridge.PREVIEW_ATTRIBUTE) == "1"
+    assert len(node_ids()) > len(before_nodes)
+    assert list(snapshot(target, node)) == [tumour]
+    assert_same(before_segments, snapshot(target, node))

@@ -538,18 +538,18 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
         self.timer.stop()
         self.job = None
         self.updateButtons()
-        if job.error is not None:
-            self.reportError(job.error)
+        from SaLIPSegmentLib import slicer_bridge
+
+        prompt = self.run["prompt"]
+        previewNode, error = slicer_bridge.preview_from_job(
+            job, slicer.mrmlScene, self.run["volumeNode"], prompt.display_name, prompt.color)
+        if error is not None:
+            self.reportError(error)
             return
+        self.previewNode = previewNode
         self.showResult(job.result)
 
     def showResult(self, result):
-        from SaLIPSegmentLib import slicer_bridge
-
-        run = self.run
-        prompt = run["prompt"]
-        self.previewNode = slicer_bridge.create_preview(
-            slicer.mrmlScene, run["volumeNode"], result.mask, prompt.display_name, prompt.color)
         summary = result.summary()
         self.statusLabel.text = _("{withMask} of {inRange} slices have a mask ({seconds:.0f} s). "
                                   "Apply to keep it.").format(withMask=summary["slices_with_mask"],

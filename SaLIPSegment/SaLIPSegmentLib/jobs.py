@@ -45,7 +45,10 @@ class BackgroundJob:
 
     def _run(self) -> None:
         try:
-            self.result = self._work(self._report, self._cancel.is_set)
+            result = self._work(self._report, self._cancel.is_set)
+            if self._cancel.is_set():  # asked after the last check: the user still said no
+                raise Cancelled("Cancelled; nothing was written.")
+            self.result = result
         except BaseException as error:  # handed to the GUI thread, which reports it
             self.error = error
         finally:

@@ -410,6 +410,14 @@ def create_preview(scene, source_volume_node, mask_kji: np.ndarray, name: str, c
     return preview
 
 
+def preview_from_job(job, scene, source_volume_node, name: str, color: Color):
+    """What the effect does when its background job ends: (preview node, None) for a finished
+    run; (None, error) for a failed or cancelled one, which adds and changes nothing in the scene."""
+    if job.error is not None:
+        return None, job.error
+    return create_preview(scene, source_volume_node, job.result.mask, name, color), None
+
+
 def _preview_segment(preview_node):
     segmentation = preview_node.GetSegmentation() if preview_node is not None else None
     if segmentation is None or preview_node.GetAttribute(PREVIEW_ATTRIBUTE) != "1" \

@@ -141,6 +141,26 @@ def load_volume(scene, path: str | os.PathLike, *, keep_file_voxel_order: bool =
     return volume
 
 
+def add_volume(scene, array: np.ndarray, matrix: np.ndarray, name="volume", components=1):
+    """A scalar (or vector) volume node holding ``array`` ((k, j, i) or (k, j, i, c)) at ``matrix``."""
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode" if components > 1 else "vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    flat = np.ascontiguousarray(array).reshape(-1, components) if components > 1 else np.ravel(array)
+    scalars = numpy_to_vtk(flat, deep=True)
+    image.GetPointData().SetScalars(scalars)
+    node.SetAndObserveImageData(image)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            ijk_to_ras.SetElement(row, column, float(matrix[row][column]))
+    node.SetIJKToRASMatrix(ijk_to_ras)
+    return node
+
+
 def ijk_to_ras(volume_node) -> np.ndarray:
     """Return the 4x4 IJK-to-RAS matrix of a volume (or labelmap) node as numpy."""
     import vtk

@@ -74,3 +74,37 @@ def test_any_geometry_lands_voxel_exactly_in_slicer(tmp_path_factory, shape, spa
     write_segmentation(folder / "mask.seg.nrrd", mask, read_image(volume_path), "Part", (1, 0, 0))
     masks, _ = read_segments_on_reference(folder / "mask.seg.nrrd", volume_path)
     np.testing.assert_array_equal(masks["Part"], mask)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.tuples(st.integers(1, 5), st.integers(2, 12), st.integers(2, 12)),
+       spacing=st.tuples(*[st.floats(0.2, 5.0)] * 3), origin=st.tuples(*[st.floats(-200, 200)] * 3),
+       angles=st.tuples(*[st.floats(-np.pi, np.pi)] * 3), left_handed=st.booleans(), axis=st.integers(0, 2),
+       index=st.integers(-2, 13), half_width=st.integers(-1, 4), seed=st.integers(0, 2**16))
+def test_the_mrml_bridge_keeps_any_geometry_and_slice_range(segmenter, shape, spacing, origin, angles, left_handed,
+                                                            axis, index, half_width, seed):
+    """Volume node -> numpy -> runner on a range around a slice -> segment, read back by Slicer's own export."""
+    from SaLIPSegmentLib import slicer_bridge as bridge
+
+    from slicer_mrml import add_volume, new_scene, segment_array_on_reference
+
+    scene = new_scene()
+    matrix = np.eye(4)
+    matrix[:3, :3] = _rotation(angles) @ np.diag([1, 1, -1 if left_handed else 1]) @ np.diag(spacing)
+    matrix[:3, 3] = origin
+    volume = np.random.default_rng(seed).normal(100, 50, size=shape).astype(np.float32)
+    node = add_volume(scene, volume, matrix)
+    array, geometry = bridge.volume_to_numpy(node)
+    np.testing.assert_array_equal(array, volume)
+    np.testing.assert_allclose(geometry.ijk_to_world, matrix, atol=1e-9)
+    try:
+        slice_range = bridge.range_around(index, half_width, array.shape[axis])
+        result = segment_volume(array, segmenter, OracleScorer(), ["x"], axis=axis, slice_range=slice_range,
+                                proposal=PROPOSALS, reference=array > 100, mode="every-slice")
+    except InputError:
+        assert not 0 <= index < array.shape[axis] or half_width < 0 or volume.min() == volume.max()
+        return
+    assert result.mask.shape == volume.shape
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    segment = bridge.write_mask_to_segment(segmentation, node, result.mask, "part", (1.0, 0.0, 0.0))
+    np.testing.assert_array_equal(segment_array_on_reference(segmentation, segment, node), result.mask)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+from vtk.util.numpy_support import vtk_to_numpy
 
 from SaLIPSegmentLib import slicer_bridge as bridge
 from SaLIPSegmentLib.errors import InputError
 
-from slicer_mrml import new_scene, segment_array_on_reference, segment_ids
+from slicer_mrml import add_volume, new_scene, segment_array_on_reference, segment_ids
 
 RED, GREEN = (1.0, 0.0, 0.0), (0.0, 0.8, 0.2)
 
@@ -45,19 +45,6 @@ OBLIQUE = geometry_matrix(rotation(12, -7, 25), (0.8, 1.1, 3.0), (-40.5, 17.25, 
 # Sagittal acquisition: in-plane i along A, j along -S, slices (k, 4 mm) along R.
 SAGITTAL = geometry_matrix(rotation(0, 0, 4) @ np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]]),
                            (0.9, 0.9, 4.0), (-30.0, -60.0, 80.0))
-
-
-def add_volume(scene, array: np.ndarray, matrix: np.ndarray, name="volume", components=1):
-    """A scalar (or vector) volume node holding ``array`` ((k, j, i) or (k, j, i, c)) at ``matrix``."""
-    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode" if components > 1 else "vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    flat = np.ascontiguousarray(array).reshape(-1, components) if components > 1 else np.ravel(array)
-    scalars = numpy_to_vtk(flat, deep=True)
-    image.GetPointData().SetScalars(scalars)
-    node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(bridge._numpy_to_matrix(matrix))
-    return node
 
 
 def ras_of(matrix: np.ndarray, ijk) -> np.ndarray:

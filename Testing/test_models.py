@@ -157,3 +157,17 @@ def _candidate(mask):
     from SaLIPSegmentLib.models import Candidate
 
     return Candidate(mask=mask, box=mask_to_box(mask), predicted_iou=1.0, stability=1.0)
+
+
+def test_clip_scores_the_same_in_smaller_batches(tiny_clip_option):
+    from SaLIPSegmentLib.models.base import Candidate
+
+    scorer = create_scorer(tiny_clip_option, torch.device("cpu"))
+    image = np.stack([disk_image()] * 3, axis=-1)
+    candidates = [Candidate(mask=image[..., 0] > 100, box=(10 + i, 12, 50, 52 - i), predicted_iou=1.0, stability=1.0)
+                  for i in range(5)]
+    whole = scorer.score(image, candidates, ["a disk"])
+    scorer.max_batch = 2
+    np.testing.assert_allclose(scorer.score(image, candidates, ["a disk"]), whole, rtol=1e-4, atol=1e-4)
+    scorer.to_device(torch.device("cpu"))
+    assert scorer.device.type == "cpu" and len(scorer.score(image, candidates, ["a disk"])) == 5

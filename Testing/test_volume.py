@@ -1,11 +1,13 @@
 """The cascade on a slice and the runner over volumes, with real small models."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
-from SaLIPSegmentLib.errors import Cancelled, InputError
+from SaLIPSegmentLib.errors import Cancelled, InputError, ModelError
 from SaLIPSegmentLib.imaging import dice, mask_to_box
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.volume import (
@@ -280,3 +282,58 @@ def test_a_volume_result_carries_flags_into_its_summary(segmenter):
                             reference=_stack(3) > 100)
     assert [s.flags for s in result.slices] == [["no candidate"]] * 3
     assert result.summary()["slices_flagged"] == 3
+
+
+# -- a GPU that runs out of memory ----------------------------------------------------------------
+
+
+class GpuThatRunsOut(CountingSegmenter):
+    """Stands in for a small GPU (there is none on build machines): the real tiny SAM underneath, and
+    torch's own OutOfMemoryError whenever a proposal batch holds more than `fits` prompts "on the GPU"."""
+
+    def __init__(self, inner, fits: int, also_on_cpu: bool = False):
+        super().__init__(inner)
+        self.fits, self.also_on_cpu, self.device, self.moves = fits, also_on_cpu, torch.device("cuda"), []
+
+    def propose(self, settings):
+        if (self.device.type == "cuda" or self.also_on_cpu) and settings.points_per_batch > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner.propose(settings)
+
+    def to_device(self, device):
+        self.moves.append(device.type)
+        self.device = device
+
+
+def test_out_of_gpu_memory_halves_the_batch_and_redoes_the_slice(segmenter):
+    volume = _volume()
+    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=volume > 100, mode="every-slice",
+                              proposal=replace(PROPOSALS, points_per_batch=8))
+    small_gpu = GpuThatRunsOut(segmenter.inner, fits=8)
+    result = segment_volume(volume, small_gpu, OracleScorer(), ["x"], reference=volume > 100, mode="every-slice",
+                            proposal=PROPOSALS)
+    assert result.notices == ["Out of GPU memory: retried with 8 prompts and crops per batch."]
+    assert small_gpu.moves == [] and np.array_equal(result.mask, expected.mask) and result.mask.any()
+    assert result.summary()["notices"] == result.notices
+
+
+def test_out_of_gpu_memory_at_the_smallest_batch_goes_on_on_the_cpu(segmenter):
+    volume = _volume()
+    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=volume > 100, mode="every-slice",
+                              proposal=replace(PROPOSALS, points_per_batch=4))
+    no_room = GpuThatRunsOut(segmenter.inner, fits=0)
+    scorer = OracleScorer()
+    result = segment_volume(volume, no_room, scorer, ["x"], reference=volume > 100, mode="every-slice",
+                            proposal=PROPOSALS)
+    assert [n.split(":")[0] for n in result.notices] == ["Out of GPU memory"] * 2 + [
+        "Out of GPU memory even at 4 prompts per batch"]
+    assert no_room.moves == ["cpu"] and scorer.device.type == "cpu" and scorer.max_batch == 4
+    assert np.array_equal(result.mask, expected.mask)
+
+
+def test_out_of_memory_on_the_cpu_too_is_a_clear_model_error(segmenter):
+    hopeless = GpuThatRunsOut(segmenter.inner, fits=0, also_on_cpu=True)
+    volume = _volume()
+    with pytest.raises(ModelError, match="Out of memory on the CPU too"):
+        segment_volume(volume, hopeless, OracleScorer(), ["x"], reference=volume > 100, proposal=PROPOSALS)
+    assert hopeless.moves == ["cpu"]

@@ -551,6 +551,10 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
 
     def showResult(self, result):
         summary = result.summary()
+        if result.notices:
+            # The models may have moved to the CPU: the next Preview loads them afresh on the chosen device.
+            effect_options.MODELS.clear()
+            slicer.util.warningDisplay("\n".join(result.notices), windowTitle=_("SaLIP"))
         self.statusLabel.text = _("{withMask} of {inRange} slices have a mask ({seconds:.0f} s). "
                                   "Apply to keep it.").format(withMask=summary["slices_with_mask"],
                                                               inRange=summary["slices_in_range"],

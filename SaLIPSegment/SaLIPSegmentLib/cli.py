@@ -260,6 +260,8 @@ def run_segment(args) -> int:
         write_json(args.report, {"input": str(args.input.resolve()), "output": str(output.resolve()),
                                  "device": str(device), "model_load_seconds": round(load_seconds, 3), **report})
     summary = report["summary"]
+    for notice in summary["notices"]:
+        say(notice)
     say(f"Wrote {output}: segment '{prompt.display_name}', {int(mask.sum())} voxels on "
         f"{summary['slices_with_mask']} of {summary['slices_in_range']} slices in {summary['seconds']:.1f} s.")
     return 0

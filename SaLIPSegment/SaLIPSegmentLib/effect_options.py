@@ -185,9 +185,9 @@ def slice_center_ras(ijk_to_ras, shape_kji: Sequence[int], axis: int, index: int
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError (or an older torch's RuntimeError), without importing torch."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    return "OutOfMemoryError" in names or "out of memory" in str(error).lower()
+    from .models.device import is_out_of_memory as check
+
+    return check(error)
 
 
 def missing_modules(names, find_spec: Callable[[str], object] = importlib.util.find_spec) -> List[str]:

@@ -6,13 +6,13 @@ Numpy in, numpy out; no Slicer, no files. A 2D image is a one-slice volume.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .cascade import NO_CANDIDATE, SliceResult, segment_slice
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, ModelError
 from .imaging import (
     gray_to_rgb,
     mask_to_box,
@@ -23,6 +23,7 @@ from .imaging import (
     working_shape,
 )
 from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
+from .models.device import is_out_of_memory
 
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
@@ -68,6 +69,8 @@ class VolumeResult:
     mode: str = "propagate"
     working_shape: Tuple[int, int] = (0, 0)
     """The slice size the models saw: the slice's own, or smaller for very large slices."""
+    notices: List[str] = field(default_factory=list)
+    """What the run had to change on the way (smaller batches, the CPU after a GPU ran out of memory)."""
 
     def summary(self) -> dict:
         processed = [s for s in self.slices if not s.skipped]
@@ -81,6 +84,7 @@ class VolumeResult:
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
             "voxels": int(self.mask.sum()),
             "working_shape": list(self.working_shape),
+            "notices": list(self.notices),
             "seconds": round(self.seconds, 3),
         }
 
@@ -88,6 +92,54 @@ class VolumeResult:
 # The models work at 1024 px at most (SAM's input; LiteMedSAM's is 256), so a larger slice
 # gains nothing but memory: each candidate mask would be kept at full size.
 MAX_SLICE_SIDE = 1024
+
+
+SMALLEST_BATCH = 4
+
+
+class MemoryFallback:
+    """When a GPU runs out of memory: halve the prompt and crop batches and redo the slice;
+    at the smallest batch, move both models to the CPU and go on there. Each step is noted."""
+
+    def __init__(self, segmenter: Segmenter, scorer: Scorer, proposal: ProposalSettings):
+        self.segmenter, self.scorer, self.proposal = segmenter, scorer, proposal
+        self.notices: List[str] = []
+
+    def recover(self, error: BaseException) -> bool:
+        """True when the slice is worth another try; False when nothing is left to give up."""
+        import torch
+
+        if not is_out_of_memory(error):
+            return False
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        batch = self.proposal.points_per_batch
+        if batch > SMALLEST_BATCH:
+            smaller = max(SMALLEST_BATCH, batch // 2)
+            self.proposal = replace(self.proposal, points_per_batch=smaller)
+            self.scorer.max_batch = smaller
+            self.notices.append(f"Out of GPU memory: retried with {smaller} prompts and crops per batch.")
+            return True
+        device = getattr(self.segmenter, "device", None)
+        if device is not None and torch.device(device).type != "cpu":
+            self.segmenter.to_device(torch.device("cpu"))
+            self.scorer.to_device(torch.device("cpu"))
+            self.notices.append(f"Out of GPU memory even at {SMALLEST_BATCH} prompts per batch: "
+                                "went on on the CPU (slower).")
+            return True
+        return False
+
+    def run(self, step: Callable[..., bool], *args) -> bool:
+        while True:
+            try:
+                return step(*args)
+            except Exception as error:  # torch raises OutOfMemoryError, MPS a RuntimeError
+                if self.recover(error):
+                    continue
+                if is_out_of_memory(error):
+                    raise ModelError(f"Out of memory on the CPU too ({str(error).splitlines()[0]}). Close other "
+                                     "programs, choose a smaller model, or segment fewer slices.") from error
+                raise
 
 
 def as_volume(array: np.ndarray) -> np.ndarray:
@@ -292,6 +344,7 @@ def segment_volume(
     start, stop = check_slice_range(slice_range or (0, count), count)
     window = choose_window(volume, window)
     settings = propagation or PropagationSettings()
+    memory = MemoryFallback(segmenter, scorer, proposal or ProposalSettings())
 
     slices = np.moveaxis(volume, axis, 0)
     ref_slices = np.moveaxis(reference, axis, 0) if reference is not None else None
@@ -323,7 +376,7 @@ def segment_volume(
 
     def full_cascade(index: int, pixels: np.ndarray, already_embedded: bool = False, seconds=None) -> bool:
         result: SliceResult = segment_slice(
-            pixels, segmenter, scorer, sentences, top_k=top_k, proposal=proposal,
+            pixels, segmenter, scorer, sentences, top_k=top_k, proposal=memory.proposal,
             reference=None if ref_slices is None else resize_mask(ref_slices[index], shape),
             reencode_for_refine=reencode_for_refine, already_embedded=already_embedded,
         )
@@ -381,12 +434,12 @@ def segment_volume(
     if mode == "every-slice":
         for index in tissue:
             check_cancel()
-            full_cascade(index, image(index))
+            memory.run(full_cascade, index, image(index))
     else:
         keys = tissue[:: max(1, settings.key_interval)]
         for index in keys:
             check_cancel()
-            full_cascade(index, image(index))
+            memory.run(full_cascade, index, image(index))
         # Walk out from every segmented key slice, forwards then backwards, over slices not done yet.
         position = {index: i for i, index in enumerate(tissue)}
         for key in keys:
@@ -395,7 +448,7 @@ def segment_volume(
                 i = position[key] + step
                 while source is not None and 0 <= i < len(tissue) and tissue[i] not in records:
                     check_cancel()
-                    if not propagate(tissue[i], source):
+                    if not memory.run(propagate, tissue[i], source):
                         break
                     source = found[tissue[i]]
                     i += step
@@ -414,4 +467,5 @@ def segment_volume(
         seconds=time.perf_counter() - started,
         mode=mode,
         working_shape=shape,
+        notices=memory.notices,
     )

@@ -116,6 +116,10 @@ class Segmenter(ABC):
     def refine(self, boxes: Sequence[Box]) -> List[RefinedMask]:
         """One mask per box on the current image (single-mask output, box only)."""
 
+    def to_device(self, device: torch.device) -> None:
+        """Move the model (after a GPU ran out of memory); the current image must be set again."""
+        self.device = device  # a segmenter without torch state has nothing else to move
+
 
 class PromptableSegmenter(Segmenter):
     """What SAM and LiteMedSAM share: segment_anything's prompt encoder and mask decoder.
@@ -134,6 +138,11 @@ class PromptableSegmenter(Segmenter):
         # Images are resized so their longest side is input_side, then padded square.
         self.input_side = input_side
         self._embedding: Optional[Embedding] = None
+
+    def to_device(self, device: torch.device) -> None:
+        self.model = self.model.to(device)
+        self.device = device
+        self._embedding = None
 
     # -- what a subclass provides ---------------------------------------------------
 
@@ -322,6 +331,13 @@ class Scorer(ABC):
         reference: Optional[np.ndarray] = None,
     ) -> np.ndarray:
         """One score per candidate."""
+
+    max_batch: Optional[int] = None
+    """At most this many candidates per forward pass (None: all of a slice at once)."""
+
+    def to_device(self, device: torch.device) -> None:
+        """Move the model (after a GPU ran out of memory)."""
+        self.device = device  # a scorer without torch state (the oracle) has nothing else to move
 
 
 class OracleScorer(Scorer):

@@ -46,11 +46,20 @@ class ClipScorer(Scorer):
             return np.zeros(0)
         text = self.text_embedding(sentences)
         crops = [Image.fromarray(masked_crop(image_rgb, c.mask, c.box)) for c in candidates]
+        step = self.max_batch or len(crops)
+        scores = []
         with torch.inference_mode():
-            batch = torch.stack([self.preprocess(crop) for crop in crops]).to(self.device)
-            features = self.model.encode_image(batch).float()
-            features = features / features.norm(dim=-1, keepdim=True)
-            return (100.0 * features @ text).cpu().numpy().astype(np.float64)
+            for start in range(0, len(crops), step):
+                batch = torch.stack([self.preprocess(crop) for crop in crops[start : start + step]]).to(self.device)
+                features = self.model.encode_image(batch).float()
+                features = features / features.norm(dim=-1, keepdim=True)
+                scores.append((100.0 * features @ text).cpu().numpy().astype(np.float64))
+        return np.concatenate(scores)
+
+    def to_device(self, device: torch.device) -> None:
+        self.model = self.model.to(device)
+        self.device = device
+        self._text_cache.clear()
 
 
 def is_torchscript_archive(path: Path) -> bool:

@@ -30,3 +30,9 @@ def resolve_device(requested: Optional[str] = None) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ModelError("MPS was requested but is not available here; use --device cpu.")
     return device
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), or the RuntimeError other backends (MPS) raise for it."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return "OutOfMemoryError" in names or "out of memory" in str(error).lower()

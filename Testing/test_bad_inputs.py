@@ -105,3 +105,45 @@ def test_a_very_large_picture_comes_back_at_full_size(tmp_path, tiny_sam, tiny_s
     segmentation = slicerio.read_segmentation(str(out))
     assert segmentation["voxels"].shape[:2] == (3000, 3000)
     assert json.loads(report.read_text())["summary"]["working_shape"] == [1024, 1024]
+
+
+def _watch(stream, seen: bytearray, pattern, reached) -> None:
+    """Read a progress bar byte by byte; set `reached` when it matches (or when the stream ends)."""
+    while byte := stream.read(1):
+        seen.extend(byte)
+        if pattern.search(bytes(seen[-200:])):
+            reached.set()
+    reached.set()
+
+
+def test_ctrl_c_at_any_point_leaves_the_old_output_exactly(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    """A real SIGINT into `salip segment --overwrite`, sent when the progress bar shows slice N."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import TINY_MODELS_PLUGIN
+
+    volume = _write(np.stack([disk_image(size=48, radius=6 + i % 9) for i in range(12)]).astype(np.int16),
+                    tmp_path / "v.nrrd")
+    output, report = tmp_path / "o.seg.nrrd", tmp_path / "o.json"
+    models = [m for m in _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option) if m != "-q"]
+    assert main(["segment", volume, "-p", "brain", "-o", str(output), "--report", str(report), "-q"] + models) == 0
+    old_output, old_report = output.read_bytes(), report.read_bytes()
+
+    for at_slice in (0, 5, 10):  # before the first slice, midway, and with one slice to go after this one
+        process = subprocess.Popen(
+            [sys.executable, "-m", "SaLIPSegmentLib.cli", "segment", volume, "-p", "lungs", "-o", str(output),
+             "--report", str(report), "--overwrite"] + models,
+            stderr=subprocess.PIPE, env=dict(os.environ, SALIP_PLUGINS=str(TINY_MODELS_PLUGIN)))
+        seen, reached = bytearray(), threading.Event()
+        pattern = re.compile(rb"segmenting:.*\b%d/12\b" % at_slice)
+        threading.Thread(target=_watch, args=(process.stderr, seen, pattern, reached), daemon=True).start()
+        assert reached.wait(120)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 130, (at_slice, seen.decode(errors="replace")[-500:])
+        assert output.read_bytes() == old_output and report.read_bytes() == old_report, at_slice
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json", "o.seg.nrrd", "v.nrrd"]

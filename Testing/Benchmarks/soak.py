@@ -92,6 +92,7 @@ def main() -> int:
                                 mode="every-slice", progress=progress)
         assert result.mask.shape == volume.shape
         done += args.slices
+        del volume, result  # as a batch does: one volume's result alive at a time
     seconds = time.perf_counter() - started
     first, last = readings[0], readings[-1]
     print(f"{done} slices in {seconds:.0f} s ({seconds / done * 1000:.0f} ms per slice)")

@@ -251,6 +251,8 @@ class RayEngine:
     """One actor per GPU of a Ray cluster (or --workers actors on CPUs), each holding the models."""
 
     def __init__(self, settings, plugins, workers: Optional[int], address: Optional[str]):
+        # No telemetry: Ray would otherwise report usage statistics from a cluster this process starts.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if address is None and not os.environ.get("RAY_ADDRESS"):
             # A private local instance: keep Ray on the loopback interface (read when ray is imported).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

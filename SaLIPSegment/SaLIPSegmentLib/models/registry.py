@@ -297,6 +297,7 @@ def _create_hub_clip(name: str, device: torch.device) -> Scorer:
 
     from .clip import ClipScorer
 
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # fetch the files, report nothing
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, weights_only=True)
         tokenizer = open_clip.get_tokenizer(name)

@@ -28,6 +28,7 @@ from tiny_models import register as register_tiny_models
 torch.set_num_threads(2)
 
 TINY_MODELS_PLUGIN = Path(__file__).with_name("tiny_models.py")
+CRASHING_MODEL_PLUGIN = Path(__file__).with_name("crashing_model.py")
 
 
 # -- no network --------------------------------------------------------------------------

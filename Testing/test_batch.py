@@ -24,7 +24,7 @@ from SaLIPSegmentLib.batch import MANIFEST_NAME
 from SaLIPSegmentLib.cli import main
 from SaLIPSegmentLib.io import read_image
 
-from conftest import TINY_MODELS_PLUGIN
+from conftest import TINY_MODELS_PLUGIN, disk_image
 
 SLABS = {"t1_upper.nii.gz": (100, 118), "t1_lower.nrrd": (50, 68), "t1_middle.mha": (75, 93)}
 
@@ -60,6 +60,8 @@ def dataset(tmp_path, mni152):
         sitk.WriteImage(_slab(t1, start, stop), str(folder / name))
     _write_dicom_series(_slab(t1, 90, 102), folder / "dicom_series")
     (folder / "broken.nii.gz").write_bytes(b"not a volume")
+    flat = sitk.GetImageFromArray(np.full((3, 20, 20), 7, np.int16))
+    sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))  # kept aside: a case that fails inside the worker
     return folder
 
 
@@ -156,6 +158,40 @@ def test_batch_nifti_labelmaps_match_the_segmentations(dataset, tmp_path, batch_
         source = read_image(dataset / "dicom_series" if case == "dicom_series" else
                             next(dataset.glob(f"{case}.*")))
         assert np.allclose(written.GetSpacing(), source.spacing) and np.allclose(written.GetOrigin(), source.origin)
+
+
+def test_a_case_failing_in_a_worker_process_is_recorded_and_the_rest_go_on(dataset, tmp_path, batch_models,
+                                                                            plugin_env):
+    (dataset / "broken.nii.gz").unlink()
+    shutil.copy(tmp_path / "flat.nrrd", dataset / "flat.nrrd")
+    out = tmp_path / "out"
+    assert main(["batch", str(dataset), str(out), "--workers", "2"] + batch_models) == 3
+    cases = _manifest(out)["cases"]
+    assert cases["flat"]["status"] == "failed" and "no contrast" in cases["flat"]["error"]
+    assert {c for c, e in cases.items() if e["status"] == "done"} == {"t1_upper", "t1_lower", "t1_middle",
+                                                                     "dicom_series"}
+    assert not (out / "flat.seg.nrrd").exists()
+
+
+def test_a_worker_process_that_dies_fails_its_case_and_the_batch_goes_on(dataset, tmp_path, batch_models,
+                                                                          monkeypatch):
+    """The kernel kills a worker mid-case (simulated by a model that exits its process on one volume)."""
+    from conftest import CRASHING_MODEL_PLUGIN
+
+    monkeypatch.setenv("SALIP_PLUGINS", os.pathsep.join([str(TINY_MODELS_PLUGIN), str(CRASHING_MODEL_PLUGIN)]))
+    (dataset / "broken.nii.gz").unlink()
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([disk_image(size=20, center=(10, 10), radius=6)] * 3)),
+                    str(dataset / "bomb.nrrd"))
+    out = tmp_path / "out"
+    models = ["crashing-sam" if option == "tiny-sam" else option for option in batch_models]
+    assert main(["batch", str(dataset), str(out), "--workers", "2"] + models) == 3
+    cases = _manifest(out)["cases"]
+    assert cases["bomb"]["status"] == "failed" and "worker process died" in cases["bomb"]["error"]
+    done = {c for c, e in cases.items() if e["status"] == "done"}
+    # The case that shared the dying pool may fail with it; every other case is done, and a re-run finishes all.
+    assert len(done) >= 3 and done <= {"t1_upper", "t1_lower", "t1_middle", "dicom_series"}
+    (dataset / "bomb.nrrd").unlink()
+    assert main(["batch", str(dataset), str(out), "--workers", "2"] + models) == 0
 
 
 def test_batch_csv_list_and_name_clashes(dataset, tmp_path, batch_models, capsys):

@@ -227,7 +227,7 @@ class ProcessEngine:
 
     def submit(self, case, image):
         future = self.pool.submit(_run_in_process_worker, case, image)
-        future.case = case
+        future.case, future.pool = case, self.pool
         return future
 
     def next_done(self, handles):
@@ -236,9 +236,10 @@ class ProcessEngine:
         try:
             return future, future.result()
         except concurrent.futures.process.BrokenProcessPool:
-            # A worker died (killed, out of memory): every case in flight fails; start afresh.
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self._start()
+            # A worker died (killed, out of memory): every case in that pool fails; the next ones get a new pool.
+            if future.pool is self.pool:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self._start()
             return future, CaseOutcome(future.case, ok=False, error="the worker process died (out of memory?)")
 
     def close(self):

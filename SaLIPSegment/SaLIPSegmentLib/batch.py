@@ -272,6 +272,10 @@ class RayEngine:
         resources = ray.cluster_resources()
         gpus = 0 if settings.device == "cpu" else int(resources.get("GPU", 0))
         count = workers or gpus or 1
+        if gpus and count > gpus:  # an actor waiting for a GPU that never frees would hang the batch
+            ray.shutdown()
+            raise InputError(f"--workers {count} asks for more actors than the cluster's {gpus} GPU(s); "
+                             "give at most that many, or --device cpu.")
         threads = max(1, int(resources.get("CPU", 1)) // count)
         self.actor_class = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(CaseWorker)
         device = "cuda" if gpus else "cpu"  # Ray shows each actor just its own GPU

@@ -16,8 +16,11 @@ there is one, and the ratio faithful / defaults.
 Models: the `litemedsam` profile uses LiteMedSAM's real weights; `sam-vit_b` (and vit_l,
 vit_h) builds segment_anything's real architecture with random weights when the official
 checkpoint is absent: the cost of a forward pass does not depend on the weight values.
-Retrieval uses the oracle (Dice with the reference, real ranking) unless --clip names an
-open_clip architecture, built with random weights when no checkpoint is given.
+Retrieval uses the oracle (Dice with the reference, real ranking) where there is a reference,
+else (or when --clip names one) an open_clip architecture with random weights: its cost is
+real, its ranking is not, so propagation may fall back more or less often than with real
+weights. Any volume `salip segment` reads works; slices are the middle ones along the
+acquisition axis.
 """
 
 from __future__ import annotations
@@ -36,22 +39,24 @@ STAGES = ("encode", "propose", "score", "refine")
 
 
 def _load_inputs(args):
-    import SimpleITK as sitk
-
+    """(path, volume, reference or None, axis, slice range): the middle slices along the acquisition axis."""
+    from SaLIPSegmentLib.io import read_image
     from SaLIPSegmentLib.sample_data import mni152_brain_mask, mni152_t1_path
+    from SaLIPSegmentLib.volume import acquisition_axis
 
     path = Path(args.input) if args.input else mni152_t1_path()
-    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    image = read_image(path)  # any format `salip segment` reads: NRRD, NIfTI, MHA, DICOM folder, 2D
+    volume = image.array
     if args.reference:
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(args.reference))) > 0
+        reference = read_image(args.reference).array > 0
     elif not args.input:
         reference = mni152_brain_mask(volume)
     else:
         reference = None
-    # The middle slices along the acquisition axis (axis 0 here): where the organ is.
-    middle = volume.shape[0] // 2
-    start = max(0, middle - args.slices // 2)
-    return path, volume, reference, (start, min(volume.shape[0], start + args.slices))
+    axis = acquisition_axis(image.spacing_kji, volume.shape)
+    count = volume.shape[axis]
+    start = max(0, count // 2 - args.slices // 2)
+    return path, volume, reference, axis, (start, min(count, start + args.slices))
 
 
 def _segmenter(profile: str):
@@ -102,19 +107,17 @@ def run_variant(args, variant: str) -> dict:
     from SaLIPSegmentLib.volume import segment_volume
 
     torch.set_num_threads(args.threads)
-    path, volume, reference, slice_range = _load_inputs(args)
+    path, volume, reference, axis, slice_range = _load_inputs(args)
     segmenter, spec, sam_weights = _segmenter(args.profile)
     scorer, clip_weights = _scorer(args.clip)
-    if scorer.needs_reference and reference is None:
-        raise SystemExit("the oracle scorer needs --reference for a volume other than the sample")
     proposal, options = _variant_settings(variant, spec)
     prompt = resolve_prompt(args.prompt)
-    result = segment_volume(volume, segmenter, scorer, prompt.sentences, top_k=prompt.top_k, axis=0,
+    result = segment_volume(volume, segmenter, scorer, prompt.sentences, top_k=prompt.top_k, axis=axis,
                             slice_range=slice_range, proposal=proposal, reference=reference, **options)
     count = slice_range[1] - slice_range[0]
     stages = {stage: round(sum(s.seconds.get(stage, 0.0) for s in result.slices), 3) for stage in STAGES}
     row = {
-        "variant": variant, "input": str(path), "slices": count, "profile": args.profile,
+        "variant": variant, "input": str(path), "axis": axis, "slices": count, "profile": args.profile,
         "sam_weights": sam_weights, "clip": args.clip, "clip_weights": clip_weights,
         "seconds_per_volume": round(result.seconds, 3), "seconds_per_slice": round(result.seconds / count, 3),
         "seconds_per_stage": stages,
@@ -125,9 +128,10 @@ def run_variant(args, variant: str) -> dict:
     }
     if reference is not None:
         start, stop = slice_range
-        row["dice_volume"] = round(dice(result.mask[start:stop], reference[start:stop]), 4)
+        mask, truth = np.moveaxis(result.mask, axis, 0), np.moveaxis(reference, axis, 0)
+        row["dice_volume"] = round(dice(mask[start:stop], truth[start:stop]), 4)
         row["dice_mean_per_slice"] = round(float(np.mean(
-            [dice(result.mask[k], reference[k]) for k in range(start, stop)])), 4)
+            [dice(mask[k], truth[k]) for k in range(start, stop)])), 4)
     return row
 
 
@@ -144,12 +148,20 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", help="reference mask for Dice and the oracle scorer")
     parser.add_argument("--slices", type=int, default=4, help="middle slices to process (default 4)")
     parser.add_argument("--profile", default="litemedsam", help="litemedsam, sam-vit_b, sam-vit_l, sam-vit_h")
-    parser.add_argument("--clip", default="oracle", help="oracle, or an open_clip architecture (ViT-B-32)")
+    parser.add_argument("--clip", default="auto",
+                        help="oracle, or an open_clip architecture (ViT-B-32); auto (default) = the oracle "
+                             "where there is a reference (the sample, or --reference), else ViT-B-32")
     parser.add_argument("--prompt", default="brain")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="faithful,defaults")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    if args.clip == "auto":
+        args.clip = "oracle" if args.reference or not args.input else "ViT-B-32"
+    elif args.clip == "oracle" and args.input and not args.reference:
+        parser.error("the oracle scorer needs --reference for a volume other than the sample")
+    print(f"retrieval: {args.clip}" + (" (random weights: the cost is real, the ranking is not)"
+                                       if args.clip != "oracle" else ""), file=sys.stderr)
 
     context = multiprocessing.get_context("spawn")  # each variant's peak memory is its own
     # A stopped benchmark must not leave a variant computing in the background.

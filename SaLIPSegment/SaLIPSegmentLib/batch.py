@@ -306,6 +306,8 @@ class RayEngine:
             actor = self.make_actor()  # the actor died; its replacement loads the models again
             self.actors.append(actor)
             outcome = CaseOutcome(case, ok=False, error=f"the Ray actor died: {str(error).splitlines()[0]}")
+        except self.ray.exceptions.RayError as error:  # the task itself failed in Ray (not in SaLIP)
+            outcome = CaseOutcome(case, ok=False, error=f"Ray: {str(error).splitlines()[0]}")
         self.idle.append(actor)
         return reference, outcome
 

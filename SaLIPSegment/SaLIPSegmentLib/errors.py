@@ -9,7 +9,8 @@ code    meaning
 1       internal error (a bug: please report it with the traceback)
 2       command-line usage error (argparse)
 3       bad input: missing or unreadable file, wrong dimensions, empty volume,
-        unknown preset, empty prompt, slice range out of bounds
+        unknown preset, empty prompt, slice range out of bounds; for `salip batch`,
+        one or more cases failed (the summary and the manifest say which)
 4       model problem: missing or corrupt weights, checksum mismatch, bad device
 5       output problem: output exists, directory not writable
 130     cancelled by the user (Ctrl-C or a cancel request)

@@ -148,12 +148,12 @@ class CaseWorker:
         """'' when the models are loaded, else why not."""
         return self.load_error
 
-    def run(self, case: str, image: Image3D) -> CaseOutcome:
+    def run(self, case: str, image: Image3D, progress: Optional[Callable[[int, int], None]] = None) -> CaseOutcome:
         if self.load_error:
             return CaseOutcome(case, ok=False, error=self.load_error, fatal=True, worker=self.name)
         started = time.perf_counter()
         try:
-            mask, report = segment_image(image, self.settings, self.segmenter, self.scorer)
+            mask, report = segment_image(image, self.settings, self.segmenter, self.scorer, progress=progress)
         except SalipError as error:
             return CaseOutcome(case, ok=False, error=str(error), seconds=time.perf_counter() - started,
                                worker=self.name)
@@ -177,10 +177,13 @@ class InlineEngine:
             raise ModelError(self.worker.load_error)
         self.capacity, self.description = 1, "1 worker in this process"
         self.done: List = []
+        self.on_slice: Optional[Callable[[str, int, int], None]] = None
+        """Told (case, done, total) as slices finish: in this process, a long case can show its slices."""
 
     def submit(self, case, image):
         handle = object()
-        self.done.append((handle, self.worker.run(case, image)))
+        progress = (lambda done, total: self.on_slice(case, done, total)) if self.on_slice else None
+        self.done.append((handle, self.worker.run(case, image, progress)))
         return handle
 
     def next_done(self, handles):
@@ -418,6 +421,8 @@ def run_batch(
 
         bar = tqdm(total=len(cases), initial=len(summary.skipped) + len(summary.failed), unit="case",
                    desc="batch", file=sys.stderr)
+        if isinstance(runner, InlineEngine):
+            runner.on_slice = lambda case, done, total: bar.set_postfix_str(f"{case}: slice {done}/{total}")
     log = bar.write if bar is not None else say
     queue, in_flight, finished = list(todo), {}, 0
 

@@ -15,7 +15,8 @@ there is one, and the ratio faithful / defaults.
 
 Models: the `litemedsam` profile uses LiteMedSAM's real weights; `sam-vit_b` (and vit_l,
 vit_h) builds segment_anything's real architecture with random weights when the official
-checkpoint is absent: the cost of a forward pass does not depend on the weight values.
+checkpoint is absent: the cost of a forward pass does not depend on the weight values (their
+IoU and stability thresholds are then lifted, so that candidates survive as with real weights).
 Retrieval uses the oracle (Dice with the reference, real ranking) where there is a reference,
 else (or when --clip names one) an open_clip architecture with random weights: its cost is
 real, its ranking is not, so propagation may fall back more or less often than with real
@@ -87,10 +88,14 @@ def _scorer(clip: str):
     return ClipScorer(model, preprocess, open_clip.get_tokenizer(clip), torch.device("cpu"), clip), "random weights"
 
 
-def _variant_settings(variant: str, spec):
+def _variant_settings(variant: str, spec, random_weights: bool):
     from SaLIPSegmentLib.models import ProposalSettings
 
     values = dict(spec.proposal_defaults)
+    if random_weights:
+        # Random weights predict arbitrary IoU and stability, so SAM's thresholds would drop every
+        # candidate and skip the work that real weights cause (scoring, refining, propagating).
+        values.update(pred_iou_thresh=float("-inf"), stability_score_thresh=float("-inf"))
     if variant == "faithful":
         values["crop_n_layers"] = 1
         return ProposalSettings.from_dict(values), {
@@ -110,7 +115,7 @@ def run_variant(args, variant: str) -> dict:
     path, volume, reference, axis, slice_range = _load_inputs(args)
     segmenter, spec, sam_weights = _segmenter(args.profile)
     scorer, clip_weights = _scorer(args.clip)
-    proposal, options = _variant_settings(variant, spec)
+    proposal, options = _variant_settings(variant, spec, random_weights=sam_weights == "random weights")
     prompt = resolve_prompt(args.prompt)
     result = segment_volume(volume, segmenter, scorer, prompt.sentences, top_k=prompt.top_k, axis=axis,
                             slice_range=slice_range, proposal=proposal, reference=reference, **options)

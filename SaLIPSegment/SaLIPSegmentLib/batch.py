@@ -229,9 +229,18 @@ class ProcessEngine:
             initargs=(*self.args, counter))
 
     def submit(self, case, image):
-        future = self.pool.submit(_run_in_process_worker, case, image)
+        try:
+            future = self.pool.submit(_run_in_process_worker, case, image)
+        except concurrent.futures.process.BrokenProcessPool:
+            # A worker died since the last result: this case goes to a new pool; those in flight fail.
+            self._restart()
+            future = self.pool.submit(_run_in_process_worker, case, image)
         future.case, future.pool = case, self.pool
         return future
+
+    def _restart(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._start()
 
     def next_done(self, handles):
         done, _ = concurrent.futures.wait(list(handles), return_when=concurrent.futures.FIRST_COMPLETED)
@@ -241,8 +250,7 @@ class ProcessEngine:
         except concurrent.futures.process.BrokenProcessPool:
             # A worker died (killed, out of memory): every case in that pool fails; the next ones get a new pool.
             if future.pool is self.pool:
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self._start()
+                self._restart()
             return future, CaseOutcome(future.case, ok=False, error="the worker process died (out of memory?)")
 
     def close(self):

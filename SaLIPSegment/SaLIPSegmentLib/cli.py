@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG + " batch exits 3 when any case failed; the summary and the manifest say which.",
         description="Segment every volume in INPUTS (a folder of volume files and DICOM series folders, or a CSV "
                     "with an image column and an optional case column) into OUTPUT_DIR: CASE.seg.nrrd (or "
-                    "CASE.nii.gz with --format nifti) and CASE.report.json. OUTPUT_DIR/" + "salip-batch-manifest"
-                    ".json records each case's input SHA256 and settings; a second run skips finished cases and "
+                    "CASE.nii.gz with --format nifti) and CASE.report.json. OUTPUT_DIR/salip-batch-manifest.json "
+                    "records each case's input SHA256 and settings; a second run skips finished cases and "
                     "redoes those whose input or settings changed. A failing case is recorded and the run goes on.",
     )
     batch.add_argument("inputs", type=Path, help="folder of volumes / DICOM series folders, or a CSV list")

@@ -359,8 +359,12 @@ def segment_volume(
     if progress:
         progress(0, total)
 
+    def windowed(index: int) -> np.ndarray:
+        return window_to_uint8(slices[index], window)
+
     def image(index: int) -> np.ndarray:
-        return resize_uint8(window_to_uint8(slices[index], window), shape)
+        """The slice as the models see it: windowed, and shrunk when it is very large."""
+        return resize_uint8(windowed(index), shape)
 
     def finish(record: SliceRecord, result_mask: Optional[np.ndarray] = None) -> None:
         if result_mask is not None:
@@ -425,7 +429,7 @@ def segment_volume(
 
     tissue = []
     for index in range(start, stop):
-        pixels = image(index)
+        pixels = windowed(index)  # the uniformity check needs no resizing
         if skip_empty_slices and pixels.min() == pixels.max():
             finish(SliceRecord(index=index, reason=NO_TISSUE, method="skipped"))
         else:

@@ -486,7 +486,8 @@ def test_cancel_at_any_slice_leaves_the_scene_and_the_segments_as_they_were(scen
                                   reference=array > 100, mode="every-slice", progress=report,
                                   should_cancel=should_cancel)
 
-        job = BackgroundJob(work).start()
+        job = BackgroundJob(work)  # bound before the thread starts: the callback cancels through it
+        job.start()
         assert job.wait(120)
         return job, bridge.preview_from_job(job, scene, node, "brain", GREEN)
 

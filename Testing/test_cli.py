@@ -8,6 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from SaLIPSegmentLib.cli import main
+from SaLIPSegmentLib.imaging import dice
 from SaLIPSegmentLib.io import read_image, write_segmentation
 from SaLIPSegmentLib.models import ProposalSettings, create_scorer, create_segmenter, get_segmenter_spec
 from SaLIPSegmentLib.prompts import get_preset
@@ -242,3 +243,21 @@ def test_qa_draws_a_picture_from_a_report(tmp_path, models, capsys):
     assert code == 3 and "does not exist" in err
     code, err = _run(capsys, ["qa", str(report), "-o", str(picture)])
     assert code == 5  # exists, no --overwrite
+
+
+def test_precision_option_reaches_the_models_and_is_said(tmp_path, capsys, models):
+    volume_path = tmp_path / "v.nrrd"
+    _oblique_volume(volume_path)
+    loud = [option for option in models if option != "-q"]
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        outputs[precision] = tmp_path / f"{precision}.seg.nrrd"
+        assert main(["segment", str(volume_path), "-p", "brain", "-o", str(outputs[precision]),
+                     "--precision", precision] + loud) == 0
+        said = capsys.readouterr()
+        assert ("on cpu in bf16" in said.out + said.err) == (precision == "bf16")
+    masks = [read_segments_on_reference(outputs[p], volume_path)[0]["Brain"] for p in ("fp32", "bf16")]
+    assert masks[0].any() and dice(masks[0], masks[1]) > 0.9
+    with pytest.raises(SystemExit) as stop:
+        main(["segment", str(volume_path), "-p", "brain", "-o", str(tmp_path / "x.seg.nrrd"), "--precision", "half"])
+    assert stop.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err

@@ -171,3 +171,51 @@ def test_clip_scores_the_same_in_smaller_batches(tiny_clip_option):
     np.testing.assert_allclose(scorer.score(image, candidates, ["a disk"]), whole, rtol=1e-4, atol=1e-4)
     scorer.to_device(torch.device("cpu"))
     assert scorer.device.type == "cpu" and len(scorer.score(image, candidates, ["a disk"])) == 5
+
+
+# -- reduced precision (autocast) ------------------------------------------------------------------
+
+
+def test_precision_auto_is_reduced_on_cuda_only(monkeypatch):
+    from SaLIPSegmentLib.errors import ModelError
+    from SaLIPSegmentLib.models.device import autocast_dtype
+
+    cuda = torch.device("cuda")  # only the choice is tested here: no GPU on build machines
+    assert autocast_dtype(CPU, "auto") is None and autocast_dtype(torch.device("mps"), "auto") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(cuda, "auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
+    assert autocast_dtype(cuda, "auto") is torch.float16
+    assert autocast_dtype(cuda, "fp32") is None and autocast_dtype(CPU, "bf16") is torch.bfloat16
+    with pytest.raises(ModelError, match="Unknown precision 'half'"):
+        autocast_dtype(CPU, "half")
+
+
+def test_litemedsam_in_bf16_keeps_its_masks_on_a_real_brain(mni152):
+    """The autocast path a GPU takes, run on the CPU's bf16 kernels with the real weights."""
+    volume, reference = mni152
+    full, reduced = (create_segmenter("litemedsam", CPU, download=False) for _ in range(2))
+    reduced.precision = "bf16"
+    window = robust_window(volume)
+    for k in (70, 110):
+        image = gray_to_rgb(window_to_uint8(volume[k], window))
+        full.set_image(image)
+        reduced.set_image(image)
+        # Autocast did run (bf16 matmuls move the features by about 6%); the masks are what must hold.
+        difference = (full.embedding.features - reduced.embedding.features.float()).abs()
+        assert 0 < difference.mean() < 0.1 * full.embedding.features.abs().mean()
+        box = mask_to_box(reference[k])
+        a, b = full.refine([box])[0], reduced.refine([box])[0]
+        assert dice(a.mask, b.mask) > 0.97 and abs(a.predicted_iou - b.predicted_iou) < 0.05
+        assert len(reduced.propose(ProposalSettings.from_dict(
+            dict(get_segmenter_spec("litemedsam").proposal_defaults)))) > 0
+
+
+def test_clip_in_bf16_ranks_like_fp32(tiny_clip_option):
+    scorer = create_scorer(tiny_clip_option, CPU)
+    image = gray_to_rgb(disk_image())
+    candidates = [_candidate(disk_image(center=(c, c), radius=r) > 100) for c, r in ((20, 8), (30, 14), (40, 5))]
+    full = scorer.score(image, candidates, ["a bright disk"])
+    scorer.precision = "bf16"
+    reduced = scorer.score(image, candidates, ["a bright disk"])
+    np.testing.assert_allclose(reduced, full, atol=1.0)

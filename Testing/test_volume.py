@@ -337,3 +337,73 @@ def test_out_of_memory_on_the_cpu_too_is_a_clear_model_error(segmenter):
     with pytest.raises(ModelError, match="Out of memory on the CPU too"):
         segment_volume(volume, hopeless, OracleScorer(), ["x"], reference=volume > 100, proposal=PROPOSALS)
     assert hopeless.moves == ["cpu"]
+
+
+# -- several slices per encoder call (what a GPU does) ------------------------------------------
+
+
+def _recording_batches(segmenter):
+    """Record the batch size of every image-encoder call of a real segmenter."""
+    sizes, encode = [], segmenter._encode_pixels
+    segmenter._encode_pixels = lambda pixels: sizes.append(len(pixels)) or encode(pixels)
+    return sizes
+
+
+@pytest.mark.parametrize("mode", ["propagate", "every-slice"])
+def test_encoding_several_slices_per_call_gives_the_same_masks_with_fewer_calls(tiny_sam, tiny_sam_checkpoint, mode):
+    volume = _stack(12)
+    accept_all = PropagationSettings(key_interval=5, max_iou_drop=1e9, min_area_ratio=0.0)
+    one_by_one = create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
+    batched = create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
+    assert one_by_one.encode_batch == 1  # the CPU default: batching measured slower there
+    batched.encode_batch = 4
+    single_sizes, batch_sizes = _recording_batches(one_by_one), _recording_batches(batched)
+    runs = [segment_volume(volume, model, OracleScorer(), ["x"], proposal=PROPOSALS, reference=volume > 100,
+                           window=(0, 255), mode=mode, propagation=accept_all) for model in (one_by_one, batched)]
+    assert runs[0].mask.any()
+    assert np.array_equal(runs[0].mask, runs[1].mask)
+    assert [s.method for s in runs[0].slices] == [s.method for s in runs[1].slices]
+    assert set(single_sizes) == {1} and len(single_sizes) == 12
+    # Every slice is encoded once either way: nothing is encoded past a slice already done.
+    assert sum(batch_sizes) == 12 and max(batch_sizes) == 4
+    assert len(batch_sizes) < len(single_sizes)
+
+
+class GpuWithRoomForTwoSlices:
+    """The real tiny SAM, and torch's OutOfMemoryError when asked to encode more than two slices at once."""
+
+    def __init__(self, inner):
+        self.inner, self.device, self.encode_batch = inner, torch.device("cuda"), 8
+
+    def embed_images(self, images):
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        return self.inner.embed_images(images)
+
+    def __getattr__(self, name):  # set_image, use_embedding, propose, refine
+        return getattr(self.inner, name)
+
+
+def test_out_of_gpu_memory_while_encoding_halves_the_slices_per_call_first(tiny_sam, tiny_sam_checkpoint):
+    volume = _stack(9)
+    reference = create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
+    expected = segment_volume(volume, reference, OracleScorer(), ["x"], proposal=PROPOSALS, reference=volume > 100,
+                              window=(0, 255))
+    small = GpuWithRoomForTwoSlices(create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint))
+    result = segment_volume(volume, small, OracleScorer(), ["x"], proposal=PROPOSALS, reference=volume > 100,
+                            window=(0, 255))
+    assert result.notices == ["Out of GPU memory: retried encoding 4 slices per call.",
+                              "Out of GPU memory: retried encoding 2 slices per call."]
+    assert small.encode_batch == 2 and np.array_equal(result.mask, expected.mask)
+
+
+def test_the_key_interval_default_is_the_same_everywhere():
+    """The command line and the effect's time estimate mirror the runner's default without importing torch."""
+    from SaLIPSegmentLib import effect_options
+    from SaLIPSegmentLib.cli import build_parser
+    from SaLIPSegmentLib.pipeline import SegmentSettings
+
+    default = PropagationSettings().key_interval
+    assert effect_options.KEY_SLICE_INTERVAL == default
+    assert SegmentSettings.__dataclass_fields__["key_interval"].default == default
+    assert build_parser().parse_args(["segment", "x.nrrd", "-p", "brain", "-o", "y"]).key_interval == default

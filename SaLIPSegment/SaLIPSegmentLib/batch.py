@@ -139,7 +139,8 @@ class CaseWorker:
             self.device = resolve_device(device or settings.device)
             started = time.perf_counter()
             self.segmenter, self.scorer = load_models(settings.sam, settings.clip, self.device,
-                                                      settings.sam_checkpoint, settings.model_dir, progress=False)
+                                                      settings.sam_checkpoint, settings.model_dir, progress=False,
+                                                      precision=settings.precision)
             self.load_seconds = time.perf_counter() - started
         except SalipError as error:
             self.load_error = str(error)

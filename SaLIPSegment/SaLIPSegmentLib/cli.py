@@ -18,6 +18,7 @@ EPILOG = """exit codes: 0 done, 1 internal error, 2 usage, 3 bad input, 4 model 
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .models.device import PRECISIONS
     from .models.registry import DEFAULT_SCORER, DEFAULT_SEGMENTER, PROFILES
 
     group = parser.add_argument_group("models")
@@ -30,6 +31,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, or oracle "
                             f"(default {DEFAULT_SCORER})")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="autocast precision of the models: auto (default) = bf16 or fp16 on CUDA GPUs, "
+                            "fp32 elsewhere; fp32 forces full precision everywhere")
     group.add_argument("--model-dir", type=Path,
                        help="folder with weights files for machines without internet (or SALIP_MODEL_DIR)")
 
@@ -59,8 +63,8 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("propagate", "every-slice"), default="propagate",
                         help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
                              "every-slice: the full cascade on every slice, as the paper")
-    parser.add_argument("--key-interval", type=int, default=8,
-                        help="with --mode propagate, the full cascade on every N-th slice (default 8)")
+    parser.add_argument("--key-interval", type=int, default=16,  # volume.PropagationSettings' (a test checks)
+                        help="with --mode propagate, the full cascade on every N-th slice (default 16)")
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
@@ -218,7 +222,7 @@ class _ProgressBar:
 def run_segment(args) -> int:
     from .io import ascii_segment_name, check_writable, read_image, write_json, write_segmentation
     from .models import resolve_device
-    from .pipeline import load_models, segment_image, settings_from_args
+    from .pipeline import load_models, precision_note, segment_image, settings_from_args
 
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     settings = settings_from_args(args)
@@ -239,9 +243,10 @@ def run_segment(args) -> int:
     device = resolve_device(settings.device)
     loading = time.perf_counter()
     segmenter, scorer = load_models(settings.sam, settings.clip, device, settings.sam_checkpoint,
-                                    settings.model_dir, progress=not args.quiet)
+                                    settings.model_dir, progress=not args.quiet, precision=settings.precision)
     load_seconds = time.perf_counter() - loading
-    say(f"Models: {settings.sam} + {settings.clip} on {device} (loaded in {load_seconds:.1f} s)")
+    say(f"Models: {settings.sam} + {settings.clip} on {device}{precision_note(device, settings.precision)} "
+        f"(loaded in {load_seconds:.1f} s)")
 
     progress = _ProgressBar(args.quiet, "segmenting")
     try:
@@ -315,7 +320,7 @@ def run_evaluate(args) -> int:
     slice_range = parse_slice_range(args.slices, volume.shape[axis])
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, precision=args.precision)
     window = tuple(args.window) if args.window else None
     fixed = proposal_settings(args, get_segmenter_spec(args.sam))
     variants = [("fixed", fixed)]
@@ -381,7 +386,7 @@ def run_evaluate_dataset(args) -> int:
         raise InputError(f"No (image, reference) pairs found in {args.pairs}.")
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, precision=args.precision)
     proposal = proposal_settings(args, get_segmenter_spec(args.sam))
     rows = []
     for number, (case, image_path, reference_path) in enumerate(pairs, start=1):

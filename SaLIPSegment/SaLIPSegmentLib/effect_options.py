@@ -33,7 +33,7 @@ DEFAULT_SCORER = "ViT-B-32:openai"  # mirrors models.registry.DEFAULT_SCORER
 CPU_SECONDS_PER_SLICE = {"litemedsam": (6.9, 1.6), "vit_b": (154.0, 14.0), "vit_l": (180.0, 40.0),
                          "vit_h": (210.0, 70.0)}
 CPU_SECONDS_PER_SLICE_UNKNOWN = (154.0, 14.0)
-KEY_SLICE_INTERVAL = 8  # mirrors volume.PropagationSettings.key_interval
+KEY_SLICE_INTERVAL = 16  # mirrors volume.PropagationSettings.key_interval (a test checks)
 # Below this the run starts without asking.
 CPU_CONFIRM_SECONDS = 60.0
 

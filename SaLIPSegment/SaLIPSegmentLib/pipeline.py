@@ -31,11 +31,12 @@ class SegmentSettings:
     sam_checkpoint: Optional[str] = None
     model_dir: Optional[str] = None
     device: str = "auto"
+    precision: str = "auto"
     axis: str = "auto"
     slices: Optional[str] = None
     window: Optional[Tuple[float, float]] = None
     mode: str = "propagate"
-    key_interval: int = 8
+    key_interval: int = 16
     adapt: bool = False
     keep_largest: bool = False
     fill_holes: bool = False
@@ -48,9 +49,12 @@ class SegmentSettings:
         return json.loads(json.dumps(values, default=list))
 
     def fingerprint(self) -> str:
-        """SHA256 of what changes the mask; where the models run or live does not."""
+        """SHA256 of what changes the mask; where and how the models run or live does not.
+
+        (A GPU's reduced precision moves a few boundary pixels, as a different GPU would.)
+        """
         values = self.describe()
-        for where in ("device", "model_dir"):
+        for where in ("device", "precision", "model_dir"):
             values.pop(where)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
@@ -69,7 +73,8 @@ def settings_from_args(args) -> SegmentSettings:
         prompt=prompt, top_k=top_k, sam=args.sam, clip=args.clip,
         proposal=proposal_settings(args, get_segmenter_spec(args.sam)),
         sam_checkpoint=str(args.sam_checkpoint) if args.sam_checkpoint else None,
-        model_dir=str(args.model_dir) if args.model_dir else None, device=args.device, axis=args.axis,
+        model_dir=str(args.model_dir) if args.model_dir else None, device=args.device, precision=args.precision,
+        axis=args.axis,
         slices=args.slices, window=tuple(args.window) if args.window else None, mode=args.mode,
         key_interval=args.key_interval, adapt=args.adapt, keep_largest=args.keep_largest,
         fill_holes=args.fill_holes, fill_flagged=args.fill_flagged,
@@ -119,7 +124,8 @@ def axis_for(text: str, image: Image3D) -> int:
     return int(text)
 
 
-def load_models(sam: str, clip: str, device, sam_checkpoint=None, model_dir=None, progress: bool = True):
+def load_models(sam: str, clip: str, device, sam_checkpoint=None, model_dir=None, progress: bool = True,
+                precision: str = "auto"):
     """(segmenter, scorer), or one error that names every missing weights file, not just the first."""
     from .models import create_scorer, create_segmenter
 
@@ -134,7 +140,19 @@ def load_models(sam: str, clip: str, device, sam_checkpoint=None, model_dir=None
             missing.append(str(error))
     if missing:
         raise MissingWeightsError("\n".join(missing))
+    for model in loaded:
+        model.precision = precision
     return tuple(loaded)
+
+
+def precision_note(device, precision: str) -> str:
+    """' in bf16' (say) where the models compute in reduced precision, else ''."""
+    import torch
+
+    from .models.device import autocast_dtype
+
+    dtype = autocast_dtype(device, precision)
+    return "" if dtype is None else " in " + {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def segment_image(

@@ -21,6 +21,7 @@ from segment_anything.utils import amg
 from torchvision.ops import batched_nms
 
 from ..imaging import Box
+from .device import autocast, default_encode_batch
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Segmenter(ABC):
     """Propose and refine on one image at a time; the image is embedded once."""
 
     name: str = "segmenter"
+    precision: str = "auto"
+    """Autocast precision of the model calls (models.device.PRECISIONS); auto is fp32 off CUDA."""
 
     @abstractmethod
     def set_image(self, image_rgb: np.ndarray) -> None:
@@ -138,16 +141,23 @@ class PromptableSegmenter(Segmenter):
         # Images are resized so their longest side is input_side, then padded square.
         self.input_side = input_side
         self._embedding: Optional[Embedding] = None
+        self.encode_batch = default_encode_batch(device)
 
     def to_device(self, device: torch.device) -> None:
         self.model = self.model.to(device)
         self.device = device
         self._embedding = None
+        self.encode_batch = min(self.encode_batch, default_encode_batch(device))
 
     # -- what a subclass provides ---------------------------------------------------
 
     @abstractmethod
-    def _encode(self, image_rgb: np.ndarray) -> Embedding: ...
+    def _input_tensor(self, image_rgb: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """The image as the encoder's (3, S, S) input, and the size of its unpadded part."""
+
+    @abstractmethod
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features for a (B, 3, S, S) batch of inputs."""
 
     @abstractmethod
     def _proposal_prompts(
@@ -158,13 +168,38 @@ class PromptableSegmenter(Segmenter):
     # -- the roles ------------------------------------------------------------------
 
     def set_image(self, image_rgb: np.ndarray) -> None:
-        image_rgb = np.ascontiguousarray(image_rgb)
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
-            raise ValueError(f"expected an H x W x 3 uint8 image, got {image_rgb.shape} {image_rgb.dtype}")
-        with torch.inference_mode():
-            embedding = self._encode(image_rgb)
-        embedding.image = image_rgb  # crop layers encode parts of it later
+        self._embedding = self.embed_images([image_rgb])[0]
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> List[Embedding]:
+        """Encode several images, up to `encode_batch` per encoder call; nothing becomes current.
+
+        A GPU encodes a batch of slices in little more time than one; a CPU does not gain.
+        """
+        images = [np.ascontiguousarray(image) for image in images]
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected an H x W x 3 uint8 image, got {image.shape} {image.dtype}")
+        embeddings = []
+        step = max(1, self.encode_batch)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            for start in range(0, len(images), step):
+                embeddings.extend(self._encode_many(images[start : start + step]))
+        for embedding, image in zip(embeddings, images):
+            embedding.image = image  # crop layers encode parts of it later
+        return embeddings
+
+    def use_embedding(self, embedding: Embedding) -> None:
+        """Make an image encoded by embed_images the current one."""
         self._embedding = embedding
+
+    def _encode(self, image_rgb: np.ndarray) -> Embedding:
+        return self._encode_many([image_rgb])[0]
+
+    def _encode_many(self, images: Sequence[np.ndarray]) -> List[Embedding]:
+        inputs = [self._input_tensor(image) for image in images]
+        features = self._encode_pixels(torch.stack([pixels for pixels, _ in inputs]))
+        return [Embedding(features=features[i : i + 1], original_size=image.shape[:2], input_size=size)
+                for i, (image, (_, size)) in enumerate(zip(images, inputs))]
 
     @property
     def embedding(self) -> Embedding:
@@ -179,7 +214,7 @@ class PromptableSegmenter(Segmenter):
         crop_boxes, layer_indices = amg.generate_crop_boxes(
             (height, width), settings.crop_n_layers, settings.crop_overlap_ratio
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for crop_box, layer in zip(crop_boxes, layer_indices):
                 x0, y0, x1, y1 = crop_box
                 if layer == 0:
@@ -194,7 +229,7 @@ class PromptableSegmenter(Segmenter):
         if not boxes:
             return []
         embedding = self.embedding
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             box_tensor = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device)
             low_res, iou = self._decode(embedding, None, box_tensor, multimask=False)
             masks = self._upsample(low_res[:, 0], embedding) > self.mask_threshold
@@ -250,7 +285,7 @@ class PromptableSegmenter(Segmenter):
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        return low_res, iou
+        return low_res.float(), iou.float()  # thresholds and stability in fp32 whatever autocast did
 
     def _propose_in_crop(self, embedding, settings, crop_box, layer, full_size):
         crop_h, crop_w = embedding.original_size
@@ -321,6 +356,8 @@ class Scorer(ABC):
 
     name: str = "scorer"
     needs_reference = False
+    precision: str = "auto"
+    """Autocast precision of the model calls (models.device.PRECISIONS); auto is fp32 off CUDA."""
 
     @abstractmethod
     def score(

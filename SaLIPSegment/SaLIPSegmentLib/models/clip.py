@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..imaging import masked_crop
 from .base import Scorer
+from .device import autocast
 
 
 class ClipScorer(Scorer):
@@ -35,7 +36,9 @@ class ClipScorer(Scorer):
         if key not in self._text_cache:
             with torch.inference_mode():
                 tokens = self.tokenizer(list(key)).to(self.device)
-                per_sentence = self.model.encode_text(tokens).float()
+                with autocast(self.device, self.precision):
+                    per_sentence = self.model.encode_text(tokens)
+                per_sentence = per_sentence.float()
                 per_sentence = per_sentence / per_sentence.norm(dim=-1, keepdim=True)
                 mean = per_sentence.mean(dim=0)
                 self._text_cache[key] = mean / mean.norm()
@@ -51,7 +54,9 @@ class ClipScorer(Scorer):
         with torch.inference_mode():
             for start in range(0, len(crops), step):
                 batch = torch.stack([self.preprocess(crop) for crop in crops[start : start + step]]).to(self.device)
-                features = self.model.encode_image(batch).float()
+                with autocast(self.device, self.precision):
+                    features = self.model.encode_image(batch)
+                features = features.float()  # the cosine in fp32, outside autocast
                 features = features / features.norm(dim=-1, keepdim=True)
                 scores.append((100.0 * features @ text).cpu().numpy().astype(np.float64))
         return np.concatenate(scores)

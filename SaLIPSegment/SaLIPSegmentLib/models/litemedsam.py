@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from .base import Embedding, PromptableSegmenter, ProposalSettings
+from .base import PromptableSegmenter, ProposalSettings
 
 INPUT_SIDE = 256
 
@@ -41,17 +41,19 @@ class LiteMedSamSegmenter(PromptableSegmenter):
         super().__init__(model, device, input_side=INPUT_SIDE)
         self.name = name
 
-    def _encode(self, image_rgb: np.ndarray) -> Embedding:
+    def _input_tensor(self, image_rgb: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
         resized = self._resize_longest(image_rgb).astype(np.float32)
         # LiteMedSAM was trained on min-max normalised images padded to 256 x 256.
         low, high = float(resized.min()), float(resized.max())
         resized = (resized - low) / max(high - low, 1e-8)
-        pixels = torch.zeros((1, 3, INPUT_SIDE, INPUT_SIDE), device=self.device)
+        pixels = torch.zeros((3, INPUT_SIDE, INPUT_SIDE), device=self.device)
         height, width = resized.shape[:2]
-        pixels[0, :, :height, :width] = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)
+        pixels[:, :height, :width] = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)
+        return pixels, (height, width)
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         # Channels-last runs TinyViT's convolutions about 12% faster on CPU, same output.
-        features = self.model.image_encoder(pixels.contiguous(memory_format=torch.channels_last))
-        return Embedding(features=features, original_size=image_rgb.shape[:2], input_size=(height, width))
+        return self.model.image_encoder(pixels.contiguous(memory_format=torch.channels_last))
 
     def _proposal_prompts(
         self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int

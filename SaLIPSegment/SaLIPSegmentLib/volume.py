@@ -481,6 +481,9 @@ def segment_volume(
             finish(SliceRecord(index=index, reason=NO_TISSUE, method="skipped"))
         else:
             tissue.append(index)
+    expect_encodings = getattr(segmenter, "expect_encodings", None)  # stand-ins in the tests lack it
+    if expect_encodings is not None:
+        expect_encodings(len(tissue))  # a CPU segmenter weighs exporting its encoder against the job
 
     if mode == "every-slice":
         for position, index in enumerate(tissue):

@@ -9,6 +9,8 @@ Variants, on the same volume and models:
             encoding for the refine step, the full cascade on every slice, no slice skipped;
   defaults  this project's defaults: one encoding per slice, uniform slices skipped, the
             full cascade on key slices and neighbours' boxes on the rest (--mode propagate).
+Both encode on ONNX Runtime on a CPU where it is installed (models.cpu_runtime); add
+`defaults-torch` (or `faithful-torch`) to --variants for the same with the encoder in torch.
 Per variant: seconds per volume and per slice, seconds per stage (encode, propose, score,
 refine), peak resident memory of the process that ran it, Dice against the reference when
 there is one, and the ratio faithful / defaults.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import signal
 import sys
@@ -43,6 +46,9 @@ from pathlib import Path
 import numpy as np
 
 STAGES = ("encode", "propose", "score", "refine")
+# A variant named with this suffix ("defaults-torch") keeps the image encoder in torch on a CPU
+# instead of ONNX Runtime, to show what the runtime gains.
+TORCH_SUFFIX = "-torch"
 
 
 def _load_inputs(args):
@@ -134,12 +140,15 @@ def run_variant(args, variant: str) -> dict:
     path, volume, reference, axis, slice_range = _load_inputs(args)
     segmenter, spec, sam_weights = _segmenter(args.profile)
     scorer, clip_weights = _scorer(args.clip)
-    proposal, options = _variant_settings(variant, spec, random_weights=sam_weights == "random weights")
+    base_variant = variant.removesuffix(TORCH_SUFFIX)
+    proposal, options = _variant_settings(base_variant, spec, random_weights=sam_weights == "random weights")
     prompt = resolve_prompt(args.prompt)
     count = slice_range[1] - slice_range[0]
     sample = faithful_sample(slice_range, args.faithful_slices)
-    runs = [(slice_range, None)] if variant != "faithful" or len(sample) == count else [
+    runs = [(slice_range, None)] if base_variant != "faithful" or len(sample) == count else [
         ((k, k + 1), k) for k in sample]
+    # The faithful sample stands for the whole range: its set-up choices are the whole range's.
+    segmenter.expect_encodings(count)
     results = [segment_volume(volume, segmenter, scorer, prompt.sentences, top_k=prompt.top_k, axis=axis,
                               slice_range=part, proposal=proposal, reference=reference, **options)
                for part, _ in runs]
@@ -154,7 +163,7 @@ def run_variant(args, variant: str) -> dict:
         "seconds_per_volume": round(seconds, 3), "seconds_per_slice": round(seconds / count, 3),
         "seconds_per_stage": stages, "slices_timed": timed_slices, "seconds_measured": round(measured, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "crop_n_layers": proposal.crop_n_layers, **options,
+        "crop_n_layers": proposal.crop_n_layers, "encoder_runtime": segmenter.encoder_runtime, **options,
         "slices_full_cascade": sum(r.summary()["slices_full_cascade"] for r in results),
         "slices_propagated": sum(r.summary()["slices_propagated"] for r in results),
     }
@@ -170,6 +179,10 @@ def run_variant(args, variant: str) -> dict:
 
 
 def _child(args, variant, queue):
+    if variant.endswith(TORCH_SUFFIX):
+        from SaLIPSegmentLib.models.cpu_runtime import RUNTIME_VARIABLE
+
+        os.environ[RUNTIME_VARIABLE] = "torch"
     try:
         queue.put(run_variant(args, variant))
     except BaseException as error:  # reported by the parent
@@ -190,7 +203,9 @@ def main(argv=None) -> int:
                              "where there is a reference (the sample, or --reference), else ViT-B-32")
     parser.add_argument("--prompt", default="brain")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", default="faithful,defaults")
+    parser.add_argument("--variants", default="faithful,defaults",
+                        help="comma-separated: faithful, defaults, and either with -torch (encoder in torch "
+                             "rather than ONNX Runtime on a CPU)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.clip == "auto":
@@ -217,15 +232,15 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     # Dice is over the slices each variant ran; "Dice*" over the faithful variant's sample only.
-    print(f"\n{'variant':<10}{'timed':>9}{'s/volume':>10}{'s/slice':>9}" + "".join(f"{s:>9}" for s in STAGES)
+    print(f"\n{'variant':<15}{'timed':>9}{'s/volume':>10}{'s/slice':>9}" + "".join(f"{s:>9}" for s in STAGES)
           + f"{'peak MB':>9}{'Dice':>8}{'Dice*':>8}")
     for row in rows:
         if "error" in row:
-            print(f"{row['variant']:<10} failed: {row['error']}")
+            print(f"{row['variant']:<15} failed: {row['error']}")
             continue
         stages = "".join(f"{row['seconds_per_stage'][s]:>9.2f}" for s in STAGES)
         timed_of = f"{row['slices_timed']}/{row['slices']}"
-        print(f"{row['variant']:<10}{timed_of:>9}{row['seconds_per_volume']:>10.2f}{row['seconds_per_slice']:>9.2f}"
+        print(f"{row['variant']:<15}{timed_of:>9}{row['seconds_per_volume']:>10.2f}{row['seconds_per_slice']:>9.2f}"
               f"{stages}{row['peak_rss_mb']:>9.0f}{row.get('dice_volume', float('nan')):>8.3f}"
               f"{row.get('dice_on_faithful_sample', float('nan')):>8.3f}")
     if any(row.get("slices_timed", 0) < row.get("slices", 0) for row in rows):

@@ -21,7 +21,8 @@ from segment_anything.utils import amg
 from torchvision.ops import batched_nms
 
 from ..imaging import Box
-from .device import autocast, default_encode_batch
+from .cpu_runtime import OnnxEncoder, build_onnx_encoder
+from .device import autocast, autocast_dtype, default_encode_batch
 
 
 @dataclass
@@ -123,6 +124,10 @@ class Segmenter(ABC):
         """Move the model (after a GPU ran out of memory); the current image must be set again."""
         self.device = device  # a segmenter without torch state has nothing else to move
 
+    def expect_encodings(self, count: int) -> None:
+        """Say that a job is about to encode `count` images, so set-up costs can be weighed."""
+        return None  # nothing to set up by default
+
 
 class PromptableSegmenter(Segmenter):
     """What SAM and LiteMedSAM share: segment_anything's prompt encoder and mask decoder.
@@ -134,6 +139,10 @@ class PromptableSegmenter(Segmenter):
 
     mask_threshold = 0.0
     multimask_proposals = True
+    onnx_on_cpu = False
+    """Encode on ONNX Runtime on a CPU at full precision (models.cpu_runtime), where measured faster."""
+    onnx_min_encodings = 1
+    """Export only for a job of at least this many encodings: below it the export costs more than it saves."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, input_side: int):
         self.model = model.to(device).eval()
@@ -142,6 +151,9 @@ class PromptableSegmenter(Segmenter):
         self.input_side = input_side
         self._embedding: Optional[Embedding] = None
         self.encode_batch = default_encode_batch(device)
+        self._onnx_encoder: Optional[OnnxEncoder] = None
+        self._onnx_tried = False  # built on the first CPU encoding of a long enough job, once
+        self._expected_encodings = 0
 
     def to_device(self, device: torch.device) -> None:
         self.model = self.model.to(device)
@@ -202,9 +214,33 @@ class PromptableSegmenter(Segmenter):
 
     def _encode_many(self, images: Sequence[np.ndarray]) -> List[Embedding]:
         inputs = [self._input_tensor(image) for image in images]
-        features = self._encode_pixels(torch.stack([pixels for pixels, _ in inputs]))
+        features = self._run_encoder(torch.stack([pixels for pixels, _ in inputs]))
         return [Embedding(features=features[i : i + 1], original_size=image.shape[:2], input_size=size)
                 for i, (image, (_, size)) in enumerate(zip(images, inputs))]
+
+    def _run_encoder(self, pixels: torch.Tensor) -> torch.Tensor:
+        onnx = self._cpu_encoder(pixels)
+        return self._encode_pixels(pixels) if onnx is None else onnx(pixels)
+
+    def expect_encodings(self, count: int) -> None:
+        self._expected_encodings = max(self._expected_encodings, count)
+
+    def _onnx_applies(self) -> bool:
+        return self.onnx_on_cpu and self.device.type == "cpu" and autocast_dtype(self.device, self.precision) is None
+
+    def _cpu_encoder(self, example: torch.Tensor) -> Optional[OnnxEncoder]:
+        """The ONNX Runtime encoder where it applies (a CPU, full precision), else None."""
+        if not self._onnx_applies():
+            return None
+        if not self._onnx_tried and self._expected_encodings >= self.onnx_min_encodings:
+            self._onnx_tried = True
+            self._onnx_encoder = build_onnx_encoder(self.model.image_encoder, example)
+        return self._onnx_encoder
+
+    @property
+    def encoder_runtime(self) -> str:
+        """What encodes images now: onnxruntime (once built, see models.cpu_runtime) or torch."""
+        return "onnxruntime" if self._onnx_encoder is not None and self._onnx_applies() else "torch"
 
     @property
     def embedding(self) -> Embedding:

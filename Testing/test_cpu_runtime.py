@@ -1,0 +1,128 @@
+"""The image encoder on ONNX Runtime on a CPU: same features and masks as torch, and torch whenever it cannot run.
+
+LiteMedSAM uses it by default; SAM does not (memory), so the tiny SAM is opted in where it stands in.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from SaLIPSegmentLib.errors import ModelError
+from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
+from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, cpu_runtime, create_segmenter
+from SaLIPSegmentLib.volume import segment_volume
+
+from conftest import TINY_SAM_PROPOSALS, disk_image
+
+CPU = torch.device("cpu")
+
+
+def opted_in(segmenter):
+    segmenter.onnx_on_cpu = True
+    return segmenter
+
+
+def torch_features(segmenter, image):
+    pixels, _ = segmenter._input_tensor(image)
+    with torch.inference_mode():
+        return segmenter._encode_pixels(pixels[None])
+
+
+def test_sam_stays_in_torch_unless_opted_in(tiny_sam, tiny_sam_checkpoint):
+    segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
+    segmenter.expect_encodings(1000)
+    segmenter.set_image(gray_to_rgb(disk_image()))
+    assert segmenter.encoder_runtime == "torch"
+
+
+def test_litemedsam_on_onnx_runtime_gives_torchs_features_and_masks(mni152):
+    """Real weights, real MNI152 slices: the exported encoder is the same function."""
+    volume, reference = mni152
+    onnx, plain = (create_segmenter("litemedsam", CPU, download=False) for _ in range(2))
+    onnx.expect_encodings(onnx.onnx_min_encodings)
+    plain.expect_encodings(onnx.onnx_min_encodings - 1)  # one short of repaying the export
+    window = robust_window(volume)
+    images = [gray_to_rgb(window_to_uint8(volume[k], window)) for k in (70, 110)]
+    embeddings = onnx.embed_images(images)
+    assert onnx.encoder_runtime == "onnxruntime" and plain.encoder_runtime == "torch"
+    for k, image, embedding in zip((70, 110), images, embeddings):
+        expected = torch_features(plain, image)
+        torch.testing.assert_close(embedding.features, expected, atol=1e-4, rtol=1e-4)
+        onnx.use_embedding(embedding)
+        plain.set_image(image)
+        box = mask_to_box(reference[k])
+        a, b = onnx.refine([box])[0], plain.refine([box])[0]
+        assert dice(a.mask, b.mask) > 0.999 and abs(a.predicted_iou - b.predicted_iou) < 1e-3
+
+
+def test_a_job_too_short_to_repay_the_export_stays_in_torch(tiny_sam, tiny_sam_checkpoint, monkeypatch):
+    built = []
+    real_build = cpu_runtime.OnnxEncoder
+    monkeypatch.setattr("SaLIPSegmentLib.models.base.build_onnx_encoder",
+                        lambda encoder, example: built.append(1) or real_build(encoder, example, 1))
+    segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    image = gray_to_rgb(disk_image())
+    segmenter.set_image(image)  # one image, nothing said of a longer job
+    assert built == [] and segmenter.encoder_runtime == "torch"
+
+    segmenter.expect_encodings(segmenter.onnx_min_encodings)
+    segmenter.set_image(image)
+    assert built == [1] and segmenter.encoder_runtime == "onnxruntime"
+    torch.testing.assert_close(segmenter.embedding.features, torch_features(segmenter, image), atol=1e-4, rtol=1e-4)
+    segmenter.set_image(image)
+    assert built == [1]  # exported once, then reused
+
+
+def test_the_volume_runner_announces_its_job_and_masks_do_not_change(tiny_sam, tiny_sam_checkpoint, monkeypatch):
+    volume = np.stack([disk_image(size=32, center=(15, 16), radius=4 + i) for i in range(6)]).astype(np.int16)
+    proposal = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
+
+    def run(runtime):
+        monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, runtime)
+        segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+        result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
+                                reference=volume > 100, mode="every-slice")
+        return segmenter.encoder_runtime, result.mask
+
+    (onnx_runtime, onnx_mask), (torch_runtime, torch_mask) = run("onnxruntime"), run("torch")
+    assert (onnx_runtime, torch_runtime) == ("onnxruntime", "torch")  # 6 slices >= the tiny SAM's minimum
+    assert onnx_mask.any() and dice(onnx_mask, torch_mask) > 0.99
+
+
+@pytest.mark.parametrize("obstacle", ["asked for torch", "not installed", "export fails", "too large",
+                                      "reduced precision"])
+def test_the_encoder_stays_in_torch_when_onnx_runtime_cannot_or_should_not_run(
+        obstacle, tiny_sam, tiny_sam_checkpoint, monkeypatch, caplog):
+    segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    if obstacle == "asked for torch":
+        monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, "torch")
+    elif obstacle == "not installed":
+        monkeypatch.setattr(cpu_runtime.importlib.util, "find_spec",
+                            lambda name: None if name == "onnxruntime" else object())
+    elif obstacle == "export fails":
+        def failing_export(*args, **kwargs):
+            raise RuntimeError("unsupported operator")
+
+        monkeypatch.setattr(torch.onnx, "export", failing_export)
+    elif obstacle == "too large":
+        monkeypatch.setattr(cpu_runtime, "MAX_ENCODER_BYTES", 0)
+    else:
+        segmenter.precision = "bf16"
+    segmenter.expect_encodings(1000)
+    image = gray_to_rgb(disk_image())
+    with caplog.at_level(logging.WARNING):
+        segmenter.set_image(image)
+    assert segmenter.encoder_runtime == "torch"
+    assert torch.isfinite(segmenter.embedding.features).all()
+    assert ("ONNX export failed" in caplog.text) == (obstacle == "export fails")
+    assert segmenter.propose(ProposalSettings.from_dict(TINY_SAM_PROPOSALS)) is not None  # it goes on working
+
+
+def test_an_unknown_runtime_is_a_clear_model_error(tiny_sam, tiny_sam_checkpoint, monkeypatch):
+    monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, "tensorrt")
+    segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    segmenter.expect_encodings(1000)
+    with pytest.raises(ModelError, match="SALIP_CPU_RUNTIME='tensorrt': use one of onnxruntime, torch"):
+        segmenter.set_image(gray_to_rgb(disk_image()))

@@ -84,6 +84,7 @@ def test_the_volume_runner_announces_its_job_and_masks_do_not_change(tiny_sam, t
         segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
         result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
                                 reference=volume > 100, mode="every-slice")
+        assert result.summary()["encoder_runtime"] == segmenter.encoder_runtime  # the report says which ran
         return segmenter.encoder_runtime, result.mask
 
     (onnx_runtime, onnx_mask), (torch_runtime, torch_mask) = run("onnxruntime"), run("torch")

@@ -72,6 +72,8 @@ class VolumeResult:
     """The slice size the models saw: the slice's own, or smaller for very large slices."""
     notices: List[str] = field(default_factory=list)
     """What the run had to change on the way (smaller batches, the CPU after a GPU ran out of memory)."""
+    encoder_runtime: str = "torch"
+    """What ran the image encoder at the end: torch, or onnxruntime on a CPU (models.cpu_runtime)."""
 
     def summary(self) -> dict:
         processed = [s for s in self.slices if not s.skipped]
@@ -86,6 +88,7 @@ class VolumeResult:
             "voxels": int(self.mask.sum()),
             "working_shape": list(self.working_shape),
             "notices": list(self.notices),
+            "encoder_runtime": self.encoder_runtime,
             "seconds": round(self.seconds, 3),
         }
 
@@ -527,4 +530,5 @@ def segment_volume(
         mode=mode,
         working_shape=shape,
         notices=memory.notices,
+        encoder_runtime=getattr(segmenter, "encoder_runtime", "torch"),
     )

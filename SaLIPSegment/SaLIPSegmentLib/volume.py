@@ -484,7 +484,7 @@ def segment_volume(
             finish(SliceRecord(index=index, reason=NO_TISSUE, method="skipped"))
         else:
             tissue.append(index)
-    expect_encodings = getattr(segmenter, "expect_encodings", None)  # stand-ins in the tests lack it
+    expect_encodings = getattr(segmenter, "expect_encodings", None)  # PromptableSegmenter's, like encode_batch
     if expect_encodings is not None:
         expect_encodings(len(tissue))  # a CPU segmenter weighs exporting its encoder against the job
 

@@ -124,10 +124,6 @@ class Segmenter(ABC):
         """Move the model (after a GPU ran out of memory); the current image must be set again."""
         self.device = device  # a segmenter without torch state has nothing else to move
 
-    def expect_encodings(self, count: int) -> None:
-        """Say that a job is about to encode `count` images, so set-up costs can be weighed."""
-        return None  # nothing to set up by default
-
 
 class PromptableSegmenter(Segmenter):
     """What SAM and LiteMedSAM share: segment_anything's prompt encoder and mask decoder.
@@ -223,6 +219,7 @@ class PromptableSegmenter(Segmenter):
         return self._encode_pixels(pixels) if onnx is None else onnx(pixels)
 
     def expect_encodings(self, count: int) -> None:
+        """Say that a job is about to encode `count` images, so the export can be weighed against it."""
         self._expected_encodings = max(self._expected_encodings, count)
 
     def _onnx_applies(self) -> bool:

@@ -8,13 +8,14 @@ import torch
 
 from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
 from SaLIPSegmentLib.errors import Cancelled, InputError, ModelError
-from SaLIPSegmentLib.imaging import dice, mask_to_box
+from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.volume import (
     BEYOND_ORGAN,
     NO_TISSUE,
     PropagationSettings,
     SliceRecord,
+    _grow,
     acquisition_axis,
     parse_slice_range,
     segment_volume,
@@ -40,6 +41,13 @@ class CountingSegmenter:
 
     def refine(self, boxes):
         return self.inner.refine(boxes)
+
+    @property
+    def embedding(self):  # what the runner keeps so that two chains share a slice's encoding
+        return self.inner.embedding
+
+    def use_embedding(self, embedding):
+        self.inner.use_embedding(embedding)
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +167,51 @@ def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmen
                             reference=volume > 100, propagation=accept_all)
     methods = [s.method for s in result.slices]
     assert methods == ["cascade" if i % 4 == 0 else "propagated" for i in range(9)]
-    assert segmenter.encodings == 9  # one encoding per slice, key or not
-    # Slice 1 came from key slice 0: its mask is the refine of slice 0's box, grown.
-    from SaLIPSegmentLib.volume import _grow
-
-    segmenter.inner.set_image(np.repeat(volume[1].astype(np.uint8)[:, :, None], 3, 2))
+    # One encoding per slice, key or not, though two chains try each slice between key slices.
+    assert segmenter.encodings == 9
+    # Slice 1 came from key slice 0: its mask is the refine of slice 0's box, grown (the chain
+    # from key slice 4 gives the same mask with this tiny model, and a tie keeps the first).
+    segmenter.inner.set_image(gray_to_rgb(volume[1].astype(np.uint8)))
     box = _grow(mask_to_box(result.mask[0]), 0.1, volume.shape[1:])
     np.testing.assert_array_equal(result.mask[1], segmenter.inner.refine([box])[0].mask)
     assert result.summary()["slices_propagated"] == 6
     # The oracle does not re-score propagated slices, and a score is never copied from the source.
     assert all(s.clip_scores == [] for s in result.slices if s.method == "propagated")
+    assert all("encode" in s.seconds for s in result.slices)
+
+
+def _chain(segmenter, images, mask, slices):
+    """The masks a chain of grown boxes gives, starting from `mask`, over `slices` in order."""
+    masks = {}
+    for k in slices:
+        segmenter.set_image(gray_to_rgb(images[k]))
+        mask = segmenter.refine([_grow(mask_to_box(mask), 0.1, images.shape[1:])])[0].mask
+        masks[k] = mask
+    return masks
+
+
+def test_between_two_key_slices_each_slice_keeps_the_better_of_the_two_chains(mni152):
+    # LiteMedSAM's real weights on real MNI152 slices: a chain from each key slice, and the
+    # scorer (here the oracle) decides slice by slice which one to keep.
+    volume, truth = mni152
+    volume, truth = volume[58:65], truth[58:65]
+    window = robust_window(volume)
+    images = np.stack([window_to_uint8(k, window) for k in volume])
+    lite = CountingSegmenter(create_segmenter("litemedsam", torch.device("cpu"), download=False))
+    accept_all = PropagationSettings(key_interval=6, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
+    few_boxes = ProposalSettings(box_scales=(0.5, 1.0), pred_iou_thresh=0.5, stability_score_thresh=0.3)
+    result = segment_volume(volume, lite, OracleScorer(), ["x"], proposal=few_boxes, window=window,
+                            reference=truth, propagation=accept_all)
+    assert [s.method for s in result.slices] == ["cascade"] + ["propagated"] * 5 + ["cascade"]
+    assert lite.encodings == 7  # each slice encoded once: the second chain re-uses the first one's
+    forward = _chain(lite.inner, images, result.mask[0], [1, 2, 3, 4, 5])
+    backward = _chain(lite.inner, images, result.mask[6], [5, 4, 3, 2, 1])
+    chose_backward = 0
+    for k in range(1, 6):
+        better = backward[k] if dice(backward[k], truth[k]) > dice(forward[k], truth[k]) else forward[k]
+        np.testing.assert_array_equal(result.mask[k], better)
+        chose_backward += better is backward[k]
+    assert chose_backward  # the choice mattered: not always the forward chain
 
 
 def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(segmenter):
@@ -179,6 +222,8 @@ def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(se
                             reference=volume > 100, propagation=refuse_all)
     assert [s.method for s in result.slices] == ["cascade"] * 6
     assert segmenter.encodings == 6
+    # The report says why: key slices 0 and 3 ran it anyway, the others were refused on predicted IoU.
+    assert [s.fallback for s in result.slices] == [None if k in (0, 3) else "predicted IoU" for k in range(6)]
     every = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
                            reference=volume > 100, mode="every-slice")
     np.testing.assert_array_equal(result.mask, every.mask)

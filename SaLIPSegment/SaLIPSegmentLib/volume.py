@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from .models.device import is_out_of_memory
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
 
+T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -48,6 +49,8 @@ class SliceRecord:
     seconds: Dict[str, float] = field(default_factory=dict)
     flags: List[str] = field(default_factory=list)
     """Why a person should look at this slice (see flag_slices); empty when nothing is odd."""
+    fallback: Optional[str] = None
+    """Why a neighbour's boxes were refused here (area, predicted IoU, score), so the full cascade ran."""
 
     @property
     def skipped(self) -> bool:
@@ -142,7 +145,7 @@ class MemoryFallback:
             return True
         return False
 
-    def run(self, step: Callable[..., bool], *args) -> bool:
+    def run(self, step: Callable[..., T], *args) -> T:
         while True:
             try:
                 return step(*args)
@@ -235,6 +238,11 @@ class PropagationSettings:
     anchor (the last slice the full cascade segmented); otherwise the slice gets the full
     cascade and anchors what follows. Propagation stops where the full cascade finds
     nothing either: the organ has ended.
+
+    Between two key slices a chain runs from each, over the same embeddings, and each slice
+    keeps the result the scorer ranks higher, as the full cascade's retrieval would: a key
+    slice whose best candidate was a poor part no longer decides every slice up to the next
+    one. Only where both chains are refused does a slice get the full cascade.
     """
 
     key_interval: int = 16
@@ -312,6 +320,21 @@ class _Found:
     anchor_ious: List[float]
 
 
+@dataclass
+class _Attempt:
+    """A neighbour's boxes tried on one slice, before it is decided whether they are kept."""
+
+    pixels: np.ndarray
+    parts: List[np.ndarray]
+    ious: List[float]
+    scores: List[float]
+    fallback: Optional[str]
+    """Why the result cannot be kept (area, predicted IoU, score), or None."""
+    seconds: Dict[str, float]
+    found: _Found
+    """What the slice hands on if kept: its parts, measured against the same anchor."""
+
+
 def _grow(box, margin: float, shape) -> Tuple[int, int, int, int]:
     x0, y0, x1, y1 = box
     dx = margin * (x1 - x0 + 1) + 2
@@ -369,7 +392,10 @@ def segment_volume(
     window = choose_window(volume, window)
     settings = propagation or PropagationSettings()
     ahead: Dict[int, object] = {}  # slice index -> embedding encoded in an earlier batch
-    memory = MemoryFallback(segmenter, scorer, proposal or ProposalSettings(), forget=ahead.clear)
+    kept: Dict[int, object] = {}  # slice index -> embedding, while two chains work between key slices
+    encode_seconds: Dict[int, float] = {}  # slice index -> encoding time not yet in its record
+    memory = MemoryFallback(segmenter, scorer, proposal or ProposalSettings(),
+                            forget=lambda: (ahead.clear(), kept.clear()))
 
     slices = np.moveaxis(volume, axis, 0)
     ref_slices = np.moveaxis(reference, axis, 0) if reference is not None else None
@@ -392,6 +418,9 @@ def segment_volume(
         return resize_uint8(windowed(index), shape)
 
     def finish(record: SliceRecord, result_mask: Optional[np.ndarray] = None) -> None:
+        if record.index in encode_seconds:
+            spent = encode_seconds.pop(record.index) + record.seconds.get("encode", 0.0)
+            record.seconds["encode"] = round(spent, 4)
         if result_mask is not None:
             mask_slices[record.index] = resize_mask(result_mask, full_shape)
             record.area = int(mask_slices[record.index].sum())
@@ -431,7 +460,8 @@ def segment_volume(
         return full_cascade(index, pixels, already_embedded=True,
                             seconds={"encode": embed(index, pixels, upcoming)})
 
-    def full_cascade(index: int, pixels: np.ndarray, already_embedded: bool = False, seconds=None) -> bool:
+    def full_cascade(index: int, pixels: np.ndarray, already_embedded: bool = False, seconds=None,
+                     fallback: Optional[str] = None) -> bool:
         result: SliceResult = segment_slice(
             pixels, segmenter, scorer, sentences, top_k=top_k, proposal=memory.proposal,
             reference=None if ref_slices is None else resize_mask(ref_slices[index], shape),
@@ -442,40 +472,130 @@ def segment_volume(
             timing[stage] = round(timing.get(stage, 0.0) + value, 4)
         finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
                            predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                           seconds=timing), result.mask)
+                           seconds=timing, fallback=fallback), result.mask)
         if result.mask.any():
             found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious)
             return True
         return False
 
-    def propagate(index: int, source: _Found, upcoming: Sequence[int]) -> bool:
-        """Prompt slice `index` with its neighbour's boxes; False where the organ has ended."""
+    def attempt(index: int, source: _Found, upcoming: Sequence[int] = ()) -> _Attempt:
+        """Prompt slice `index` with its neighbour's boxes and judge the result against the chain's anchor."""
         pixels = image(index)
-        timing = {"encode": embed(index, pixels, upcoming)}
+        if index in kept:
+            segmenter.use_embedding(kept[index])
+        else:  # counted in the slice's record, whichever attempt ends up kept
+            encode_seconds[index] = encode_seconds.get(index, 0.0) + embed(index, pixels, upcoming)
+        timing: Dict[str, float] = {}
         clock = time.perf_counter()
         boxes = [_grow(mask_to_box(part), settings.box_margin, pixels.shape) for part in source.parts if part.any()]
         refined = segmenter.refine(boxes)
         timing["refine"] = time.perf_counter() - clock
         parts = [r.mask for r in refined]
         ious = [r.predicted_iou for r in refined]
-        keep = all(p.sum() >= settings.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)) and all(
-            iou >= src - settings.max_iou_drop for iou, src in zip(ious, source.anchor_ious))
+        fallback = None
+        if not all(p.sum() >= settings.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)):
+            fallback = "area"
+        elif not all(iou >= src - settings.max_iou_drop for iou, src in zip(ious, source.anchor_ious)):
+            fallback = "predicted IoU"
         scores: List[float] = []  # measured only with a label-free scorer; never inherited
-        if keep and not scorer.needs_reference:
+        if fallback is None and not scorer.needs_reference:
             # The oracle would judge with the reference; acceptance stays label-free.
             clock = time.perf_counter()
-            candidates = [Candidate(mask=p, box=mask_to_box(p), predicted_iou=i, stability=1.0)
-                          for p, i in zip(parts, ious) if p.any()]
-            scores = [float(v) for v in scorer.score(gray_to_rgb(pixels), candidates, sentences)]
+            scores = score_parts(pixels, parts, ious)
             timing["score"] = time.perf_counter() - clock
-            keep = len(scores) == len(parts) and min(scores) >= min(source.anchor_scores) - settings.max_score_drop
-        if keep:
-            union = np.logical_or.reduce(parts)
-            finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=scores,
-                               predicted_ious=ious, seconds={k: round(v, 4) for k, v in timing.items()}), union)
-            found[index] = _Found(parts, source.anchor_scores, source.anchor_ious)
+            if len(scores) != len(parts) or min(scores) < min(source.anchor_scores) - settings.max_score_drop:
+                fallback = "score"
+        return _Attempt(pixels, parts, ious, scores, fallback, timing,
+                        _Found(parts, source.anchor_scores, source.anchor_ious))
+
+    def score_parts(pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], reference=None) -> List[float]:
+        candidates = [Candidate(mask=p, box=mask_to_box(p), predicted_iou=i, stability=1.0)
+                      for p, i in zip(parts, ious) if p.any()]
+        return [float(v) for v in scorer.score(gray_to_rgb(pixels), candidates, sentences, reference=reference)]
+
+    def accept(index: int, result: _Attempt) -> None:
+        finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=result.scores,
+                           predicted_ious=result.ious, seconds={k: round(v, 4) for k, v in result.seconds.items()}),
+               np.logical_or.reduce(result.parts))
+        found[index] = result.found
+
+    def propagate(index: int, source: _Found, upcoming: Sequence[int]) -> bool:
+        """One chain's step: the neighbour's boxes, else the full cascade; False where the organ has ended."""
+        result = attempt(index, source, upcoming)
+        if result.fallback is None:
+            accept(index, result)
             return True
-        return full_cascade(index, pixels, already_embedded=True, seconds=timing)
+        return full_cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
+                            fallback=result.fallback)
+
+    def walk(origin: int, step: int, until: int) -> None:
+        """Propagate from the segmented slice at position `origin` by `step`, up to position `until` (excluded)."""
+        source = found.get(tissue[origin])
+        i = origin + step
+        while source is not None and i != until and 0 <= i < len(tissue) and tissue[i] not in records:
+            check_cancel()
+            upcoming = tissue[i + 1 : until] if step > 0 else tissue[until + 1 : i][::-1]
+            if not memory.run(propagate, tissue[i], source, upcoming):
+                break
+            source = found[tissue[i]]
+            i += step
+
+    def chain(first: int, last: int, step: int) -> Dict[int, _Attempt]:
+        """Propagate from the key slice before position `first` over positions first..last, keeping
+        each accepted attempt (and the slice's embedding) without writing it; stop at the first refusal."""
+        source = found.get(tissue[first - step])
+        accepted: Dict[int, _Attempt] = {}
+        for i in range(first, last + step, step):
+            if source is None or tissue[i] in records:
+                break
+            check_cancel()
+            upcoming = [tissue[j] for j in range(i + step, last + step, step) if tissue[j] not in kept]
+            result = attempt(tissue[i], source, upcoming)
+            current = getattr(segmenter, "embedding", None)
+            if current is not None:
+                kept[tissue[i]] = current
+            if result.fallback is not None:
+                break
+            accepted[i] = result
+            source = result.found
+        return accepted
+
+    def fill_between(low: int, high: int) -> None:
+        """Slices between key positions low and high: a chain from each end, the better-scored kept.
+
+        Each slice is encoded once (the backward chain re-uses the forward chain's embeddings).
+        Where both chains refuse a slice, that stretch goes back to the single-chain walk, which
+        runs the full cascade there.
+        """
+        if high - low < 2:
+            return
+        forward = memory.run(chain, low + 1, high - 1, 1)
+        backward = memory.run(chain, high - 1, low + 1, -1)
+        for i in range(low + 1, high):
+            options = [o for o in (forward.get(i), backward.get(i)) if o is not None]
+            if len(options) == 2:
+                clock = time.perf_counter()
+                reference = None if ref_slices is None else resize_mask(ref_slices[tissue[i]], shape)
+                rank = [score_parts(o.pixels, o.parts, o.ious, reference) if scorer.needs_reference else o.scores
+                        for o in options]
+                best = max(range(2), key=lambda k: min(rank[k], default=-np.inf))
+                options[best].seconds["score"] = options[best].seconds.get("score", 0.0) + time.perf_counter() - clock
+                options = [options[best]]
+            if options:
+                accept(tissue[i], options[0])
+        fill_gaps(low + 1, high)
+        kept.clear()
+
+    def fill_gaps(first: int, stop: int) -> None:
+        """Slices at positions first..stop-1 left between segmented ones: a single chain walks
+        into each from its segmented neighbour (the full cascade where the boxes are refused),
+        forwards first; it stops where the organ seems to end."""
+        for i in range(first, stop):
+            if i > 0 and tissue[i] not in records and tissue[i - 1] in found:
+                walk(i - 1, 1, stop)
+        for i in range(stop - 1, first - 1, -1):
+            if i + 1 < len(tissue) and tissue[i] not in records and tissue[i + 1] in found:
+                walk(i + 1, -1, first - 1)
 
     tissue = []
     for index in range(start, stop):
@@ -493,27 +613,17 @@ def segment_volume(
             check_cancel()
             memory.run(cascade_on, index, tissue[position + 1 :])
     else:
-        keys = tissue[:: max(1, settings.key_interval)]
-        position = {index: i for i, index in enumerate(tissue)}
+        keys = list(range(0, len(tissue), max(1, settings.key_interval)))  # positions in `tissue`
 
-        def walk_out(key: int) -> None:
-            """Propagate from a segmented key slice, forwards then backwards, over slices not done yet."""
-            for step in (1, -1):
-                source = found.get(key)
-                i = position[key] + step
-                while source is not None and 0 <= i < len(tissue) and tissue[i] not in records:
-                    check_cancel()
-                    upcoming = tissue[i + 1 :] if step > 0 else tissue[:i][::-1]
-                    if not memory.run(propagate, tissue[i], source, upcoming):
-                        break
-                    source = found[tissue[i]]
-                    i += step
-
-        for number, index in enumerate(keys):
+        for number, key in enumerate(keys):
             check_cancel()
-            memory.run(cascade_on, index, keys[number + 1 :])
-        for index in keys:
-            walk_out(index)
+            memory.run(cascade_on, tissue[key], [tissue[k] for k in keys[number + 1 :]])
+        # After the last key slice one chain; between two key slices, one from each end.
+        if keys:
+            walk(keys[-1], 1, len(tissue))
+        for low, high in zip(keys, keys[1:]):
+            fill_between(low, high)
+        fill_gaps(0, len(tissue))
         for index in tissue:
             if index not in records:
                 finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))

@@ -81,7 +81,7 @@ def test_cpu_estimate_and_confirmation():
     assert eo.slice_count((10, 20, 30), 0, (4, 7)) == 3
     full, encode = eo.CPU_SECONDS_PER_SLICE["vit_b"]
     assert eo.estimate_cpu_seconds("vit_b", 10, propagate=False) == 10 * full
-    assert eo.estimate_cpu_seconds("vit_b", 20) == 2 * full + 18 * encode  # key slices 0 and 16
+    assert eo.estimate_cpu_seconds("vit_b", 20) == 3 * full + 17 * encode  # key slices 0, 10 and 19
     assert eo.estimate_cpu_seconds("someone-elses-sam", 2, propagate=False) == 2 * eo.CPU_SECONDS_PER_SLICE_UNKNOWN[0]
     assert not eo.needs_cpu_confirmation("cpu", "litemedsam", 3)
     assert eo.needs_cpu_confirmation("cpu", "vit_h", 100)

@@ -17,6 +17,7 @@ from SaLIPSegmentLib.volume import (
     SliceRecord,
     _grow,
     acquisition_axis,
+    key_positions,
     parse_slice_range,
     segment_volume,
 )
@@ -159,6 +160,16 @@ def _stack(slices=9):
     return np.stack([disk_image(radius=6 + i % 5) for i in range(slices)]).astype(np.float32)
 
 
+def test_key_slices_are_both_ends_and_at_most_the_interval_apart():
+    assert key_positions(0, 16) == [] and key_positions(1, 16) == [0] and key_positions(2, 16) == [0, 1]
+    assert key_positions(5, 1) == [0, 1, 2, 3, 4]
+    assert key_positions(40, 16) == [0, 13, 26, 39]
+    for count in range(2, 300):
+        keys = key_positions(count, 16)
+        assert keys[0] == 0 and keys[-1] == count - 1
+        assert max(np.diff(keys)) <= 16 and len(keys) == -(-(count - 1) // 16) + 1
+
+
 def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmenter):
     volume = _stack()
     accept_all = PropagationSettings(key_interval=4, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
@@ -222,8 +233,8 @@ def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(se
                             reference=volume > 100, propagation=refuse_all)
     assert [s.method for s in result.slices] == ["cascade"] * 6
     assert segmenter.encodings == 6
-    # The report says why: key slices 0 and 3 ran it anyway, the others were refused on predicted IoU.
-    assert [s.fallback for s in result.slices] == [None if k in (0, 3) else "predicted IoU" for k in range(6)]
+    # The report says why: key slices 0, 3 and 5 ran it anyway, the others were refused on predicted IoU.
+    assert [s.fallback for s in result.slices] == [None if k in (0, 3, 5) else "predicted IoU" for k in range(6)]
     every = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
                            reference=volume > 100, mode="every-slice")
     np.testing.assert_array_equal(result.mask, every.mask)

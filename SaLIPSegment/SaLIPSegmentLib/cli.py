@@ -64,7 +64,7 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                         help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
                              "every-slice: the full cascade on every slice, as the paper")
     parser.add_argument("--key-interval", type=int, default=16,  # volume.PropagationSettings' (a test checks)
-                        help="with --mode propagate, the full cascade on every N-th slice (default 16)")
+                        help="with --mode propagate, key slices at both ends and at most N apart (default 16)")
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")

@@ -137,7 +137,7 @@ def estimate_cpu_seconds(segmenter: str, slices: int, propagate: bool = True) ->
     slices = max(0, slices)
     if not propagate:
         return full * slices
-    keys = -(-slices // KEY_SLICE_INTERVAL)
+    keys = min(slices, -(-(slices - 1) // KEY_SLICE_INTERVAL) + 1)  # as volume.key_positions places them
     return full * keys + encode * (slices - keys)
 
 

@@ -246,11 +246,13 @@ class PropagationSettings:
     """
 
     key_interval: int = 16
-    """Run the full cascade on every key_interval-th slice with tissue.
+    """Key slices (full cascade) are the first and last slice with tissue and evenly between,
+    at most this many slices apart (key_positions).
 
     16 and not more: an organ spanning at least this many slices always has a key slice of
-    its own. On MNI152 (LiteMedSAM, oracle, 100 slices) 8, 16 and 32 gave Dice 0.297, 0.307
-    and 0.430 in 183, 143 and 135 s: fewer key slices cost no quality there.
+    its own. Keys at both ends cost one full cascade more than every 16th slice, and put every
+    other slice between two chains: on five 40-slice MNI152 windows (LiteMedSAM, oracle) mean
+    Dice 0.390 against 0.333 with every 16th slice and 0.339 with the full cascade everywhere.
     """
     box_margin: float = 0.1
     """Grow the neighbour's box by this fraction of its width and height on each side."""
@@ -333,6 +335,15 @@ class _Attempt:
     seconds: Dict[str, float]
     found: _Found
     """What the slice hands on if kept: its parts, measured against the same anchor."""
+
+
+def key_positions(count: int, interval: int) -> List[int]:
+    """Where the full cascade runs among `count` slices: the first, the last, and evenly between,
+    at most `interval` apart, so that every other slice lies between two key slices."""
+    if count <= 1:
+        return list(range(count))
+    keys = -(-(count - 1) // max(1, interval)) + 1
+    return sorted({int(v + 0.5) for v in np.linspace(0, count - 1, keys)})
 
 
 def _grow(box, margin: float, shape) -> Tuple[int, int, int, int]:
@@ -613,14 +624,11 @@ def segment_volume(
             check_cancel()
             memory.run(cascade_on, index, tissue[position + 1 :])
     else:
-        keys = list(range(0, len(tissue), max(1, settings.key_interval)))  # positions in `tissue`
+        keys = key_positions(len(tissue), settings.key_interval)
 
         for number, key in enumerate(keys):
             check_cancel()
             memory.run(cascade_on, tissue[key], [tissue[k] for k in keys[number + 1 :]])
-        # After the last key slice one chain; between two key slices, one from each end.
-        if keys:
-            walk(keys[-1], 1, len(tissue))
         for low, high in zip(keys, keys[1:]):
             fill_between(low, high)
         fill_gaps(0, len(tissue))

@@ -8,7 +8,9 @@ Variants, on the same volume and models:
   faithful  as the original SaLIP code: crop layers 1 (extra encodings per slice), a fresh
             encoding for the refine step, the full cascade on every slice, no slice skipped;
   defaults  this project's defaults: one encoding per slice, uniform slices skipped, the
-            full cascade on key slices and neighbours' boxes on the rest (--mode propagate).
+            full cascade on key slices and neighbours' boxes on the rest (--mode propagate);
+  every-slice  (not run unless named) the defaults with the full cascade on every slice: what
+            propagation's Dice is judged against over the whole range.
 Both encode on ONNX Runtime on a CPU where it is installed (models.cpu_runtime); add
 `defaults-torch` (or `faithful-torch`) to --variants for the same with the encoder in torch.
 Per variant: seconds per volume and per slice, seconds per stage (encode, propose, score,
@@ -112,15 +114,21 @@ def _variant_settings(variant: str, spec, random_weights: bool):
         values["crop_n_layers"] = 1
         return ProposalSettings.from_dict(values), {
             "mode": "every-slice", "reencode_for_refine": True, "skip_empty_slices": False}
+    if variant == "every-slice":
+        return ProposalSettings.from_dict(values), {"mode": "every-slice"}
     return ProposalSettings.from_dict(values), {"mode": "propagate"}
 
 
 def faithful_sample(slice_range, count: int) -> list:
-    """`count` slices spread evenly over the range (all of them when count covers it)."""
+    """`count` slices, each in the middle of an equal share of the range (all when count covers it).
+
+    Not at the range's ends: the defaults run the full cascade there (key slices), and a sample
+    of key slices would compare the full cascade with itself rather than propagation with it.
+    """
     start, stop = slice_range
     if count <= 0 or count >= stop - start:
         return list(range(start, stop))
-    return sorted({int(round(v)) for v in np.linspace(start, stop - 1, count)})
+    return sorted({start + int((k + 0.5) * (stop - start) / count) for k in range(count)})
 
 
 def run_variant(args, variant: str) -> dict:
@@ -204,8 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="brain")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="faithful,defaults",
-                        help="comma-separated: faithful, defaults, and either with -torch (encoder in torch "
-                             "rather than ONNX Runtime on a CPU)")
+                        help="comma-separated: faithful, defaults, every-slice, and any with -torch (encoder "
+                             "in torch rather than ONNX Runtime on a CPU)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.clip == "auto":

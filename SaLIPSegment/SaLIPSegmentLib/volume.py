@@ -625,7 +625,6 @@ def segment_volume(
             memory.run(cascade_on, index, tissue[position + 1 :])
     else:
         keys = key_positions(len(tissue), settings.key_interval)
-
         for number, key in enumerate(keys):
             check_cancel()
             memory.run(cascade_on, tissue[key], [tissue[k] for k in keys[number + 1 :]])

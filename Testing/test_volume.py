@@ -170,6 +170,16 @@ def test_key_slices_are_both_ends_and_at_most_the_interval_apart():
         assert max(np.diff(keys)) <= 16 and len(keys) == -(-(count - 1) // 16) + 1
 
 
+def test_the_effects_time_estimate_counts_the_key_slices_the_runner_places():
+    from SaLIPSegmentLib import effect_options
+
+    full, encode = effect_options.CPU_SECONDS_PER_SLICE["vit_b"]
+    for count in (1, 2, 16, 17, 40, 150):
+        keys = len(key_positions(count, PropagationSettings().key_interval))
+        assert effect_options.estimate_cpu_seconds("vit_b", count) == pytest.approx(
+            full * keys + encode * (count - keys))
+
+
 def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmenter):
     volume = _stack()
     accept_all = PropagationSettings(key_interval=4, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)

@@ -447,8 +447,8 @@ def segment_volume(
         """Make slice `index` the segmenter's image; seconds spent encoding.
 
         A segmenter with encode_batch > 1 (on a GPU) encodes the next slices of `upcoming`
-        (up to the first one already done, where a walk would stop) in the same call and
-        keeps them for when their turn comes.
+        (up to the first one done, where a walk would stop, or encoded already for the second
+        chain between key slices) in the same call and keeps them for when their turn comes.
         """
         clock = time.perf_counter()
         batch = getattr(segmenter, "encode_batch", 1)
@@ -458,7 +458,8 @@ def segment_volume(
             segmenter.set_image(gray_to_rgb(pixels))
         else:
             ahead.clear()  # the walk moved on: what was encoded for elsewhere is not needed
-            more = list(itertools.islice(itertools.takewhile(lambda k: k not in records, upcoming), batch - 1))
+            fresh = itertools.takewhile(lambda k: k not in records and k not in kept, upcoming)
+            more = list(itertools.islice(fresh, batch - 1))
             embeddings = segmenter.embed_images([gray_to_rgb(pixels)] + [gray_to_rgb(image(k)) for k in more])
             segmenter.use_embedding(embeddings[0])
             ahead.update(zip(more, embeddings[1:]))
@@ -560,8 +561,7 @@ def segment_volume(
             if source is None or tissue[i] in records:
                 break
             check_cancel()
-            upcoming = [tissue[j] for j in range(i + step, last + step, step) if tissue[j] not in kept]
-            result = attempt(tissue[i], source, upcoming)
+            result = attempt(tissue[i], source, [tissue[j] for j in range(i + step, last + step, step)])
             current = getattr(segmenter, "embedding", None)
             if current is not None:
                 kept[tissue[i]] = current

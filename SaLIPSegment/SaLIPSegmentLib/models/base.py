@@ -137,6 +137,8 @@ class PromptableSegmenter(Segmenter):
     multimask_proposals = True
     onnx_on_cpu = False
     """Encode on ONNX Runtime on a CPU at full precision (models.cpu_runtime), where measured faster."""
+    onnx_memory_arena = False
+    """Let ONNX Runtime keep its buffers between encodings: faster where activations are small."""
     onnx_min_encodings = 1
     """Export only for a job of at least this many encodings: below it the export costs more than it saves."""
 
@@ -231,7 +233,7 @@ class PromptableSegmenter(Segmenter):
             return None
         if not self._onnx_tried and self._expected_encodings >= self.onnx_min_encodings:
             self._onnx_tried = True
-            self._onnx_encoder = build_onnx_encoder(self.model.image_encoder, example)
+            self._onnx_encoder = build_onnx_encoder(self.model.image_encoder, example, self.onnx_memory_arena)
         return self._onnx_encoder
 
     @property

@@ -21,7 +21,9 @@ The faithful configuration costs minutes per slice, so by default it is timed on
 spread over the range (--faithful-slices; 0 times every slice) and its figures are scaled to
 the whole range: it treats every slice alike and independently, so the sample's mean is the
 volume's. Our defaults always run the whole range, since key slices and propagation make
-their cost depend on the volume. "Dice*" compares both on the faithful sample's slices.
+their cost depend on the volume. "Dice*" compares both on the faithful sample's slices: a
+quick look, not a verdict, since the full cascade's Dice jumps between neighbouring slices
+(0.02 to 0.81 on make bench's range); --faithful-slices 0 compares over the whole range.
 
 Models: the `litemedsam` profile uses LiteMedSAM's real weights; `sam-vit_b` (and vit_l,
 vit_h) builds segment_anything's real architecture with random weights when the official
@@ -252,7 +254,9 @@ def main(argv=None) -> int:
               f"{stages}{row['peak_rss_mb']:>9.0f}{row.get('dice_volume', float('nan')):>8.3f}"
               f"{row.get('dice_on_faithful_sample', float('nan')):>8.3f}")
     if any(row.get("slices_timed", 0) < row.get("slices", 0) for row in rows):
-        print("(a variant timed on fewer slices than the range is scaled to the whole range)")
+        print("(a variant timed on fewer slices than the range is scaled to the whole range; its time is "
+              "representative, its Dice is not: the full cascade's Dice jumps between neighbouring slices, "
+              "so judge quality over the whole range with --faithful-slices 0)")
     timed = {row["variant"]: row for row in rows if "error" not in row}
     summary = {"rows": rows}
     if {"faithful", "defaults"} <= set(timed):

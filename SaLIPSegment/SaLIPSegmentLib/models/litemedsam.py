@@ -57,7 +57,7 @@ class LiteMedSamSegmenter(PromptableSegmenter):
 
     multimask_proposals = False  # trained with single-mask output for boxes
     onnx_on_cpu = True  # 0.71 against 1.24 s per slice on 2 cores, features within 4e-6
-    onnx_memory_arena = True  # 0.71 against 0.82 s per slice, for 230 MB more at the peak
+    onnx_memory_arena = True  # 0.71 against 0.81 s per slice, for 200 MB more
     onnx_min_encodings = 10  # the export takes about 3 s
 
     def __init__(self, model: torch.nn.Module, device: torch.device, name: str = "litemedsam"):

@@ -254,9 +254,10 @@ def main(argv=None) -> int:
               f"{stages}{row['peak_rss_mb']:>9.0f}{row.get('dice_volume', float('nan')):>8.3f}"
               f"{row.get('dice_on_faithful_sample', float('nan')):>8.3f}")
     if any(row.get("slices_timed", 0) < row.get("slices", 0) for row in rows):
-        print("(a variant timed on fewer slices than the range is scaled to the whole range; its time is "
-              "representative, its Dice is not: the full cascade's Dice jumps between neighbouring slices, "
-              "so judge quality over the whole range with --faithful-slices 0)")
+        print("(a variant timed on fewer slices than the range is scaled to the whole range"
+              + ("; its time is representative, its Dice is not: the full cascade's Dice jumps between "
+                 "neighbouring slices, so judge quality over the whole range with --faithful-slices 0)"
+                 if any("dice_volume" in row for row in rows) else ")"))
     timed = {row["variant"]: row for row in rows if "error" not in row}
     summary = {"rows": rows}
     if {"faithful", "defaults"} <= set(timed):

@@ -1,4 +1,5 @@
-"""The image encoder on ONNX Runtime on a CPU: same features and masks as torch, and torch whenever it cannot run.
+"""The image encoder and mask decoder on ONNX Runtime on a CPU: same features and masks as torch, and torch
+whenever they cannot run.
 
 LiteMedSAM uses it by default; SAM does not (memory), so the tiny SAM is opted in where it stands in.
 """
@@ -11,7 +12,7 @@ import torch
 
 from SaLIPSegmentLib.errors import ModelError
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
-from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, cpu_runtime, create_segmenter
+from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, cpu_runtime, create_segmenter, get_segmenter_spec
 from SaLIPSegmentLib.volume import segment_volume
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
@@ -34,7 +35,8 @@ def test_sam_stays_in_torch_unless_opted_in(tiny_sam, tiny_sam_checkpoint):
     segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
     segmenter.expect_encodings(1000)
     segmenter.set_image(gray_to_rgb(disk_image()))
-    assert segmenter.encoder_runtime == "torch"
+    segmenter.refine([(4, 4, 20, 20)])
+    assert segmenter.encoder_runtime == segmenter.decoder_runtime == "torch"
 
 
 def test_litemedsam_on_onnx_runtime_gives_torchs_features_and_masks(mni152):
@@ -57,6 +59,45 @@ def test_litemedsam_on_onnx_runtime_gives_torchs_features_and_masks(mni152):
         box = mask_to_box(reference[k])
         a, b = onnx.refine([box])[0], plain.refine([box])[0]
         assert dice(a.mask, b.mask) > 0.999 and abs(a.predicted_iou - b.predicted_iou) < 1e-3
+    assert onnx.decoder_runtime == "onnxruntime" and plain.decoder_runtime == "torch"
+    assert onnx._onnx_decoder.session.get_session_options().enable_cpu_mem_arena
+
+
+def test_litemedsams_proposals_on_onnx_runtime_are_torchs(mni152):
+    """The box grid decoded in batches of 16, which the runtime runs 8 at a time: the same parts, in the same order."""
+    volume, _ = mni152
+    onnx, plain = (create_segmenter("litemedsam", CPU, download=False) for _ in range(2))
+    onnx.expect_encodings(onnx.onnx_min_encodings)
+    image = gray_to_rgb(window_to_uint8(volume[90], robust_window(volume)))
+    settings = ProposalSettings.from_dict(get_segmenter_spec("litemedsam").proposal_defaults)
+    assert settings.points_per_batch > cpu_runtime.OnnxMaskDecoder.PROMPTS_PER_RUN
+    onnx.set_image(image)
+    plain.set_image(image)
+    ours, theirs = onnx.propose(settings), plain.propose(settings)
+    assert onnx.decoder_runtime == "onnxruntime" and plain.decoder_runtime == "torch"
+    assert len(ours) > 10 and [c.box for c in ours] == [c.box for c in theirs]
+    for a, b in zip(ours, theirs):
+        assert dice(a.mask, b.mask) > 0.999 and abs(a.predicted_iou - b.predicted_iou) < 1e-4
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_the_runtimes_mask_decoder_returns_torchs_logits_and_scores(multimask, tiny_sam, tiny_sam_checkpoint):
+    """SAM's decoder: three masks per point when proposing, one per box when refining; 20 prompts, 3 runs."""
+    onnx = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    plain = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
+    onnx.expect_encodings(1000)
+    image = gray_to_rgb(disk_image())
+    onnx.set_image(image)
+    plain.set_image(image)
+    points = torch.rand(20, 2) * 31
+    prompts = (points, None) if multimask else (None, torch.cat([points, points + 8], dim=1))
+    with torch.inference_mode():
+        ours = onnx._decode(onnx.embedding, *prompts, multimask=multimask)
+        theirs = plain._decode(plain.embedding, *prompts, multimask=multimask)
+    assert onnx.decoder_runtime == "onnxruntime"
+    assert ours[0].shape == theirs[0].shape and ours[0].shape[:2] == (20, 3 if multimask else 1)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_a_job_too_short_to_repay_the_export_stays_in_torch(tiny_sam, tiny_sam_checkpoint, monkeypatch):
@@ -87,16 +128,20 @@ def test_the_volume_runner_announces_its_job_and_masks_do_not_change(tiny_sam, t
         segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
         result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
                                 reference=volume > 100, mode="every-slice")
-        assert result.summary()["encoder_runtime"] == segmenter.encoder_runtime  # the report says which ran
-        return segmenter.encoder_runtime, result.mask
+        summary = result.summary()  # the report says which ran
+        assert (summary["encoder_runtime"], summary["decoder_runtime"]) == (
+            segmenter.encoder_runtime, segmenter.decoder_runtime)
+        return segmenter.encoder_runtime, segmenter.decoder_runtime, result.mask
 
-    (onnx_runtime, onnx_mask), (torch_runtime, torch_mask) = run("onnxruntime"), run("torch")
-    assert (onnx_runtime, torch_runtime) == ("onnxruntime", "torch")  # 6 slices >= the tiny SAM's minimum
+    # SAM decodes its point grid with three masks per prompt, and the refine step with one.
+    *onnx_runtimes, onnx_mask = run("onnxruntime")
+    *torch_runtimes, torch_mask = run("torch")
+    assert onnx_runtimes == ["onnxruntime"] * 2 and torch_runtimes == ["torch"] * 2  # 6 slices >= the minimum
     assert onnx_mask.any() and dice(onnx_mask, torch_mask) > 0.99
 
 
 @pytest.mark.parametrize("obstacle", ["asked for torch", "not installed", "export fails", "too large",
-                                      "reduced precision"])
+                                      "reduced precision", "decoder export fails"])
 def test_the_encoder_stays_in_torch_when_onnx_runtime_cannot_or_should_not_run(
         obstacle, tiny_sam, tiny_sam_checkpoint, monkeypatch, caplog):
     segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
@@ -112,16 +157,25 @@ def test_the_encoder_stays_in_torch_when_onnx_runtime_cannot_or_should_not_run(
         monkeypatch.setattr(torch.onnx, "export", failing_export)
     elif obstacle == "too large":
         monkeypatch.setattr(cpu_runtime, "MAX_ENCODER_BYTES", 0)
+    elif obstacle == "decoder export fails":
+        def failing_decoder(*args, **kwargs):
+            raise RuntimeError("unsupported operator")
+
+        monkeypatch.setattr(cpu_runtime, "OnnxMaskDecoder", failing_decoder)
     else:
         segmenter.precision = "bf16"
     segmenter.expect_encodings(1000)
     image = gray_to_rgb(disk_image())
     with caplog.at_level(logging.WARNING):
         segmenter.set_image(image)
-    assert segmenter.encoder_runtime == "torch"
+    assert segmenter.encoder_runtime == ("onnxruntime" if obstacle == "decoder export fails" else "torch")
     assert torch.isfinite(segmenter.embedding.features).all()
-    assert ("ONNX export failed" in caplog.text) == (obstacle == "export fails")
-    assert segmenter.propose(ProposalSettings.from_dict(TINY_SAM_PROPOSALS)) is not None  # it goes on working
+    assert ("image encoder stays in torch: ONNX export failed" in caplog.text) == (obstacle == "export fails")
+    with caplog.at_level(logging.WARNING):
+        candidates = segmenter.propose(ProposalSettings.from_dict(TINY_SAM_PROPOSALS))
+    assert candidates  # it goes on working, with the decoder in torch
+    assert segmenter.decoder_runtime == "torch"
+    assert ("mask decoder stays in torch: ONNX export failed" in caplog.text) == (obstacle == "decoder export fails")
 
 
 def test_an_unknown_runtime_is_a_clear_model_error(tiny_sam, tiny_sam_checkpoint, monkeypatch):

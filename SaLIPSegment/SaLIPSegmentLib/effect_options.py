@@ -27,11 +27,12 @@ DEFAULT_SEGMENTER = "vit_b"  # mirrors models.registry.DEFAULT_SEGMENTER (that m
 DEFAULT_SCORER = "ViT-B-32:openai"  # mirrors models.registry.DEFAULT_SCORER
 
 # CPU seconds per slice on a 2-core build machine, for the "this will take a while" warning:
-# (full cascade, encoding alone). Measured with Testing/Benchmarks/bench_cascade.py for
-# litemedsam (6.9, 1.0: 0.92 s encode + box decode, batch norms folded) and vit_b (154, 14);
-# vit_l and vit_h scale vit_b's encoder by size.
+# (full cascade, encoding alone). Measured for litemedsam on ONNX Runtime with CLIP ViT-B/32
+# (6.5, 0.9: encode 0.84 s, box grid 2.5 s, CLIP 3.1 s; a propagated slice's encode, box decode
+# and CLIP score; the fast profile on 150 slices) and vit_b with Testing/Benchmarks/bench_cascade.py
+# (154, 14); vit_l and vit_h scale vit_b's encoder by size.
 # With key-slice propagation most slices cost one encoding and one box decode.
-CPU_SECONDS_PER_SLICE = {"litemedsam": (6.9, 1.0), "vit_b": (154.0, 14.0), "vit_l": (180.0, 40.0),
+CPU_SECONDS_PER_SLICE = {"litemedsam": (6.5, 0.9), "vit_b": (154.0, 14.0), "vit_l": (180.0, 40.0),
                          "vit_h": (210.0, 70.0)}
 CPU_SECONDS_PER_SLICE_UNKNOWN = (154.0, 14.0)
 KEY_SLICE_INTERVAL = 16  # mirrors volume.PropagationSettings.key_interval (a test checks)

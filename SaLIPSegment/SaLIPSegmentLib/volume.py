@@ -77,6 +77,8 @@ class VolumeResult:
     """What the run had to change on the way (smaller batches, the CPU after a GPU ran out of memory)."""
     encoder_runtime: str = "torch"
     """What ran the image encoder at the end: torch, or onnxruntime on a CPU (models.cpu_runtime)."""
+    decoder_runtime: str = "torch"
+    """What ran the mask decoder at the end, likewise."""
 
     def summary(self) -> dict:
         processed = [s for s in self.slices if not s.skipped]
@@ -92,6 +94,7 @@ class VolumeResult:
             "working_shape": list(self.working_shape),
             "notices": list(self.notices),
             "encoder_runtime": self.encoder_runtime,
+            "decoder_runtime": self.decoder_runtime,
             "seconds": round(self.seconds, 3),
         }
 
@@ -648,4 +651,5 @@ def segment_volume(
         working_shape=shape,
         notices=memory.notices,
         encoder_runtime=getattr(segmenter, "encoder_runtime", "torch"),
+        decoder_runtime=getattr(segmenter, "decoder_runtime", "torch"),
     )

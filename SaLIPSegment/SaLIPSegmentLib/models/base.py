@@ -21,7 +21,7 @@ from segment_anything.utils import amg
 from torchvision.ops import batched_nms
 
 from ..imaging import Box
-from .cpu_runtime import OnnxEncoder, build_onnx_encoder
+from .cpu_runtime import OnnxEncoder, OnnxMaskDecoder, build_onnx_encoder, build_onnx_mask_decoder
 from .device import autocast, autocast_dtype, default_encode_batch
 
 
@@ -136,7 +136,7 @@ class PromptableSegmenter(Segmenter):
     mask_threshold = 0.0
     multimask_proposals = True
     onnx_on_cpu = False
-    """Encode on ONNX Runtime on a CPU at full precision (models.cpu_runtime), where measured faster."""
+    """Encode and decode on ONNX Runtime on a CPU at full precision (models.cpu_runtime), where measured faster."""
     onnx_memory_arena = False
     """Let ONNX Runtime keep its buffers between encodings: faster where activations are small."""
     onnx_min_encodings = 1
@@ -151,6 +151,8 @@ class PromptableSegmenter(Segmenter):
         self.encode_batch = default_encode_batch(device)
         self._onnx_encoder: Optional[OnnxEncoder] = None
         self._onnx_tried = False  # built on the first CPU encoding of a long enough job, once
+        self._onnx_decoder: Optional[OnnxMaskDecoder] = None
+        self._onnx_decoder_tried = False  # built on the first decoding after the encoder, once
         self._expected_encodings = 0
 
     def to_device(self, device: torch.device) -> None:
@@ -236,10 +238,24 @@ class PromptableSegmenter(Segmenter):
             self._onnx_encoder = build_onnx_encoder(self.model.image_encoder, example, self.onnx_memory_arena)
         return self._onnx_encoder
 
+    def _cpu_decoder(self, features, sparse, dense, image_pe) -> Optional[OnnxMaskDecoder]:
+        """The ONNX Runtime mask decoder where the encoder runs there too, else None."""
+        if self._onnx_encoder is None or not self._onnx_applies():
+            return None  # a job too short for the encoder's export is too short for the decoder's
+        if not self._onnx_decoder_tried:
+            self._onnx_decoder_tried = True
+            self._onnx_decoder = build_onnx_mask_decoder(self.model.mask_decoder, features, sparse, dense, image_pe)
+        return self._onnx_decoder
+
     @property
     def encoder_runtime(self) -> str:
         """What encodes images now: onnxruntime (once built, see models.cpu_runtime) or torch."""
         return "onnxruntime" if self._onnx_encoder is not None and self._onnx_applies() else "torch"
+
+    @property
+    def decoder_runtime(self) -> str:
+        """What decoded masks last: onnxruntime (once built) or torch."""
+        return "onnxruntime" if self._onnx_decoder is not None and self._onnx_applies() else "torch"
 
     @property
     def embedding(self) -> Embedding:
@@ -318,9 +334,13 @@ class PromptableSegmenter(Segmenter):
         if boxes is not None:
             box_prompt = self._to_input_frame(boxes.float().reshape(-1, 2, 2), size).reshape(-1, 4)
         sparse, dense = self.model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=None)
+        image_pe = self.model.prompt_encoder.get_dense_pe()
+        onnx = self._cpu_decoder(embedding.features, sparse, dense, image_pe)
+        if onnx is not None:
+            return onnx(embedding.features, sparse, dense, image_pe, multimask)
         low_res, iou = self.model.mask_decoder(
             image_embeddings=embedding.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,

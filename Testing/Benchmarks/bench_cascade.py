@@ -153,6 +153,9 @@ def run_variant(args, variant: str) -> dict:
     from SaLIPSegmentLib.volume import segment_volume
 
     torch.set_num_threads(args.threads)
+    # Each variant runs in its own process: the same seed gives random-weight models the same
+    # weights in all of them, so their candidates, fallbacks and Dice compare.
+    torch.manual_seed(0)
     path, volume, reference, axis, slice_range = _load_inputs(args)
     segmenter, spec, sam_weights = _segmenter(args.profile)
     scorer, clip_weights = _scorer(args.clip)

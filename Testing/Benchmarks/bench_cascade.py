@@ -164,13 +164,13 @@ def run_variant(args, variant: str) -> dict:
     prompt = resolve_prompt(args.prompt)
     count = slice_range[1] - slice_range[0]
     sample = faithful_sample(slice_range, args.faithful_slices)
-    runs = [(slice_range, None)] if base_variant != "faithful" or len(sample) == count else [
-        ((k, k + 1), k) for k in sample]
+    sampled = base_variant == "faithful" and len(sample) < count
+    runs = [((k, k + 1), k) for k in sample] if sampled else [(slice_range, None)]
     # The faithful sample stands for the whole range: its set-up choices are the whole range's.
     segmenter.expect_encodings(count)
-    if len(runs) > 1:
+    if sampled:
         # The runtime's one-off exports (models.cpu_runtime, about 4 s) happen here, untimed: inside
-        # the sample they would be scaled up with it, as if paid on every tenth slice.
+        # the sample they would be scaled up with it (tenfold for 4 slices of 40).
         shape = np.delete(volume.shape, axis)
         segmenter.set_image(np.zeros((*shape, 3), dtype=np.uint8))
         segmenter.refine([(0, 0, int(shape[1]) - 1, int(shape[0]) - 1)])

@@ -155,7 +155,7 @@ class PromptableSegmenter(Segmenter):
         self._onnx_encoder: Optional[OnnxEncoder] = None
         self._onnx_tried = False  # built on the first CPU encoding of a long enough job, once
         self._onnx_decoder: Optional[OnnxMaskDecoder] = None
-        self._onnx_decoder_tried = False  # built on the first decoding after the encoder, once
+        self._onnx_decoder_tried = False  # built on the first CPU decoding of a job, once
         self._expected_encodings = 0
 
     def to_device(self, device: torch.device) -> None:

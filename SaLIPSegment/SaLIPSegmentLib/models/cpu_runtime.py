@@ -22,7 +22,7 @@ import io
 import logging
 import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ RUNTIMES = ("onnxruntime", "torch")
 MAX_ENCODER_BYTES = 1 << 30
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def requested_runtime() -> str:
@@ -145,28 +146,32 @@ class OnnxMaskDecoder:
         return torch.from_numpy(np.concatenate(masks)[:, chosen]), torch.from_numpy(np.concatenate(iou)[:, chosen])
 
 
+def _runtime_wanted() -> bool:
+    return requested_runtime() == "onnxruntime" and onnx_runtime_available()
+
+
+def _export_or_torch(part: str, export: Callable[[], T]) -> Optional[T]:
+    """export(), or None (torch is used) with a warning where the exporter or the runtime fails."""
+    try:
+        return export()
+    except Exception as error:  # any exporter or runtime failure: torch still works
+        log.warning("The %s stays in torch: ONNX export failed (%s).", part, error)
+        return None
+
+
 def build_onnx_encoder(encoder: torch.nn.Module, example: torch.Tensor,
                        memory_arena: bool = False) -> Optional[OnnxEncoder]:
     """An OnnxEncoder for `encoder`, or None (torch is used) where it cannot or should not be built."""
-    if requested_runtime() != "onnxruntime" or not onnx_runtime_available():
+    if not _runtime_wanted() or sum(p.numel() * p.element_size() for p in encoder.parameters()) > MAX_ENCODER_BYTES:
         return None
-    size = sum(p.numel() * p.element_size() for p in encoder.parameters())
-    if size > MAX_ENCODER_BYTES:
-        return None
-    try:
-        return OnnxEncoder(encoder, example, torch.get_num_threads(), memory_arena)
-    except Exception as error:  # any exporter or runtime failure: torch still works
-        log.warning("The image encoder stays in torch: ONNX export failed (%s).", error)
-        return None
+    return _export_or_torch("image encoder",
+                            lambda: OnnxEncoder(encoder, example, torch.get_num_threads(), memory_arena))
 
 
 def build_onnx_mask_decoder(mask_decoder: torch.nn.Module, features: torch.Tensor, sparse: torch.Tensor,
                             dense: torch.Tensor, image_pe: torch.Tensor) -> Optional[OnnxMaskDecoder]:
     """An OnnxMaskDecoder traced on these inputs, or None (torch is used) where it cannot be built."""
-    if requested_runtime() != "onnxruntime" or not onnx_runtime_available():
+    if not _runtime_wanted():
         return None
-    try:
-        return OnnxMaskDecoder(mask_decoder, features, sparse, dense, image_pe, torch.get_num_threads())
-    except Exception as error:  # any exporter or runtime failure: torch still works
-        log.warning("The mask decoder stays in torch: ONNX export failed (%s).", error)
-        return None
+    return _export_or_torch("mask decoder", lambda: OnnxMaskDecoder(
+        mask_decoder, features, sparse, dense, image_pe, torch.get_num_threads()))

@@ -1,7 +1,7 @@
 """The image encoder and mask decoder on ONNX Runtime on a CPU: same features and masks as torch, and torch
 whenever they cannot run.
 
-LiteMedSAM uses it by default; SAM does not (memory), so the tiny SAM is opted in where it stands in.
+LiteMedSAM and SAM (ViT-B; ViT-L and ViT-H are too large for it) use it by default.
 """
 
 import logging
@@ -20,27 +20,26 @@ from conftest import TINY_SAM_PROPOSALS, disk_image
 CPU = torch.device("cpu")
 
 
-def opted_in(segmenter):
-    segmenter.onnx_on_cpu = True
-    return segmenter
-
-
 def torch_features(segmenter, image):
     pixels, _ = segmenter._input_tensor(image)
     with torch.inference_mode():
         return segmenter._encode_pixels(pixels[None])
 
 
-def test_sams_encoder_stays_in_torch_unless_opted_in_and_its_decoder_moves_for_any_job(tiny_sam, tiny_sam_checkpoint):
+def test_sams_decoder_moves_for_any_job_and_its_encoder_for_one_that_repays_the_export(
+        tiny_sam, tiny_sam_checkpoint):
     image = gray_to_rgb(disk_image())
-    outside_a_job, in_a_job = (create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint) for _ in range(2))
-    in_a_job.expect_encodings(1)  # what segment_volume says of a one-slice volume
-    for segmenter in (outside_a_job, in_a_job):
+    outside_a_job, one_slice, long_job = (create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint) for _ in range(3))
+    one_slice.expect_encodings(1)  # what segment_volume says of a one-slice volume
+    long_job.expect_encodings(long_job.onnx_min_encodings)
+    for segmenter in (outside_a_job, one_slice, long_job):
         segmenter.set_image(image)
         segmenter.refine([(4, 4, 20, 20)])
     assert outside_a_job.encoder_runtime == outside_a_job.decoder_runtime == "torch"
-    assert (in_a_job.encoder_runtime, in_a_job.decoder_runtime) == ("torch", "onnxruntime")
-    assert in_a_job._onnx_decoder.session.get_session_options().enable_cpu_mem_arena
+    assert (one_slice.encoder_runtime, one_slice.decoder_runtime) == ("torch", "onnxruntime")
+    assert (long_job.encoder_runtime, long_job.decoder_runtime) == ("onnxruntime", "onnxruntime")
+    assert one_slice._onnx_decoder.session.get_session_options().enable_cpu_mem_arena
+    torch.testing.assert_close(long_job.embedding.features, one_slice.embedding.features, atol=1e-4, rtol=1e-4)
 
 
 def test_litemedsam_on_onnx_runtime_gives_torchs_features_and_masks(mni152):
@@ -87,7 +86,7 @@ def test_litemedsams_proposals_on_onnx_runtime_are_torchs(mni152):
 @pytest.mark.parametrize("multimask", [True, False])
 def test_the_runtimes_mask_decoder_returns_torchs_logits_and_scores(multimask, tiny_sam, tiny_sam_checkpoint):
     """SAM's decoder: three masks per point when proposing, one per box when refining; 20 prompts, 3 runs."""
-    onnx = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    onnx = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
     plain = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
     onnx.expect_encodings(1000)
     image = gray_to_rgb(disk_image())
@@ -109,7 +108,7 @@ def test_a_job_too_short_to_repay_the_export_stays_in_torch(tiny_sam, tiny_sam_c
     real_build = cpu_runtime.OnnxEncoder
     monkeypatch.setattr("SaLIPSegmentLib.models.base.build_onnx_encoder",
                         lambda encoder, example, arena: built.append(1) or real_build(encoder, example, 1, arena))
-    segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
     image = gray_to_rgb(disk_image())
     segmenter.set_image(image)  # one image, nothing said of a longer job
     assert built == [] and segmenter.encoder_runtime == "torch"
@@ -129,7 +128,7 @@ def test_the_volume_runner_announces_its_job_and_masks_do_not_change(tiny_sam, t
 
     def run(runtime):
         monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, runtime)
-        segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+        segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
         result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
                                 reference=volume > 100, mode="every-slice")
         summary = result.summary()  # the report says which ran
@@ -148,7 +147,7 @@ def test_the_volume_runner_announces_its_job_and_masks_do_not_change(tiny_sam, t
                                       "reduced precision", "decoder export fails"])
 def test_the_encoder_stays_in_torch_when_onnx_runtime_cannot_or_should_not_run(
         obstacle, tiny_sam, tiny_sam_checkpoint, monkeypatch, caplog):
-    segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
     if obstacle == "asked for torch":
         monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, "torch")
     elif obstacle == "not installed":
@@ -187,7 +186,7 @@ def test_the_encoder_stays_in_torch_when_onnx_runtime_cannot_or_should_not_run(
 
 def test_an_unknown_runtime_is_a_clear_model_error(tiny_sam, tiny_sam_checkpoint, monkeypatch):
     monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, "tensorrt")
-    segmenter = opted_in(create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint))
+    segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
     segmenter.expect_encodings(1000)
     with pytest.raises(ModelError, match="SALIP_CPU_RUNTIME='tensorrt': use one of onnxruntime, torch"):
         segmenter.set_image(gray_to_rgb(disk_image()))

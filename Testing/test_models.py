@@ -253,3 +253,57 @@ def test_litemedsam_runs_with_its_batch_norms_folded_into_the_convolutions(mni15
         actual = segmenter.model.image_encoder(pixels[None])
     torch.testing.assert_close(folded, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def _largest_intermediate(module, inputs) -> int:
+    """The most elements any single operation produced while `module` ran on `inputs`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(tensor, torch.Tensor):
+                    Largest.most = max(Largest.most, tensor.numel())
+            return out
+
+    with torch.inference_mode(), Largest():
+        module(inputs)
+    return Largest.most
+
+
+def test_sams_global_attention_runs_head_by_head_with_the_same_features(tiny_sam, tiny_sam_checkpoint):
+    """On a CPU no (heads, tokens, tokens) matrix is made whole; features, weights and their names stay."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT
+    from segment_anything.modeling.image_encoder import Attention
+
+    from SaLIPSegmentLib.models.registry import load_weights_file
+    from SaLIPSegmentLib.models.sam import HeadByHeadAttention, attend_head_by_head
+
+    segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
+    blocks = segmenter.model.image_encoder.blocks
+    assert [type(b.attn) for b in blocks] == [Attention, HeadByHeadAttention]  # windowed, global
+    segmenter.model.load_state_dict(load_weights_file(tiny_sam_checkpoint))  # the same names load
+
+    # 32 x 32 tokens and 4 heads: the attention matrix is the largest thing the encoder makes.
+    def encoder():
+        torch.manual_seed(3)
+        return ImageEncoderViT(img_size=512, patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                               out_chans=32, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                               window_size=4, global_attn_indexes=(1,)).eval()
+
+    batched, head_by_head = encoder(), encoder()
+    for parameter in batched.parameters():  # rel_pos tables start at zero: make them count
+        parameter.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(parameter.numel()))
+    head_by_head.load_state_dict(batched.state_dict())
+    assert attend_head_by_head(head_by_head) == 1
+    pixels = torch.randn(2, 3, 512, 512)  # two images: heads of both run one by one
+    with torch.inference_mode():
+        torch.testing.assert_close(head_by_head(pixels), batched(pixels), atol=1e-5, rtol=1e-5)
+    tokens = 32 * 32
+    assert _largest_intermediate(batched, pixels) == 2 * 4 * tokens * tokens
+    assert _largest_intermediate(head_by_head, pixels) <= tokens * tokens

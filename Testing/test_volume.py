@@ -409,9 +409,9 @@ def test_out_of_memory_on_the_cpu_too_is_a_clear_model_error(segmenter):
 
 
 def _recording_batches(segmenter):
-    """Record the batch size of every image-encoder call of a real segmenter."""
-    sizes, encode = [], segmenter._encode_pixels
-    segmenter._encode_pixels = lambda pixels: sizes.append(len(pixels)) or encode(pixels)
+    """Record the batch size of every image-encoder call of a real segmenter (torch or ONNX Runtime)."""
+    sizes, encode = [], segmenter._run_encoder
+    segmenter._run_encoder = lambda pixels: sizes.append(len(pixels)) or encode(pixels)
     return sizes
 
 

@@ -7,21 +7,67 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, add_decomposed_rel_pos
 from segment_anything.utils import amg
 
 from .base import PromptableSegmenter, ProposalSettings
 
 
+class HeadByHeadAttention(Attention):
+    """segment_anything's attention computed one head at a time on a CPU: the same outputs, far less memory.
+
+    A global-attention block holds a (heads, tokens, tokens) matrix two or three times over
+    (scores, scores plus relative positions, softmax): for ViT-B at 1024 px, 12 x 4096 x 4096
+    floats, 805 MB each. One head at a time it is 67 MB. On 2 cores ViT-B's encoder peaked at
+    1.5 rather than 3.7 GB in torch, at the same speed (12.9 against 13.2 s) and with identical
+    features; exported to ONNX Runtime this way it peaks at 3.1 rather than 5.3 GB and encodes
+    in 7.9 rather than 9.3 s. Other devices keep the one batched product (unmeasured there).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        heads = []
+        for head in range(B * self.num_heads):
+            q1, k1, v1 = q[head : head + 1], k[head : head + 1], v[head : head + 1]
+            scores = (q1 * self.scale) @ k1.transpose(-2, -1)
+            if self.use_rel_pos:
+                scores = add_decomposed_rel_pos(scores, q1, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+            heads.append(scores.softmax(dim=-1) @ v1)
+        x = torch.cat(heads).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+def attend_head_by_head(encoder: ImageEncoderViT) -> int:
+    """Switch the encoder's global-attention blocks to HeadByHeadAttention; returns how many.
+
+    Windowed blocks keep theirs: their 14 x 14 windows make small matrices. The parameters and
+    their names stay as they are, so checkpoints load either way.
+    """
+    switched = 0
+    for block in encoder.blocks:
+        if block.window_size == 0 and type(block.attn) is Attention:
+            block.attn.__class__ = HeadByHeadAttention
+            switched += 1
+    return switched
+
+
 class SamSegmenter(PromptableSegmenter):
     """segment_anything's `Sam` behind the propose and refine roles."""
 
-    # The encoder is not on ONNX Runtime by default: ViT-B encodes there in 9.3 rather than 15.3 s
-    # on 2 cores (features within 9e-6), but the export (28 s) and the runtime lift the process's
-    # peak memory from 3.6 to 5.5 GB, too much next to CLIP on an 8 GB laptop. The mask decoder
-    # is (onnx_decoder_on_cpu): 2.6 against 7.4 s per 64 points, three masks each.
+    # On a CPU the encoder runs on ONNX Runtime (models.cpu_runtime) for a job of 5 slices or
+    # more: ViT-B encodes in 7.9 rather than 12.9 s on 2 cores (features within 5e-7), after a
+    # 19 s export. With global attention head by head, the runtime's peak (3.1 GB) stays below
+    # torch's with the batched product (3.7 GB). ViT-L and ViT-H exceed the runtime's size limit
+    # and stay in torch. The mask decoder is on the runtime too: 2.6 against 7.4 s per 64 points.
+    onnx_on_cpu = True
     onnx_min_encodings = 5
 
     def __init__(self, model: Sam, device: torch.device, name: str = "sam"):
+        attend_head_by_head(model.image_encoder)
         super().__init__(model, device, input_side=model.image_encoder.img_size)
         self.name = name
 

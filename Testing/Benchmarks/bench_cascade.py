@@ -19,8 +19,10 @@ Two ratios: faithful-torch / defaults is the paper's configuration as it ran aga
 faithful / defaults is what our configuration alone saves, both on the same runtime. (Off a
 CPU, or without onnxruntime installed, every variant runs in torch.)
 Per variant: seconds per volume and per slice, seconds per stage (encode, propose, score,
-refine), peak resident memory of the process that ran it, Dice against the reference when
-there is one, and the two ratios.
+refine), peak resident memory of the process that ran it (and of the GPU, on CUDA), Dice
+against the reference when there is one, and the two ratios. --device picks where the models
+run, as the product does by default (CUDA, then MPS, then the CPU); the GPU target is
+`--profile sam-vit_b --slices 150 --variants defaults` there.
 
 The faithful configuration costs 15 to 35 s per slice with LiteMedSAM and minutes with SAM,
 so by default it is timed on 4 slices spread over the range (--faithful-slices; 0 times every
@@ -82,32 +84,29 @@ def _load_inputs(args):
     return path, volume, reference, axis, (start, min(count, start + args.slices))
 
 
-def _segmenter(profile: str):
-    import torch
-
+def _segmenter(profile: str, device):
     from SaLIPSegmentLib.models import create_segmenter, get_segmenter_spec, weights
 
     name = profile.replace("sam-", "")
     spec = get_segmenter_spec(name)
     if weights.find_local(spec.weights) is not None or name == "litemedsam":
-        return create_segmenter(name, torch.device("cpu"), download=False), spec, "real weights"
+        return create_segmenter(name, device, download=False), spec, "real weights"
     from segment_anything import sam_model_registry
 
     from SaLIPSegmentLib.models.sam import SamSegmenter
 
-    return SamSegmenter(sam_model_registry[name](checkpoint=None), torch.device("cpu"), name), spec, "random weights"
+    return SamSegmenter(sam_model_registry[name](checkpoint=None), device, name), spec, "random weights"
 
 
-def _scorer(clip: str):
+def _scorer(clip: str, device):
     if clip == "oracle":
         return __import__("SaLIPSegmentLib.models", fromlist=["OracleScorer"]).OracleScorer(), "oracle"
     import open_clip
-    import torch
 
     from SaLIPSegmentLib.models.clip import ClipScorer
 
     model, _, preprocess = open_clip.create_model_and_transforms(clip, pretrained=None)
-    return ClipScorer(model, preprocess, open_clip.get_tokenizer(clip), torch.device("cpu"), clip), "random weights"
+    return ClipScorer(model, preprocess, open_clip.get_tokenizer(clip), device, clip), "random weights"
 
 
 def _variant_settings(variant: str, spec, random_weights: bool):
@@ -149,16 +148,19 @@ def run_variant(args, variant: str) -> dict:
     import torch
 
     from SaLIPSegmentLib.imaging import dice
+    from SaLIPSegmentLib.models.device import resolve_device
     from SaLIPSegmentLib.prompts import resolve_prompt
     from SaLIPSegmentLib.volume import segment_volume
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     # Each variant runs in its own process: the same seed gives random-weight models the same
     # weights in all of them, so their candidates, fallbacks and Dice compare.
     torch.manual_seed(0)
     path, volume, reference, axis, slice_range = _load_inputs(args)
-    segmenter, spec, sam_weights = _segmenter(args.profile)
-    scorer, clip_weights = _scorer(args.clip)
+    segmenter, spec, sam_weights = _segmenter(args.profile, device)
+    scorer, clip_weights = _scorer(args.clip, device)
     base_variant = variant.removesuffix(TORCH_SUFFIX)
     proposal, options = _variant_settings(base_variant, spec, random_weights=sam_weights == "random weights")
     prompt = resolve_prompt(args.prompt)
@@ -183,11 +185,13 @@ def run_variant(args, variant: str) -> dict:
     stages = {stage: round(sum(s.seconds.get(stage, 0.0) for r in results for s in r.slices)
                              * count / timed_slices, 3) for stage in STAGES}
     row = {
-        "variant": variant, "input": str(path), "axis": axis, "slices": count, "profile": args.profile,
+        "variant": variant, "device": str(device), "input": str(path), "axis": axis, "slices": count,
+        "profile": args.profile,
         "sam_weights": sam_weights, "clip": args.clip, "clip_weights": clip_weights,
         "seconds_per_volume": round(seconds, 3), "seconds_per_slice": round(seconds / count, 3),
         "seconds_per_stage": stages, "slices_timed": timed_slices, "seconds_measured": round(measured, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
         "crop_n_layers": proposal.crop_n_layers, "encoder_runtime": segmenter.encoder_runtime,
         "decoder_runtime": segmenter.decoder_runtime, **options,
         "slices_full_cascade": sum(r.summary()["slices_full_cascade"] for r in results),
@@ -228,7 +232,9 @@ def main(argv=None) -> int:
                         help="oracle, or an open_clip architecture (ViT-B-32); auto (default) = the oracle "
                              "where there is a reference (the sample, or --reference), else ViT-B-32")
     parser.add_argument("--prompt", default="brain")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (default: torch's own choice)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: CUDA, then MPS, then the CPU, as the product picks), cpu, cuda, cuda:N")
     parser.add_argument("--variants", default="faithful-torch,faithful,defaults",
                         help="comma-separated: faithful, defaults, every-slice, and any with -torch (encoder "
                              "and decoder in torch rather than ONNX Runtime on a CPU)")
@@ -268,7 +274,8 @@ def main(argv=None) -> int:
         timed_of = f"{row['slices_timed']}/{row['slices']}"
         print(f"{row['variant']:<15}{timed_of:>9}{row['seconds_per_volume']:>10.2f}{row['seconds_per_slice']:>9.2f}"
               f"{stages}{row['peak_rss_mb']:>9.0f}{row.get('dice_volume', float('nan')):>8.3f}"
-              f"{row.get('dice_on_faithful_sample', float('nan')):>8.3f}")
+              f"{row.get('dice_on_faithful_sample', float('nan')):>8.3f}"
+              + (f"  GPU peak {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") is not None else ""))
     if any(row.get("slices_timed", 0) < row.get("slices", 0) for row in rows):
         print("(a variant timed on fewer slices than the range is scaled to the whole range"
               + ("; its time is representative, its Dice is not: the full cascade's Dice jumps between "

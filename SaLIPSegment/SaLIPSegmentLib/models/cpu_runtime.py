@@ -49,8 +49,12 @@ def requested_runtime() -> str:
     return value
 
 
+# What must import (effect_options.CPU_RUNTIME_REQUIREMENTS offers them inside Slicer).
+RUNTIME_MODULES = ("onnxruntime", "onnx")
+
+
 def onnx_runtime_available() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+    return all(importlib.util.find_spec(name) is not None for name in RUNTIME_MODULES)
 
 
 def _session(module: torch.nn.Module, inputs: tuple, input_names, output_names, threads: int,

@@ -14,15 +14,67 @@ from typing import List
 import numpy as np
 from scipy import ndimage
 
+from .anatomy import anatomical_plane
 from .errors import InputError
 from .io import read_image, write_atomically
 
 MONTAGE_SLICES = 8
+SCORE_NOTE = ("Retrieval score: 100 x cosine similarity between CLIP's embedding of the chosen part (the slice masked "
+              "to it, cropped to its box) and the prompt's sentences; higher is a closer match. Compare it between "
+              "slices of one volume, not across volumes or CLIP models. Flagged: a slice a person should check "
+              "(its flags are in the report); skipped: uniform after windowing, no model ran; propagated: prompted "
+              "with its neighbour's box instead of the full cascade.")
+
+
+def _plot_scores(axes, rows: List[dict]) -> np.ndarray:
+    """Scores and predicted IoU by slice; full-cascade, propagated, skipped and flagged slices marked apart."""
+    index = np.array([r["index"] for r in rows])
+    score = np.array([min(r["clip_scores"]) if r["clip_scores"] else np.nan for r in rows])
+    iou = np.array([min(r["predicted_ious"]) if r["predicted_ious"] else np.nan for r in rows])
+    method = np.array([r.get("method", "cascade") for r in rows])
+    flagged = np.array([bool(r.get("flags")) for r in rows])
+    axes.plot(index, score, "-", color="tab:blue", alpha=0.4)
+    for kind, marker, label in (("cascade", "o", "full cascade (key slice)"),
+                                ("propagated", "^", "propagated from a neighbour")):
+        chosen = method == kind
+        axes.plot(index[chosen], score[chosen], marker, color="tab:blue", markersize=4, linestyle="none",
+                  fillstyle="full" if kind == "cascade" else "none", label=label)
+    axes.plot(index[flagged], score[flagged], "rx", markersize=10, linestyle="none", label="flagged")
+    for k in index[method == "skipped"]:
+        axes.axvspan(k - 0.5, k + 0.5, color="0.85", linewidth=0)
+    handles, labels = axes.get_legend_handles_labels()
+    if (method == "skipped").any():
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="0.85"))
+        labels.append("skipped (uniform slice)")
+    axes.set_ylabel("retrieval score\n(100 x cosine)")
+    twin = axes.twinx()
+    twin.plot(index, iou, "g.", alpha=0.6, label="SAM predicted IoU")
+    twin.set_ylabel("SAM predicted IoU", color="g")
+    axes.legend(handles, labels, loc="lower left", fontsize=7, ncol=2)
+    return flagged
+
+
+def _plot_areas(axes, rows: List[dict], flagged: np.ndarray) -> None:
+    index = np.array([r["index"] for r in rows])
+    area = np.array([r["area"] for r in rows])
+    skipped = np.array([r.get("method") == "skipped" for r in rows])
+    colours = np.where(flagged, "tab:red", np.where(skipped, "0.7", "tab:blue"))
+    axes.bar(index, area, color=colours)
+    axes.set_ylabel("mask area (pixels)")
 
 
 def _load_mask(path: Path, shape) -> np.ndarray:
     import slicerio
 
+    from .outputs import output_kind
+
+    if output_kind(path) == "labelmap":
+        mask = read_image(path).array > 0
+        if mask.shape != tuple(shape):
+            raise InputError(f"{path} has grid {mask.shape}, the input {tuple(shape)}; was it written for this input?")
+        return mask
     segmentation = slicerio.read_segmentation(str(path))
     voxels = np.asarray(segmentation["voxels"])
     if voxels.ndim == 4:  # several layers: any segment counts
@@ -61,31 +113,20 @@ def render_qa(report_path: Path, output: Path) -> Path:
     volume = np.moveaxis(image.array, axis, 0)
     mask = np.moveaxis(mask, axis, 0)
 
-    index = np.array([r["index"] for r in rows])
-    score = np.array([min(r["clip_scores"]) if r["clip_scores"] else np.nan for r in rows])
-    iou = np.array([min(r["predicted_ious"]) if r["predicted_ious"] else np.nan for r in rows])
-    area = np.array([r["area"] for r in rows])
-    flagged = np.array([bool(r.get("flags")) for r in rows])
+    plane = anatomical_plane(image.direction, axis)
     shown = _montage_slices(rows)
-
     columns = max(1, min(4, len(shown)))
     montage_rows = -(-len(shown) // columns) if shown else 0
-    figure = plt.figure(figsize=(3.2 * max(columns, 3), 5 + 3.2 * montage_rows))
+    figure = plt.figure(figsize=(3.2 * max(columns, 3), 5.6 + 3.2 * montage_rows))
     grid = figure.add_gridspec(2 + montage_rows, max(columns, 1), height_ratios=[1.3, 1] + [1.6] * montage_rows)
     top = figure.add_subplot(grid[0, :])
-    top.plot(index, score, ".-", label="retrieval score (min over parts)")
-    top.plot(index[flagged], score[flagged], "rx", markersize=10, label="flagged")
-    top.set_ylabel("score")
-    top.set_title(f"{report['prompt']['display_name']}: {Path(report['input']).name}, "
-                  f"{report['sam']} + {report['clip']}, {int(flagged.sum())} flagged of {len(rows)} slices")
-    twin = top.twinx()
-    twin.plot(index, iou, "g.", alpha=0.6, label="SAM predicted IoU")
-    twin.set_ylabel("predicted IoU", color="g")
-    top.legend(loc="lower left", fontsize=8)
     middle = figure.add_subplot(grid[1, :], sharex=top)
-    middle.bar(index, area, color=np.where(flagged, "tab:red", "tab:blue"))
-    middle.set_xlabel(f"slice (numpy axis {axis})")
-    middle.set_ylabel("mask area (pixels)")
+    flagged = _plot_scores(top, rows)
+    top.set_title(f"{report['prompt']['display_name']}: {Path(report['input']).name}, "
+                  f"{report['sam']} + {report['clip']}, {int(flagged.sum())} flagged of {len(rows)} {plane} slices")
+    _plot_areas(middle, rows, flagged)
+    middle.set_xlabel(f"{plane} slice (index along numpy axis {axis} of the input)")
+    figure.text(0.01, 0.005, SCORE_NOTE, fontsize=7, va="bottom", ha="left", wrap=True)
     low, high = window
     for n, row in enumerate(shown):
         panel = figure.add_subplot(grid[2 + n // columns, n % columns])
@@ -93,11 +134,11 @@ def render_qa(report_path: Path, output: Path) -> Path:
         panel.imshow(volume[k], cmap="gray", vmin=low, vmax=high)
         outline = mask[k] & ~ndimage.binary_erosion(mask[k])
         panel.imshow(np.ma.masked_where(~outline, outline), cmap="autumn", interpolation="nearest")
-        panel.set_title(f"slice {k}: {', '.join(row.get('flags') or []) or 'ok'}", fontsize=9)
+        panel.set_title(f"{plane} slice {k}: {', '.join(row.get('flags') or []) or 'ok'}", fontsize=9)
         panel.axis("off")
     if not shown:
         middle.text(0.5, 0.5, "nothing segmented", transform=middle.transAxes, ha="center")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     try:
         write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
     finally:

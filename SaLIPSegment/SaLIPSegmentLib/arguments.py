@@ -85,6 +85,8 @@ def check_reference(path: Optional[os.PathLike], image, needed_by: str = ""):
         if needed_by:
             raise InputError(f"{needed_by} needs --reference (a mask on the input's grid).")
         return None
+    if not Path(path).expanduser().exists():
+        raise InputError(f"Reference {path} does not exist.")
     reference = read_image(Path(path))
     difference = grid_difference(reference, image)
     if difference is not None:

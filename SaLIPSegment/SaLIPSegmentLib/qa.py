@@ -97,7 +97,19 @@ def _montage_slices(rows: List[dict]) -> List[dict]:
 
 
 def render_qa(report_path: Path, output: Path) -> Path:
-    """Draw the QA picture for a report (its input and output files must still exist)."""
+    """Draw the QA picture for a report (its input and output files must still exist) into a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_qa(report_path)
+    try:
+        write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(figure)
+    return Path(output)
+
+
+def draw_qa(report_path: Path):
+    """The QA picture as a matplotlib figure (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,8 +151,4 @@ def render_qa(report_path: Path, output: Path) -> Path:
     if not shown:
         middle.text(0.5, 0.5, "nothing segmented", transform=middle.transAxes, ha="center")
     figure.tight_layout(rect=(0, 0.04, 1, 1))
-    try:
-        write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
-    finally:
-        plt.close(figure)
-    return Path(output)
+    return figure

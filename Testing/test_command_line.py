@@ -200,9 +200,7 @@ def test_without_a_gpu_the_fast_profile_is_used_and_said(tmp_path, capsys):
     from SaLIPSegmentLib.cli import build_parser
 
     args = build_parser().parse_args([str(a) for a in base + ["-o", tmp_path / "b.seg.nrrd", "--fast"]])
-    notes = []
-    choose_profile(args, notes.append)
-    assert args.profile == "fast" and notes == []
+    assert choose_profile(args) is None and args.profile == "fast"
 
 
 def test_profile_default_is_kept_when_asked_for(tmp_path, capsys, no_models):
@@ -248,6 +246,8 @@ def test_arguments_are_refused_before_any_model_loads(tmp_path, capsys, no_model
         got, said = _run(capsys, argv + no_models)
         assert (got, message in said, "Traceback" in said) == (code, True, False), (argv, said)
     assert not out.exists()
+    code, said = _run(capsys, segment[:-2] + ["-p", "brain", "--slices", "8:3", "--device", "cpu"])
+    assert code == 3 and "fast profile" not in said  # nothing announced for a run that does not start
     # The same words with --free-text are taken as asked, and get as far as the models.
     code, said = _run(capsys, ["segment", volume, "-o", out, "-p", "lugns", "--free-text"] + no_models)
     assert code == 4 and "sam_vit_b" in said
@@ -337,6 +337,7 @@ def test_the_qa_picture_names_the_plane_explains_the_score_and_marks_slice_kinds
         scores, areas = figure.axes[0], figure.axes[1]
         labels = [t.get_text() for t in scores.get_legend().get_texts()]
         markers = {line.get_label(): (line.get_marker(), line.get_fillstyle()) for line in scores.get_lines()}
+        bars = [t.get_text() for t in areas.get_legend().get_texts()]
     finally:
         plt.close(figure)
     assert areas.get_xlabel().startswith("axial slice")
@@ -344,6 +345,7 @@ def test_the_qa_picture_names_the_plane_explains_the_score_and_marks_slice_kinds
     assert {"full cascade (key slice)", "propagated from a neighbour", "flagged", "skipped (uniform slice)"} <= set(
         labels)
     assert len({markers["full cascade (key slice)"], markers["propagated from a neighbour"], markers["flagged"]}) == 3
+    assert bars == ["full cascade", "propagated", "skipped", "flagged"]  # the area bars' colours say it too
 
 
 # -- the README, as written -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -122,12 +122,15 @@ def has_gpu(device: str) -> bool:
     return resolve_device("auto").type != "cpu"
 
 
-def choose_profile(args, say: Callable[[str], None]) -> None:
-    """--profile when the user chose none: the fast pair on a machine without a GPU, said in one line."""
+def choose_profile(args) -> Optional[str]:
+    """--profile when the user chose none: the fast pair on a machine without a GPU.
+
+    Returns the one line that says so (to be said once the other checks passed), else None.
+    """
     if getattr(args, "profile", None) is not None:
-        return
+        return None
     if args.sam is not None or getattr(args, "engine", "local") == "ray" or has_gpu(args.device):
         args.profile = "default"  # they chose a SAM, or the models run on a cluster's or this GPU
-        return
+        return None
     args.profile = "fast"
-    say(CPU_PROFILE_NOTE)
+    return CPU_PROFILE_NOTE

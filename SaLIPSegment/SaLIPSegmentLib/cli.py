@@ -236,12 +236,22 @@ def _say(quiet: bool):
     return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
 
 
-def _check_prompt_and_profile(args, say) -> None:
-    """What every model command checks first: a misspelt preset, then the model pair for this machine."""
+def _check_prompt_and_profile(args) -> str:
+    """What every model command checks first: a misspelt preset, then the model pair for this machine.
+
+    Returns the line to say about the profile chosen for this machine ("" when the user chose).
+    """
     from .arguments import check_prompt_spelling, choose_profile
 
     check_prompt_spelling(args.prompt, args.free_text)
-    choose_profile(args, say)
+    return choose_profile(args) or ""
+
+
+def _checked_and_announced(args) -> None:
+    """_check_prompt_and_profile, saying the profile's line at once (batch and evaluate check little more)."""
+    note = _check_prompt_and_profile(args)
+    if note:
+        _say(args.quiet)(note)
 
 
 def run_segment(args) -> int:
@@ -252,7 +262,7 @@ def run_segment(args) -> int:
     from .pipeline import load_models, precision_note, segment_image, settings_from_args
 
     say = _say(args.quiet)
-    _check_prompt_and_profile(args, say)
+    profile_note = _check_prompt_and_profile(args)
     settings = settings_from_args(args)
     prompt = settings.prompt
     target = resolve_output(args.output, default_output_name(args.input, prompt.name), args.overwrite)
@@ -262,6 +272,8 @@ def run_segment(args) -> int:
     check_slicing(settings.axis, settings.slices, image)
     reference = check_reference(args.reference, image, needed_by="--clip oracle" if settings.clip == "oracle" else "")
     reference = None if reference is None else reference.array
+    if profile_note:
+        say(profile_note)
     say(f"Prompt: {prompt.display_name} ({'preset' if prompt.is_preset else 'free text'}, top-k {settings.top_k})")
 
     device = resolve_device(settings.device)
@@ -313,7 +325,7 @@ def run_batch(args) -> int:
     from .io import find_volumes
     from .pipeline import settings_from_args
 
-    _check_prompt_and_profile(args, _say(args.quiet))
+    _checked_and_announced(args)
     settings = settings_from_args(args)
     if args.workers is not None and args.workers < 1:
         raise InputError("--workers must be at least 1.")
@@ -343,7 +355,7 @@ def run_evaluate(args) -> int:
     from .pipeline import apply_profile, load_models, prompt_from_args, proposal_settings
     from .volume import as_volume
 
-    _check_prompt_and_profile(args, _say(args.quiet))
+    _checked_and_announced(args)
     apply_profile(args)
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
@@ -412,7 +424,7 @@ def run_evaluate_dataset(args) -> int:
     from .models import get_segmenter_spec, resolve_device
     from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
 
-    _check_prompt_and_profile(args, _say(args.quiet))
+    _checked_and_announced(args)
     apply_profile(args)
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k

@@ -26,7 +26,13 @@ SCORE_NOTE = ("Retrieval score: 100 x cosine similarity between CLIP's embedding
               "with its neighbour's box instead of the full cascade.")
 
 
-def _plot_scores(axes, rows: List[dict]) -> np.ndarray:
+ORACLE_NOTE = ("Oracle score: 100 x Dice between the chosen part and the reference mask (evaluation only). "
+               "Flagged: a slice a person should check (its flags are in the report); skipped: uniform after "
+               "windowing, no model ran; propagated: prompted with its neighbour's box instead of the full cascade.")
+KIND_COLOURS = {"cascade": "tab:blue", "propagated": "lightsteelblue", "skipped": "0.7"}
+
+
+def _plot_scores(axes, rows: List[dict], oracle: bool = False) -> np.ndarray:
     """Scores and predicted IoU by slice; full-cascade, propagated, skipped and flagged slices marked apart."""
     index = np.array([r["index"] for r in rows])
     score = np.array([min(r["clip_scores"]) if r["clip_scores"] else np.nan for r in rows])
@@ -48,7 +54,7 @@ def _plot_scores(axes, rows: List[dict]) -> np.ndarray:
 
         handles.append(Patch(color="0.85"))
         labels.append("skipped (uniform slice)")
-    axes.set_ylabel("retrieval score\n(100 x cosine)")
+    axes.set_ylabel("oracle score\n(100 x Dice)" if oracle else "retrieval score\n(100 x cosine)")
     twin = axes.twinx()
     twin.plot(index, iou, "g.", alpha=0.6, label="SAM predicted IoU")
     twin.set_ylabel("SAM predicted IoU", color="g")
@@ -59,10 +65,16 @@ def _plot_scores(axes, rows: List[dict]) -> np.ndarray:
 def _plot_areas(axes, rows: List[dict], flagged: np.ndarray) -> None:
     index = np.array([r["index"] for r in rows])
     area = np.array([r["area"] for r in rows])
-    skipped = np.array([r.get("method") == "skipped" for r in rows])
-    colours = np.where(flagged, "tab:red", np.where(skipped, "0.7", "tab:blue"))
-    axes.bar(index, area, color=colours)
+    method = [r.get("method", "cascade") for r in rows]
+    colours = ["tab:red" if flag else KIND_COLOURS.get(kind, "tab:blue") for flag, kind in zip(flagged, method)]
+    axes.bar(index, np.maximum(area, 0), color=colours)
     axes.set_ylabel("mask area (pixels)")
+    from matplotlib.patches import Patch
+
+    kinds = [("cascade", "full cascade"), ("propagated", "propagated"), ("skipped", "skipped")]
+    handles = [Patch(color=KIND_COLOURS[k], label=label) for k, label in kinds if k in method]
+    handles += [Patch(color="tab:red", label="flagged")] if flagged.any() else []
+    axes.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles) or 1)
 
 
 def _load_mask(path: Path, shape) -> np.ndarray:
@@ -133,12 +145,13 @@ def draw_qa(report_path: Path):
     grid = figure.add_gridspec(2 + montage_rows, max(columns, 1), height_ratios=[1.3, 1] + [1.6] * montage_rows)
     top = figure.add_subplot(grid[0, :])
     middle = figure.add_subplot(grid[1, :], sharex=top)
-    flagged = _plot_scores(top, rows)
+    oracle = report.get("clip") == "oracle"
+    flagged = _plot_scores(top, rows, oracle)
     top.set_title(f"{report['prompt']['display_name']}: {Path(report['input']).name}, "
                   f"{report['sam']} + {report['clip']}, {int(flagged.sum())} flagged of {len(rows)} {plane} slices")
     _plot_areas(middle, rows, flagged)
     middle.set_xlabel(f"{plane} slice (index along numpy axis {axis} of the input)")
-    figure.text(0.01, 0.005, SCORE_NOTE, fontsize=7, va="bottom", ha="left", wrap=True)
+    figure.text(0.01, 0.005, ORACLE_NOTE if oracle else SCORE_NOTE, fontsize=7, va="bottom", ha="left", wrap=True)
     low, high = window
     for n, row in enumerate(shown):
         panel = figure.add_subplot(grid[2 + n // columns, n % columns])

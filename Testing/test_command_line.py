@@ -150,12 +150,12 @@ def test_a_side_keeps_the_patients_own_side_whatever_the_orientation(tmp_path, f
     sitk.WriteImage(_two_kidneys(np.diag([flip, 1.0, 1.0])), str(path))
     image = read_image(path)
     both = image.array == 200
-    left, result = keep_patient_side(both, image.array, image, "left")
+    left, result = keep_patient_side(both, image.array, image.ijk_to_lps, "left")
     high_i = np.zeros_like(both)
     high_i[..., 24:] = True
     np.testing.assert_array_equal(left, both & (high_i if flip > 0 else ~high_i))
     assert result.voxels_removed == int(both.sum() - left.sum()) > 0
-    right, _ = keep_patient_side(both, image.array, image, "right")
+    right, _ = keep_patient_side(both, image.array, image.ijk_to_lps, "right")
     np.testing.assert_array_equal(right, both & ~left)
 
 

@@ -7,7 +7,6 @@ Images are in LPS (SimpleITK's and DICOM's convention): +x points to the patient
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -39,14 +38,13 @@ class SideResult:
         return {"side": self.side, "midline_x_mm": round(self.midline_x_mm, 2), "voxels_removed": self.voxels_removed}
 
 
-def _lps_x(indices_kji: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
-           direction: np.ndarray) -> np.ndarray:
+def _lps_x(indices_kji: np.ndarray, ijk_to_lps: np.ndarray) -> np.ndarray:
     """The LPS x coordinate (mm) of voxels given as rows of (k, j, i)."""
-    row = np.asarray(direction, dtype=float)[0] * np.asarray(spacing, dtype=float)  # per voxel axis i, j, k
-    return float(origin[0]) + indices_kji[:, ::-1] @ row
+    row = np.asarray(ijk_to_lps, dtype=float)[0]
+    return row[3] + indices_kji[:, ::-1] @ row[:3]
 
 
-def body_midline_x(volume: np.ndarray, spacing, origin, direction, samples: int = 200_000) -> float:
+def body_midline_x(volume: np.ndarray, ijk_to_lps: np.ndarray, samples: int = 200_000) -> float:
     """The median LPS x of the body's voxels (a strided sample): where left turns into right."""
     step = max(1, int(round((volume.size / samples) ** (1 / 3))))
     sample = volume[::step, ::step, ::step].astype(np.float32)
@@ -54,20 +52,22 @@ def body_midline_x(volume: np.ndarray, spacing, origin, direction, samples: int 
     body = np.argwhere(sample > low + TISSUE_LEVEL * (high - low)) * step
     if len(body) == 0:
         body = np.argwhere(np.ones(sample.shape, dtype=bool)) * step
-    return float(np.median(_lps_x(body, spacing, origin, direction)))
+    return float(np.median(_lps_x(body, ijk_to_lps)))
 
 
-def keep_patient_side(mask: np.ndarray, volume: np.ndarray, image, side: str) -> tuple:
+def keep_patient_side(mask: np.ndarray, volume: np.ndarray, ijk_to_lps: np.ndarray, side: str) -> tuple:
     """The mask with every voxel on the other side of the body's midline removed, and a SideResult.
 
-    A left kidney found in the patient's right half is the wrong organ, whatever CLIP scored:
-    it is removed rather than returned (its slices then show up as empty in the report).
+    `mask` and `volume` are in numpy order (k, j, i); `ijk_to_lps` is the 4 x 4 voxel-to-LPS
+    matrix (Image3D.ijk_to_lps; in Slicer, IJK-to-RAS with its first two rows negated). A left
+    kidney found in the patient's right half is the wrong organ, whatever CLIP scored: it is
+    removed rather than returned (its slices then show up as empty in the report).
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be left or right, got {side!r}")
-    midline = body_midline_x(volume, image.spacing, image.origin, image.direction)
+    midline = body_midline_x(volume, ijk_to_lps)
     found = np.argwhere(mask)
-    x = _lps_x(found, image.spacing, image.origin, image.direction)
+    x = _lps_x(found, ijk_to_lps)
     wrong = found[(x < midline) if side == "left" else (x > midline)]
     kept = mask.copy()
     kept[tuple(wrong.T)] = False

@@ -202,7 +202,7 @@ def segment_image(
     if settings.prompt.side:
         from .anatomy import keep_patient_side
 
-        mask, side = keep_patient_side(mask, volume, image, settings.prompt.side)
+        mask, side = keep_patient_side(mask, volume, image.ijk_to_lps, settings.prompt.side)
         if side.voxels_removed:
             say(f"Removed {side.voxels_removed} voxels on the patient's other side: "
                 f"'{settings.prompt.display_name}' keeps the {side.side} of the body's midline.")

@@ -18,7 +18,7 @@ AXES = ("auto", "0", "1", "2")
 # Two grids are the same when they differ by less than this (mm for origins, a fraction for spacings).
 GRID_TOLERANCE = 1e-3
 
-CPU_PROFILE_NOTE = ("No GPU here: using the fast profile (LiteMedSAM + CLIP ViT-B/32, about 3.5 min for 150 "
+CPU_PROFILE_NOTE = ("{where}: using the fast profile (LiteMedSAM + CLIP ViT-B/32, about 3.5 min for 150 "
                     "slices); --profile default runs SAM ViT-B (about 30 min on a CPU).")
 
 
@@ -133,4 +133,4 @@ def choose_profile(args) -> Optional[str]:
         args.profile = "default"  # they chose a SAM, or the models run on a cluster's or this GPU
         return None
     args.profile = "fast"
-    return CPU_PROFILE_NOTE
+    return CPU_PROFILE_NOTE.format(where="On the CPU (--device cpu)" if args.device == "cpu" else "No GPU here")

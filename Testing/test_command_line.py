@@ -81,6 +81,12 @@ def test_a_labelmap_name_writes_a_uint8_labelmap_on_the_inputs_grid(tmp_path, mo
     expected = read_segments_on_reference(segmentation, volume)[0]["Brain"]  # same models, same mask
     assert set(np.unique(labels)) <= {0, 1} and expected.any()
     np.testing.assert_array_equal(labels == 1, expected)
+    if suffix.startswith(".nii"):  # the user: nibabel must read it too, with the same voxels
+        import nibabel
+
+        loaded = nibabel.load(str(labelmap))
+        assert loaded.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(np.asarray(loaded.dataobj).transpose(2, 1, 0) == 1, expected)
 
 
 def test_a_folder_gets_the_default_name_and_other_names_are_refused_first(tmp_path, models, capsys):

@@ -159,7 +159,8 @@ def test_default_models_offline_end_with_the_missing_weights_message(tmp_path, c
     monkeypatch.setenv("SALIP_OFFLINE", "1")
     volume = tmp_path / "v.nrrd"
     _oblique_volume(volume)
-    code, err = _run(capsys, ["segment", str(volume), "-p", "brain", "-o", str(tmp_path / "o.seg.nrrd"), "-q"])
+    code, err = _run(capsys, ["segment", str(volume), "-p", "brain", "-o", str(tmp_path / "o.seg.nrrd"), "-q",
+                              "--profile", "default"])  # on a CPU, no --profile would mean the fast pair
     assert code == 4 and "sam_vit_b_01ec64.pth" in err and "Traceback" not in err
     assert "ViT-B-32.pt" in err  # every missing file at once, not one per attempt
     assert not (tmp_path / "o.seg.nrrd").exists()

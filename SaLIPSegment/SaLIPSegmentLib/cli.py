@@ -13,18 +13,23 @@ from typing import List, Optional
 from . import __version__
 from .errors import Cancelled, InputError, SalipError
 
+AXES = ("auto", "0", "1", "2")
+
 EPILOG = """exit codes: 0 done, 1 internal error, 2 usage, 3 bad input, 4 model or weights,
 5 output not writable or exists, 130 cancelled. See README.md."""
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .models.device import PRECISIONS
-    from .models.registry import DEFAULT_SCORER, DEFAULT_SEGMENTER, PROFILES
+    # catalog, not the registry: the registry imports torch, and `salip --help` must not wait for it.
+    from .models.catalog import DEFAULT_SCORER, DEFAULT_SEGMENTER, PRECISIONS, PROFILES
 
     group = parser.add_argument_group("models")
-    group.add_argument("--profile", choices=sorted(PROFILES), default="default",
+    group.add_argument("--profile", choices=sorted(PROFILES),
                        help="model pair: " + "; ".join(f"{k} = {v[0]} + {v[1]}" for k, v in PROFILES.items())
-                            + " (--sam and --clip override it)")
+                            + ". Without --profile or --sam: default where a GPU is, fast on a CPU "
+                              "(--sam and --clip override it)")
+    group.add_argument("--fast", dest="profile", action="store_const", const="fast",
+                       help="short for --profile fast (LiteMedSAM + CLIP ViT-B/32: minutes on a CPU)")
     group.add_argument("--sam", help=f"segmenter: vit_b, vit_l, vit_h or litemedsam (default {DEFAULT_SEGMENTER})")
     group.add_argument("--sam-checkpoint", type=Path, help="use this SAM weights file instead of resolving one")
     group.add_argument("--clip",
@@ -51,11 +56,18 @@ def _add_proposal_options(parser: argparse.ArgumentParser) -> None:
                             "small grid by predicted IoU, stability, neighbour agreement and CLIP score")
 
 
+def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--prompt", help="preset name (see `salip prompts`) or free text; a near miss of a "
+                                               "preset name ('lugns') is refused with a suggestion")
+    parser.add_argument("--preset", help="a preset by name; unlike -p, an unknown name is an error")
+    parser.add_argument("--free-text", action="store_true",
+                        help="take -p as free text even where it looks like a misspelt preset name")
+
+
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     """What to segment and how: shared by `segment` and `batch`."""
-    parser.add_argument("-p", "--prompt", help="preset name (see `salip prompts`) or free text")
-    parser.add_argument("--preset", help="a preset by name; unlike -p, an unknown name is an error")
-    parser.add_argument("--axis", default="auto",
+    _add_prompt_options(parser)
+    parser.add_argument("--axis", default="auto", choices=AXES,
                         help="numpy axis to slice along: 0 (k), 1 (j), 2 (i), or auto = largest spacing")
     parser.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="intensity window (default: robust 0.5-99.5 percentiles)")
@@ -84,12 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     segment = commands.add_parser(
-        "segment", help="segment a volume or 2D image and write a .seg.nrrd", epilog=EPILOG,
+        "segment", help="segment a volume or 2D image and write a segmentation or labelmap", epilog=EPILOG,
         description="Read INPUT (NRRD, NIfTI, MHA, DICOM folder, 2D image), segment PROMPT on every slice, "
-                    "write a Slicer segmentation on the input's geometry.",
+                    "write the result on the input's geometry in the format OUTPUT's name says.",
     )
     segment.add_argument("input", type=Path, help="volume file, DICOM series folder, or 2D image")
-    segment.add_argument("-o", "--output", type=Path, required=True, help="output .seg.nrrd")
+    # A str, not a Path: Path drops the trailing "/" that says "a folder".
+    segment.add_argument("-o", "--output", required=True,
+                         help="NAME.seg.nrrd (Slicer segmentation), NAME.nii.gz / .nii / .nrrd / .mha (uint8 "
+                              "labelmap, 1 = target), or a folder (existing, or ending in /) for INPUT_PROMPT.seg.nrrd")
     segment.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
     segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
@@ -108,9 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("input", type=Path)
     evaluate.add_argument("reference", type=Path, help="reference mask on the input's grid (non-zero = target)")
-    evaluate.add_argument("-p", "--prompt", help="preset name or free text")
-    evaluate.add_argument("--preset", help="a preset by name; an unknown name is an error")
-    evaluate.add_argument("--axis", default="auto", help="0, 1, 2 or auto (largest spacing)")
+    _add_prompt_options(evaluate)
+    evaluate.add_argument("--axis", default="auto", choices=AXES, help="0, 1, 2 or auto (largest spacing)")
     evaluate.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded")
     evaluate.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"))
     evaluate.add_argument("--top-k", type=int)
@@ -129,10 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "run goes on. Writes OUT.csv and OUT.md: one row per case, then the means.",
     )
     dataset.add_argument("pairs", type=Path)
-    dataset.add_argument("-p", "--prompt")
-    dataset.add_argument("--preset")
+    _add_prompt_options(dataset)
     dataset.add_argument("-o", "--output", type=Path, required=True, help="table path without suffix")
-    dataset.add_argument("--axis", default="auto")
+    dataset.add_argument("--axis", default="auto", choices=AXES)
     dataset.add_argument("--top-k", type=int)
     dataset.add_argument("--overwrite", action="store_true")
     dataset.add_argument("-q", "--quiet", action="store_true")
@@ -219,25 +232,48 @@ class _ProgressBar:
             self.bar = None
 
 
+def _say(quiet: bool):
+    return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+
+
+def _check_prompt_and_profile(args) -> str:
+    """What every model command checks first: a misspelt preset, then the model pair for this machine.
+
+    Returns the line to say about the profile chosen for this machine ("" when the user chose).
+    """
+    from .arguments import check_prompt_spelling, choose_profile
+
+    check_prompt_spelling(args.prompt, args.free_text)
+    return choose_profile(args) or ""
+
+
+def _checked_and_announced(args) -> None:
+    """_check_prompt_and_profile, saying the profile's line at once (batch and evaluate check little more)."""
+    note = _check_prompt_and_profile(args)
+    if note:
+        _say(args.quiet)(note)
+
+
 def run_segment(args) -> int:
-    from .io import ascii_segment_name, check_writable, read_image, write_json, write_segmentation
+    from .arguments import check_reference, check_slicing
+    from .io import ascii_segment_name, check_writable, read_image, write_json
     from .models import resolve_device
+    from .outputs import default_output_name, resolve_output, write_output
     from .pipeline import load_models, precision_note, segment_image, settings_from_args
 
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    say = _say(args.quiet)
+    profile_note = _check_prompt_and_profile(args)
     settings = settings_from_args(args)
     prompt = settings.prompt
-    output = check_writable(args.output, overwrite=args.overwrite)
+    target = resolve_output(args.output, default_output_name(args.input, prompt.name), args.overwrite)
     if args.report is not None:
         check_writable(args.report, overwrite=args.overwrite)
-
     image = read_image(args.input)
-    reference = None
-    if args.reference is not None:
-        reference = read_image(args.reference).array
-        if reference.shape != image.array.shape:
-            raise InputError(f"Reference {args.reference} has shape {reference.shape}, "
-                             f"the input {image.array.shape}.")
+    check_slicing(settings.axis, settings.slices, image)
+    reference = check_reference(args.reference, image, needed_by="--clip oracle" if settings.clip == "oracle" else "")
+    reference = None if reference is None else reference.array
+    if profile_note:
+        say(profile_note)
     say(f"Prompt: {prompt.display_name} ({'preset' if prompt.is_preset else 'free text'}, top-k {settings.top_k})")
 
     device = resolve_device(settings.device)
@@ -257,19 +293,30 @@ def run_segment(args) -> int:
     finally:
         progress.close()
 
-    if ascii_segment_name(prompt.display_name) != prompt.display_name:
+    if target.kind == "segmentation" and ascii_segment_name(prompt.display_name) != prompt.display_name:
         say(f"NRRD headers hold ASCII only: the segment is named '{ascii_segment_name(prompt.display_name)}'.")
-    write_segmentation(output, mask, image, prompt.display_name, prompt.color)
+    output = write_output(target, mask, image, prompt.display_name, prompt.color)
     if args.report is not None:
         # Absolute, so that `salip qa` finds them from any folder.
         write_json(args.report, {"input": str(args.input.resolve()), "output": str(output.resolve()),
-                                 "device": str(device), "model_load_seconds": round(load_seconds, 3), **report})
-    summary = report["summary"]
-    for notice in summary["notices"]:
+                                 "output_kind": target.kind, "device": str(device),
+                                 "model_load_seconds": round(load_seconds, 3), **report})
+    for notice in report["summary"]["notices"]:
         say(notice)
-    say(f"Wrote {output}: segment '{prompt.display_name}', {int(mask.sum())} voxels on "
-        f"{summary['slices_with_mask']} of {summary['slices_in_range']} slices in {summary['seconds']:.1f} s.")
+    say(_final_line(output, target.kind, prompt.display_name, int(mask.sum()), report, args.report))
     return 0
+
+
+def _final_line(output, kind, name, voxels, report, report_path) -> str:
+    """What was written, how much, which slices to look at, and where the details are."""
+    summary = report["summary"]
+    flagged = [row["index"] for row in report["slices"] if row.get("flags")]
+    shown = ", ".join(str(i) for i in flagged[:8]) + (", ..." if len(flagged) > 8 else "")
+    what = "labelmap" if kind == "labelmap" else "segmentation"
+    looks = f"{len(flagged)} slices flagged for review ({shown})" if flagged else "no slice flagged"
+    details = f"report: {report_path}" if report_path is not None else "no report (--report FILE writes one)"
+    return (f"Wrote {output} ({what}): '{name}', {voxels} voxels on {summary['slices_with_mask']} of "
+            f"{summary['slices_in_range']} slices in {summary['seconds']:.1f} s; {looks}; {details}.")
 
 
 def run_batch(args) -> int:
@@ -278,6 +325,7 @@ def run_batch(args) -> int:
     from .io import find_volumes
     from .pipeline import settings_from_args
 
+    _checked_and_announced(args)
     settings = settings_from_args(args)
     if args.workers is not None and args.workers < 1:
         raise InputError("--workers must be at least 1.")
@@ -300,12 +348,14 @@ def run_batch(args) -> int:
 def run_evaluate(args) -> int:
     import math
 
+    from .arguments import check_reference, check_slicing
     from .evaluation import evaluate_volume
     from .io import check_writable, read_image, write_json
     from .models import get_segmenter_spec, resolve_device
-    from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
-    from .volume import as_volume, parse_slice_range
+    from .pipeline import apply_profile, load_models, prompt_from_args, proposal_settings
+    from .volume import as_volume
 
+    _checked_and_announced(args)
     apply_profile(args)
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
@@ -313,11 +363,8 @@ def run_evaluate(args) -> int:
         check_writable(args.json, overwrite=args.overwrite)
     image = read_image(args.input)
     volume = as_volume(image.array)
-    reference = read_image(args.reference).array
-    if reference.shape != volume.shape:
-        raise InputError(f"Reference {args.reference} has shape {reference.shape}, the input {volume.shape}.")
-    axis = axis_for(args.axis, image)
-    slice_range = parse_slice_range(args.slices, volume.shape[axis])
+    reference = check_reference(args.reference, image).array
+    axis, slice_range = check_slicing(args.axis, args.slices, image)
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
@@ -371,11 +418,13 @@ def run_evaluate_dataset(args) -> int:
     import io as text_io
     import math
 
+    from .arguments import grid_difference
     from .evaluation import evaluate_volume
     from .io import check_writable, find_pairs, read_image, write_atomically
     from .models import get_segmenter_spec, resolve_device
     from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
 
+    _checked_and_announced(args)
     apply_profile(args)
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
@@ -392,9 +441,11 @@ def run_evaluate_dataset(args) -> int:
     for number, (case, image_path, reference_path) in enumerate(pairs, start=1):
         try:
             image = read_image(image_path)
-            reference = read_image(reference_path).array > 0
-            if reference.shape != image.array.shape:
-                raise InputError(f"reference grid {reference.shape} differs from the image's {image.array.shape}")
+            reference_image = read_image(reference_path)
+            difference = grid_difference(reference_image, image)
+            if difference is not None:
+                raise InputError(f"the reference is not on the image's grid: {difference}")
+            reference = reference_image.array > 0
             axis = axis_for(args.axis, image)
             settings = proposal
             if args.adapt:
@@ -463,13 +514,18 @@ def run_prompts(args) -> int:
     width = max(len(name) for name in presets)
     for name, preset in presets.items():
         print(f"{name:<{width}}  top-k {preset.top_k}  {', '.join(preset.modalities):<12} {preset.display_name}")
-    print("\nAny other text is a free-text prompt, e.g. -p 'left kidney'.")
+    print("\nAny other text is a free-text prompt, e.g. -p 'spleen'; text that looks like a misspelt preset name "
+          "is refused with a suggestion (--free-text takes it as typed).")
     return 0
 
 
 def run_models_list(args) -> int:
-    from .models import list_models
+    from .models.catalog import PLUGINS_ENV
 
+    if os.environ.get(PLUGINS_ENV):  # plugins register models through the registry, which needs torch
+        from .models.registry import list_models
+    else:
+        from .models.catalog import list_models
     rows = list_models(args.model_dir)
     print(f"{'name':<18}{'role':<6}{'size':<8}{'present':<9}path / source")
     for row in rows:

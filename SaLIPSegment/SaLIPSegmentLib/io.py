@@ -118,6 +118,13 @@ def check_writable(path: os.PathLike, overwrite: bool = True) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(temporary) next to path, then rename over it: the old file stays whole on failure."""
     path = Path(path).expanduser()
@@ -127,6 +134,8 @@ def write_atomically(path: os.PathLike, write: Callable[[Path], None]) -> Path:
     os.close(handle)
     try:
         write(Path(temporary))
+        # mkstemp creates the file for its owner only; a result is a file like any other.
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)

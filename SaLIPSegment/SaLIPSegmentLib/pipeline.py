@@ -198,6 +198,14 @@ def segment_image(
         mask = cleanup.fill_holes_per_slice(mask, result.axis)
     if settings.keep_largest:
         mask = cleanup.keep_largest_components(mask, settings.top_k)
+    side = None
+    if settings.prompt.side:
+        from .anatomy import keep_patient_side
+
+        mask, side = keep_patient_side(mask, volume, image.ijk_to_lps, settings.prompt.side)
+        if side.voxels_removed:
+            say(f"Removed {side.voxels_removed} voxels on the patient's other side: "
+                f"'{settings.prompt.display_name}' keeps the {side.side} of the body's midline.")
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": settings.top_k, "sam": settings.sam, "clip": settings.clip,
         "axis": result.axis, "mode": settings.mode, "key_interval": settings.key_interval,
@@ -206,6 +214,7 @@ def segment_image(
         "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,
         "cleanup": {"keep_largest": settings.keep_largest, "fill_holes": settings.fill_holes,
                     "fill_flagged": settings.fill_flagged, "voxels_after": int(mask.sum())},
+        "laterality": side.to_dict() if side else None,
         "seconds": round(time.perf_counter() - started, 3),
         "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
     }

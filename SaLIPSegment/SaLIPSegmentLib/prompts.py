@@ -46,6 +46,9 @@ class Prompt:
     aliases: Tuple[str, ...] = ()
     modalities: Tuple[str, ...] = ()
     is_preset: bool = False
+    side: Optional[str] = None
+    """"left" or "right" (the patient's) for one of a pair of organs: CLIP sees a crop, not
+    where it lies, so the side is kept by geometry (anatomy.keep_patient_side)."""
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +58,7 @@ class Prompt:
             "color": list(self.color),
             "top_k": self.top_k,
             "preset": self.is_preset,
+            "side": self.side,
         }
 
 
@@ -74,11 +78,14 @@ def _preset_from_file(path: Path) -> Prompt:
             aliases=tuple(data.get("aliases", ())),
             modalities=tuple(data.get("modalities", ())),
             is_preset=True,
+            side=data.get("side"),
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"Prompt preset {path} is not valid: {error}") from error
     if not prompt.sentences or prompt.top_k < 1 or len(prompt.color) != 3:
         raise InputError(f"Prompt preset {path} needs sentences, a top_k >= 1 and an RGB color")
+    if prompt.side not in (None, "left", "right"):
+        raise InputError(f"Prompt preset {path}: side must be left or right, got {prompt.side!r}")
     return prompt
 
 
@@ -106,8 +113,23 @@ def get_preset(name: str, presets: Optional[Dict[str, Prompt]] = None) -> Prompt
     preset = find_preset(name, presets)
     if preset is None:
         known = ", ".join(sorted(presets))
-        raise UnknownPresetError(f"Unknown prompt preset {name!r}. Known presets: {known}.")
+        close = suggest_presets(name, presets)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise UnknownPresetError(f"Unknown prompt preset {name!r}.{hint} Known presets: {known}.")
     return preset
+
+
+def suggest_presets(text: str, presets: Optional[Dict[str, Prompt]] = None) -> Tuple[str, ...]:
+    """Preset names that the text looks like a misspelling of ("lugns" -> lungs), best first."""
+    import difflib
+
+    presets = load_presets() if presets is None else presets
+    spellings = {}
+    for preset in presets.values():
+        for spelling in (preset.name, preset.display_name) + preset.aliases:
+            spellings.setdefault(_normalise(spelling), preset.name)
+    close = difflib.get_close_matches(_normalise(text), list(spellings), n=6, cutoff=0.75)
+    return tuple(dict.fromkeys(spellings[spelling] for spelling in close))[:3]
 
 
 def _color_for_text(text: str) -> Tuple[float, float, float]:

@@ -14,15 +14,79 @@ from typing import List
 import numpy as np
 from scipy import ndimage
 
+from .anatomy import anatomical_plane
 from .errors import InputError
 from .io import read_image, write_atomically
 
 MONTAGE_SLICES = 8
+SCORE_NOTE = ("Retrieval score: 100 x cosine similarity between CLIP's embedding of the chosen part (the slice masked "
+              "to it, cropped to its box) and the prompt's sentences; higher is a closer match. Compare it between "
+              "slices of one volume, not across volumes or CLIP models. Flagged: a slice a person should check "
+              "(its flags are in the report); skipped: uniform after windowing, no model ran; propagated: prompted "
+              "with its neighbour's box instead of the full cascade.")
+
+
+ORACLE_NOTE = ("Oracle score: 100 x Dice between the chosen part and the reference mask (evaluation only). "
+               "Flagged: a slice a person should check (its flags are in the report); skipped: uniform after "
+               "windowing, no model ran; propagated: prompted with its neighbour's box instead of the full cascade.")
+KIND_COLOURS = {"cascade": "tab:blue", "propagated": "lightsteelblue", "skipped": "0.7"}
+
+
+def _plot_scores(axes, rows: List[dict], oracle: bool = False) -> np.ndarray:
+    """Scores and predicted IoU by slice; full-cascade, propagated, skipped and flagged slices marked apart."""
+    index = np.array([r["index"] for r in rows])
+    score = np.array([min(r["clip_scores"]) if r["clip_scores"] else np.nan for r in rows])
+    iou = np.array([min(r["predicted_ious"]) if r["predicted_ious"] else np.nan for r in rows])
+    method = np.array([r.get("method", "cascade") for r in rows])
+    flagged = np.array([bool(r.get("flags")) for r in rows])
+    axes.plot(index, score, "-", color="tab:blue", alpha=0.4)
+    for kind, marker, label in (("cascade", "o", "full cascade (key slice)"),
+                                ("propagated", "^", "propagated from a neighbour")):
+        chosen = method == kind
+        axes.plot(index[chosen], score[chosen], marker, color="tab:blue", markersize=4, linestyle="none",
+                  fillstyle="full" if kind == "cascade" else "none", label=label)
+    axes.plot(index[flagged], score[flagged], "rx", markersize=10, linestyle="none", label="flagged")
+    for k in index[method == "skipped"]:
+        axes.axvspan(k - 0.5, k + 0.5, color="0.85", linewidth=0)
+    handles, labels = axes.get_legend_handles_labels()
+    if (method == "skipped").any():
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="0.85"))
+        labels.append("skipped (uniform slice)")
+    axes.set_ylabel("oracle score\n(100 x Dice)" if oracle else "retrieval score\n(100 x cosine)")
+    twin = axes.twinx()
+    twin.plot(index, iou, "g.", alpha=0.6, label="SAM predicted IoU")
+    twin.set_ylabel("SAM predicted IoU", color="g")
+    axes.legend(handles, labels, loc="lower left", fontsize=7, ncol=2)
+    return flagged
+
+
+def _plot_areas(axes, rows: List[dict], flagged: np.ndarray) -> None:
+    index = np.array([r["index"] for r in rows])
+    area = np.array([r["area"] for r in rows])
+    method = [r.get("method", "cascade") for r in rows]
+    colours = ["tab:red" if flag else KIND_COLOURS.get(kind, "tab:blue") for flag, kind in zip(flagged, method)]
+    axes.bar(index, np.maximum(area, 0), color=colours)
+    axes.set_ylabel("mask area (pixels)")
+    from matplotlib.patches import Patch
+
+    kinds = [("cascade", "full cascade"), ("propagated", "propagated"), ("skipped", "skipped")]
+    handles = [Patch(color=KIND_COLOURS[k], label=label) for k, label in kinds if k in method]
+    handles += [Patch(color="tab:red", label="flagged")] if flagged.any() else []
+    axes.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles) or 1)
 
 
 def _load_mask(path: Path, shape) -> np.ndarray:
     import slicerio
 
+    from .outputs import output_kind
+
+    if output_kind(path) == "labelmap":
+        mask = read_image(path).array > 0
+        if mask.shape != tuple(shape):
+            raise InputError(f"{path} has grid {mask.shape}, the input {tuple(shape)}; was it written for this input?")
+        return mask
     segmentation = slicerio.read_segmentation(str(path))
     voxels = np.asarray(segmentation["voxels"])
     if voxels.ndim == 4:  # several layers: any segment counts
@@ -45,7 +109,19 @@ def _montage_slices(rows: List[dict]) -> List[dict]:
 
 
 def render_qa(report_path: Path, output: Path) -> Path:
-    """Draw the QA picture for a report (its input and output files must still exist)."""
+    """Draw the QA picture for a report (its input and output files must still exist) into a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_qa(report_path)
+    try:
+        write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(figure)
+    return Path(output)
+
+
+def draw_qa(report_path: Path):
+    """The QA picture as a matplotlib figure (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,31 +137,21 @@ def render_qa(report_path: Path, output: Path) -> Path:
     volume = np.moveaxis(image.array, axis, 0)
     mask = np.moveaxis(mask, axis, 0)
 
-    index = np.array([r["index"] for r in rows])
-    score = np.array([min(r["clip_scores"]) if r["clip_scores"] else np.nan for r in rows])
-    iou = np.array([min(r["predicted_ious"]) if r["predicted_ious"] else np.nan for r in rows])
-    area = np.array([r["area"] for r in rows])
-    flagged = np.array([bool(r.get("flags")) for r in rows])
+    plane = anatomical_plane(image.direction, axis)
     shown = _montage_slices(rows)
-
     columns = max(1, min(4, len(shown)))
     montage_rows = -(-len(shown) // columns) if shown else 0
-    figure = plt.figure(figsize=(3.2 * max(columns, 3), 5 + 3.2 * montage_rows))
+    figure = plt.figure(figsize=(3.2 * max(columns, 3), 5.6 + 3.2 * montage_rows))
     grid = figure.add_gridspec(2 + montage_rows, max(columns, 1), height_ratios=[1.3, 1] + [1.6] * montage_rows)
     top = figure.add_subplot(grid[0, :])
-    top.plot(index, score, ".-", label="retrieval score (min over parts)")
-    top.plot(index[flagged], score[flagged], "rx", markersize=10, label="flagged")
-    top.set_ylabel("score")
-    top.set_title(f"{report['prompt']['display_name']}: {Path(report['input']).name}, "
-                  f"{report['sam']} + {report['clip']}, {int(flagged.sum())} flagged of {len(rows)} slices")
-    twin = top.twinx()
-    twin.plot(index, iou, "g.", alpha=0.6, label="SAM predicted IoU")
-    twin.set_ylabel("predicted IoU", color="g")
-    top.legend(loc="lower left", fontsize=8)
     middle = figure.add_subplot(grid[1, :], sharex=top)
-    middle.bar(index, area, color=np.where(flagged, "tab:red", "tab:blue"))
-    middle.set_xlabel(f"slice (numpy axis {axis})")
-    middle.set_ylabel("mask area (pixels)")
+    oracle = report.get("clip") == "oracle"
+    flagged = _plot_scores(top, rows, oracle)
+    top.set_title(f"{report['prompt']['display_name']}: {Path(report['input']).name}, "
+                  f"{report['sam']} + {report['clip']}, {int(flagged.sum())} flagged of {len(rows)} {plane} slices")
+    _plot_areas(middle, rows, flagged)
+    middle.set_xlabel(f"{plane} slice (index along numpy axis {axis} of the input)")
+    figure.text(0.01, 0.005, ORACLE_NOTE if oracle else SCORE_NOTE, fontsize=7, va="bottom", ha="left", wrap=True)
     low, high = window
     for n, row in enumerate(shown):
         panel = figure.add_subplot(grid[2 + n // columns, n % columns])
@@ -93,13 +159,9 @@ def render_qa(report_path: Path, output: Path) -> Path:
         panel.imshow(volume[k], cmap="gray", vmin=low, vmax=high)
         outline = mask[k] & ~ndimage.binary_erosion(mask[k])
         panel.imshow(np.ma.masked_where(~outline, outline), cmap="autumn", interpolation="nearest")
-        panel.set_title(f"slice {k}: {', '.join(row.get('flags') or []) or 'ok'}", fontsize=9)
+        panel.set_title(f"{plane} slice {k}: {', '.join(row.get('flags') or []) or 'ok'}", fontsize=9)
         panel.axis("off")
     if not shown:
         middle.text(0.5, 0.5, "nothing segmented", transform=middle.transAxes, ha="center")
-    figure.tight_layout()
-    try:
-        write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
-    finally:
-        plt.close(figure)
-    return Path(output)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    return figure

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..errors import ModelError
+from .catalog import PRECISIONS
 
 
 def resolve_device(requested: Optional[str] = None) -> torch.device:
@@ -39,7 +40,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "OutOfMemoryError" in names or "out of memory" in str(error).lower()
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:

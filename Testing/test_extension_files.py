@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SaLIPSegment"
 MODULE_CMAKE = MODULE / "CMakeLists.txt"
 EXTENSION_CMAKE = ROOT / "CMakeLists.txt"
-EFFECT = MODULE / "SaLIPSegmentLib" / "SegmentEditorEffect.py"
+EFFECT = MODULE / "SegmentEditorSaLIPLib" / "SegmentEditorEffect.py"
 MODULE_SCRIPT = MODULE / "SaLIPSegment.py"
 PACKAGED_SUFFIXES = {".py", ".png", ".json"}
 NOT_PACKAGED_DIRS = {"__pycache__"}
@@ -184,7 +184,7 @@ def png_size(path: Path):
 @pytest.mark.parametrize("path, size", [
     (ROOT / "SaLIP.png", (128, 128)),
     (MODULE / "Resources" / "Icons" / "SaLIPSegment.png", (128, 128)),
-    (MODULE / "Resources" / "Icons" / "SegmentEditorEffect.png", (21, 21)),
+    (MODULE / "SegmentEditorSaLIPLib" / "SegmentEditorEffect.png", (21, 21)),
 ])
 def test_icons_have_slicer_sizes(path, size):
     assert png_size(path) == size

@@ -17,6 +17,8 @@ from slicer.i18n import tr as _
 
 from SaLIPSegmentLib import effect_options
 
+__all__ = ["SegmentEditorEffect"]
+
 POLL_INTERVAL_MS = 200
 DEFAULT_SPIN_TEXT = "default"
 # A spin box at its minimum shows DEFAULT_SPIN_TEXT and means "the model's own default".
@@ -55,7 +57,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return clonedEffect
 
     def icon(self):
-        iconPath = os.path.join(os.path.dirname(__file__), "..", "Resources", "Icons", "SegmentEditorEffect.png")
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
         if os.path.exists(iconPath):
             return qt.QIcon(iconPath)
         return qt.QIcon()

@@ -227,13 +227,37 @@ def test_effect_keeps_its_parameters_in_the_scripted_effect():
     assert "saveStateForUndo" in source
 
 
-def test_effect_worker_makes_no_qt_calls():
-    """The job's work function (nested in startJob) touches neither qt nor slicer."""
+def test_the_effect_runs_the_engine_in_a_child_process_not_a_thread():
+    """Inside Slicer a Python thread crawls (PythonQt keeps the GIL): no threads, no engine calls in-process."""
+    tree = parse(EFFECT)
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    forbidden = {"BackgroundJob", "threading", "Thread", "segment_volume", "segment_image", "load_models",
+                 "MODELS", "SaLIPSegmentLib.volume", "SaLIPSegmentLib.pipeline"}
+    assert not (names | imported) & forbidden, (names | imported) & forbidden
+    engine = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "engine")
+    source = ast.unparse(engine)
+    assert "find_python_slicer" in source and "worker_command" in source and "shared_engine" in source
+    assert "submit" in names and "poll" in names and "kill" in names
+
+
+def test_the_effect_keeps_markup_placement_from_deselecting_it():
     cls = find_class(parse(EFFECT), "SegmentEditorEffect")
-    start_job = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "startJob")
-    work = next(node for node in ast.walk(start_job) if isinstance(node, ast.FunctionDef) and node.name == "work")
-    used = {node.id for node in ast.walk(work) if isinstance(node, ast.Name)}
-    assert not used & {"qt", "slicer", "ctk", "self"}, used & {"qt", "slicer", "ctk", "self"}
+    method = next(node for node in cls.body if isinstance(node, ast.FunctionDef)
+                  and node.name == "interactionNodeModified")
+    assert [arg.arg for arg in method.args.args] == ["self", "interactionNode"]
+    calls = [ast.unparse(node.func) for node in ast.walk(method) if isinstance(node, ast.Call)]
+    assert not any("selectEffect" in call for call in calls)
+
+
+def test_deactivate_ends_neither_the_run_nor_the_preview():
+    cls = find_class(parse(EFFECT), "SegmentEditorEffect")
+    method = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "deactivate")
+    calls = {ast.unparse(node.func) for node in ast.walk(method) if isinstance(node, ast.Call)}
+    assert not calls & {"self.endSession", "self.timer.stop", "self.onCancel", "engine().kill"}, calls
 
 
 def test_module_registers_the_effect_once_startup_completed():

@@ -85,7 +85,7 @@ class EffectOptions:
     window: Optional[Tuple[float, float]] = None
     proposal: ProposalOverrides = field(default_factory=ProposalOverrides)
     replace_selected_segment: bool = False
-    overwrite_other_segments: bool = False
+    """Other segments, the editable area and intensity range follow the Segment Editor's masking."""
 
     def numpy_axis(self) -> Optional[int]:
         """The chosen numpy axis, or None for the acquisition axis."""
@@ -94,6 +94,16 @@ class EffectOptions:
         if self.axis not in AXIS_CHOICES:
             raise ValueError(f"Axis must be one of {', '.join(AXIS_CHOICES)}, got {self.axis!r}.")
         return int(self.axis)
+
+
+def supported_slicer(version: Tuple[int, int], minimum: Tuple[int, int]) -> bool:
+    return tuple(int(v) for v in version[:2]) >= tuple(minimum)
+
+
+def unsupported_slicer_text(version: Tuple[int, int], minimum: Tuple[int, int]) -> str:
+    return (f"SaLIP needs 3D Slicer {minimum[0]}.{minimum[1]} or later (Python 3.12); this is Slicer "
+            f"{version[0]}.{version[1]}. Install a current Slicer from download.slicer.org and SaLIP from its "
+            "Extensions Manager. The SaLIP effect is not registered in this Slicer.")
 
 
 def optional_number(value, minimum):
@@ -128,6 +138,42 @@ def segment_volume_kwargs(
         "window": options.window if options.window is not None else window,
         "proposal": proposal,
     }
+
+
+def worker_settings(
+    options: EffectOptions,
+    prompt_top_k: int,
+    models: Tuple[str, str, str, Optional[str]],
+    axis: int,
+    slice_range: Optional[Tuple[int, int]],
+    window: Optional[Tuple[float, float]],
+) -> Dict[str, object]:
+    """The `settings` of a request to the engine's child process (worker.settings_from_request).
+
+    `models` is (segmenter, scorer, device, model folder); the model's own proposal defaults
+    are applied in the child, under the knobs the user changed.
+    """
+    segmenter, scorer, device, model_dir = models
+    window = options.window if options.window is not None else window
+    return {
+        "prompt": options.prompt, "top_k": effective_top_k(options, prompt_top_k),
+        "sam": segmenter, "clip": scorer, "device": device, "model_dir": model_dir or None,
+        "axis": str(int(axis)),
+        "slices": None if slice_range is None else f"{int(slice_range[0])}:{int(slice_range[1])}",
+        "window": None if window is None else [float(window[0]), float(window[1])],
+        "proposal": options.proposal.changed(),
+    }
+
+
+def flagged_from_report(report: dict) -> List[FlaggedSlice]:
+    """The flagged slices of a worker's report (its per-slice table)."""
+    return [FlaggedSlice(int(row["index"]), ", ".join(row["flags"])) for row in report.get("slices", [])
+            if row.get("flags")]
+
+
+def result_text(summary: dict, seconds: float) -> str:
+    return (f"{summary.get('slices_with_mask', 0)} of {summary.get('slices_in_range', 0)} slices have a mask "
+            f"({seconds:.0f} s). Apply to keep it.")
 
 
 def slice_count(shape: Sequence[int], axis: int, slice_range: Optional[Tuple[int, int]]) -> int:

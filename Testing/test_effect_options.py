@@ -242,3 +242,24 @@ def test_model_cache_builds_once_and_feeds_segment_volume(tiny_sam, tiny_sam_che
     assert all(f.index != 2 for f in eo.flagged_slices(result.slices))
     cache.clear()
     assert cache.get(tiny_sam, "largest", "cpu", model_dir)[0] is not segmenter
+
+
+def test_worker_settings_carry_what_the_child_needs():
+    options = eo.EffectOptions(prompt="lungs", top_k=0, proposal=eo.ProposalOverrides(points_per_side=12))
+    settings = eo.worker_settings(options, 2, ("litemedsam", "ViT-B-32:openai", "cpu", None), 0, (3, 9), (-100, 400))
+    assert settings == {"prompt": "lungs", "top_k": 2, "sam": "litemedsam", "clip": "ViT-B-32:openai",
+                        "device": "cpu", "model_dir": None, "axis": "0", "slices": "3:9", "window": [-100.0, 400.0],
+                        "proposal": {"points_per_side": 12}}
+    whole = eo.worker_settings(eo.EffectOptions(top_k=3), 1, ("vit_b", "oracle", "auto", "/m"), 2, None, None)
+    assert whole["slices"] is None and whole["window"] is None and whole["top_k"] == 3 and whole["model_dir"] == "/m"
+
+
+def test_flagged_slices_from_a_worker_report():
+    report = {"slices": [{"index": 4, "flags": []}, {"index": 5, "flags": ["no candidate", "area jump"]}]}
+    assert [item.label for item in eo.flagged_from_report(report)] == ["Slice 5: no candidate, area jump"]
+
+
+def test_supported_slicer_versions():
+    assert eo.supported_slicer((5, 10), (5, 10)) and eo.supported_slicer((6, 0), (5, 10))
+    assert not eo.supported_slicer((5, 8), (5, 10))
+    assert "5.10 or later" in eo.unsupported_slicer_text((5, 8), (5, 10))

@@ -172,6 +172,34 @@ def test_descriptions_agree_with_the_cmake_metadata():
     assert cmake_set_values(text, "EXTENSION_ICONURL")[0].strip('"') == s4ext["iconurl"]
 
 
+REPOSITORY_RAW = "https://raw.githubusercontent.com/SaLIP-Slicer/SlicerSaLIP/main/"
+
+
+def test_picture_urls_point_at_files_in_this_repository():
+    """The Extensions Index downloads every icon and screenshot URL: each must name a committed PNG."""
+    text = cmake_without_comments(EXTENSION_CMAKE)
+    s4ext = read_s4ext(ROOT / "SaLIP.s4ext")
+    urls = cmake_set_values(text, "EXTENSION_ICONURL") + cmake_set_values(text, "EXTENSION_SCREENSHOTURLS")
+    urls = [url.strip('"') for url in urls] + s4ext["iconurl"].split() + s4ext["screenshoturls"].split()
+    assert s4ext["screenshoturls"].split() == [url.strip('"') for url in
+                                               cmake_set_values(text, "EXTENSION_SCREENSHOTURLS")]
+    for url in urls:
+        assert url.startswith(REPOSITORY_RAW), url
+        path = ROOT / url[len(REPOSITORY_RAW):]
+        assert path.is_file(), f"{url} names {path}, which is not in the repository"
+        assert png_size(path)[0] >= 128
+
+
+def test_descriptions_and_readme_state_the_minimum_slicer_version():
+    text = cmake_without_comments(EXTENSION_CMAKE)
+    assert "Slicer 5.10 or later" in " ".join(cmake_set_values(text, "EXTENSION_DESCRIPTION"))
+    assert "Slicer 5.10 or later" in read_s4ext(ROOT / "SaLIP.s4ext")["description"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## In 3D Slicer"):]
+    assert "Slicer 5.10 or later" in section[:section.index("\n## ", 5)]
+    assert re.search(r"MINIMUM_SLICER = \(5, 10\)", MODULE_SCRIPT.read_text(encoding="utf-8"))
+
+
 # -- icons ----------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 The effect only gathers widget values; this module turns them into `segment_volume`
 arguments, estimates CPU time, lists flagged slices, tells which pip packages are
-missing, and keeps loaded models between runs. Importing it needs neither torch nor
+missing, and builds the requests for the engine's child process. Importing it needs neither torch nor
 Slicer, so Slicer can load the effect before the dependencies are installed.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -320,45 +319,6 @@ def download_weights(items, model_dir=None, progress=None, should_cancel=None) -
     return done_paths
 
 
-class ModelCache:
-    """The last segmenter and scorer built, kept so that Preview after Preview does not reload them.
-
-    `scorer_factories` maps extra scorer names to zero-argument callables; the module's
-    self-test registers a weight-free scorer there.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._key = None
-        self._models = None
-        self.scorer_factories: Dict[str, Callable[[], object]] = {}
-
-    def get(self, segmenter: str, scorer: str, device: str = "auto", model_dir=None, download: bool = False):
-        """(segmenter, scorer, torch device), building them if the choice changed. Thread-safe."""
-        key = (segmenter, scorer, device, str(model_dir or ""))
-        with self._lock:
-            if self._key == key and self._models is not None:
-                return self._models
-            from .models import create_scorer, create_segmenter, resolve_device
-
-            torch_device = resolve_device(device)
-            built_segmenter = create_segmenter(segmenter, torch_device, model_dir=model_dir,
-                                               download=download, progress=False)
-            if scorer in self.scorer_factories:
-                built_scorer = self.scorer_factories[scorer]()
-            else:
-                built_scorer = create_scorer(scorer, torch_device, model_dir=model_dir, download=download,
-                                             progress=False)
-            self._models = (built_segmenter, built_scorer, torch_device)
-            self._key = key
-            return self._models
-
-    def clear(self) -> None:
-        with self._lock:
-            self._key = None
-            self._models = None
-
-
 # -- choices for the settings panel --------------------------------------------------
 
 
@@ -380,6 +340,3 @@ def scorer_choices() -> List[str]:
         return [DEFAULT_SCORER]
     return list(LISTED_CLIP) + sorted(CLIP_ALIASES)
 
-
-MODELS = ModelCache()
-"""Shared by every effect instance (the Segment Editor clones effects per editor widget)."""

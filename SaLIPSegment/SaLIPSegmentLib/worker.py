@@ -86,17 +86,17 @@ def image_from_request(request: dict):
 # -- models -----------------------------------------------------------------------------------
 
 
-class LargestCandidateScorer:
+def largest_candidate_scorer():
     """Scores each candidate by its area (see LARGEST_CANDIDATE_SCORER)."""
+    from .models.base import Scorer
 
-    name = LARGEST_CANDIDATE_SCORER
-    precision = "auto"
+    class LargestCandidateScorer(Scorer):
+        name = LARGEST_CANDIDATE_SCORER
 
-    def score(self, image_rgb, candidates, sentences, reference=None):
-        return np.asarray([candidate.area for candidate in candidates], dtype=np.float64)
+        def score(self, image_rgb, candidates, sentences, reference=None):
+            return np.asarray([candidate.area for candidate in candidates], dtype=np.float64)
 
-    def to_device(self, device):
-        pass
+    return LargestCandidateScorer()
 
 
 @dataclass
@@ -119,7 +119,7 @@ class LoadedModels:
             segmenter, scorer = load_models(settings.sam, scorer_name, device, model_dir=settings.model_dir,
                                             progress=False, precision=settings.precision)
             if settings.clip == LARGEST_CANDIDATE_SCORER:
-                scorer = LargestCandidateScorer()
+                scorer = largest_candidate_scorer()
             self.key, self.models, self.loads = key, (segmenter, scorer), self.loads + 1
         return self.models
 

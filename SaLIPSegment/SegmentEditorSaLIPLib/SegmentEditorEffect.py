@@ -66,9 +66,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 On every slice, SAM proposes parts, CLIP picks the part that matches the prompt, and SAM refines it.
 <p><ul style="margin: 0">
 <li><b>Prompt:</b> a preset ("brain", "lungs", ...) or any words.</li>
-<li><b>Preview:</b> runs on the chosen slices; the result is shown as a separate preview segmentation.</li>
-<li><b>Apply:</b> writes the preview into a new segment (or the selected one). Undo reverts it.</li>
-<li><b>Cancel:</b> stops a running preview, or discards the preview.</li>
+<li><b>Preview:</b> runs on the chosen slices in a separate process (Slicer stays responsive; the run and
+its preview stay when you leave the effect); the result is shown as a separate preview segmentation.</li>
+<li><b>Apply:</b> writes the preview into a new segment (or the selected one), within the editable area,
+intensity range and "modify other segments" setting of the Masking section. Undo reverts it.</li>
+<li><b>Cancel:</b> stops a running preview (nothing is changed), or discards the preview.</li>
 </ul><p>Models, device and weights are chosen in the <b>SaLIP</b> module.""")
 
     def createCursor(self, widget):

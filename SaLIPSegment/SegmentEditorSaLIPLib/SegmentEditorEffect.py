@@ -1,13 +1,15 @@
 """The SaLIP Segment Editor effect: a text prompt in, a previewed segment out.
 
-Thin by design: it gathers options, runs the engine on a worker thread
-(`jobs.BackgroundJob`, polled by a QTimer) and hands masks to `slicer_bridge`.
-Anything worth testing lives in `effect_options`, `slicer_bridge` or the engine.
+Thin by design: it gathers options, hands the volume to the engine's child process
+(`jobs.EngineWorker`, whose JSON progress lines a QTimer reads without blocking), shows
+the result as a preview and writes it through the Segment Editor's own masking. The run
+and the preview live in a `jobs.PreviewSession`, not in this object, so that leaving the
+effect keeps them. Anything worth testing lives in `effect_options`, `jobs`,
+`slicer_bridge` or the engine.
 """
 
 import logging
 import os
-import traceback
 
 import ctk
 import qt
@@ -16,6 +18,8 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from slicer.i18n import tr as _
 
 from SaLIPSegmentLib import effect_options
+
+__all__ = ["SegmentEditorEffect"]
 
 POLL_INTERVAL_MS = 200
 DEFAULT_SPIN_TEXT = "default"
@@ -34,9 +38,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False  # it creates its own segment (or replaces the selected one)
         scriptedEffect.requireSegments = False
 
-        self.job = None
-        self.run = None
-        self.previewNode = None
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onPollJob)
@@ -55,7 +56,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return clonedEffect
 
     def icon(self):
-        iconPath = os.path.join(os.path.dirname(__file__), "..", "Resources", "Icons", "SegmentEditorEffect.png")
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
         if os.path.exists(iconPath):
             return qt.QIcon(iconPath)
         return qt.QIcon()
@@ -65,9 +66,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 On every slice, SAM proposes parts, CLIP picks the part that matches the prompt, and SAM refines it.
 <p><ul style="margin: 0">
 <li><b>Prompt:</b> a preset ("brain", "lungs", ...) or any words.</li>
-<li><b>Preview:</b> runs on the chosen slices; the result is shown as a separate preview segmentation.</li>
-<li><b>Apply:</b> writes the preview into a new segment (or the selected one). Undo reverts it.</li>
-<li><b>Cancel:</b> stops a running preview, or discards the preview.</li>
+<li><b>Preview:</b> runs on the chosen slices in a separate process (Slicer stays responsive; the run and
+its preview stay when you leave the effect); the result is shown as a separate preview segmentation.</li>
+<li><b>Apply:</b> writes the preview into a new segment (or the selected one), within the editable area,
+intensity range and "modify other segments" setting of the Masking section. Undo reverts it.</li>
+<li><b>Cancel:</b> stops a running preview (nothing is changed), or discards the preview.</li>
 </ul><p>Models, device and weights are chosen in the <b>SaLIP</b> module.""")
 
     def createCursor(self, widget):
@@ -140,14 +143,11 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
 
         self.replaceSelectedCheckBox = qt.QCheckBox(_("Replace selected segment"))
         self.replaceSelectedCheckBox.setToolTip(
-            _("Unchecked: the result goes into a new segment named after the prompt."))
+            _("Unchecked: the result goes into a new segment named after the prompt. Either way the "
+              "Segment Editor's masking (editable area, intensity range, modify other segments) applies."))
         self.replaceSelectedCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
-        self.overwriteOthersCheckBox = qt.QCheckBox(_("Overwrite other segments"))
-        self.overwriteOthersCheckBox.setToolTip(_("Remove the result's voxels from every other segment."))
-        self.overwriteOthersCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         outputLayout = qt.QHBoxLayout()
         outputLayout.addWidget(self.replaceSelectedCheckBox)
-        outputLayout.addWidget(self.overwriteOthersCheckBox)
         self.scriptedEffect.addOptionsWidget(outputLayout)
 
         self.setupAdvancedSection()
@@ -247,7 +247,6 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
         self.scriptedEffect.setParameterDefault("TopK", 0)
         self.scriptedEffect.setParameterDefault("UseDisplayWindow", 1)
         self.scriptedEffect.setParameterDefault("ReplaceSelectedSegment", 0)
-        self.scriptedEffect.setParameterDefault("OverwriteOtherSegments", 0)
         self.scriptedEffect.setParameterDefault("PointsPerSide", 0)
         self.scriptedEffect.setParameterDefault("PredIouThresh", UNSET_FRACTION)
         self.scriptedEffect.setParameterDefault("StabilityThresh", UNSET_FRACTION)
@@ -258,7 +257,7 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
     def _guiWidgets(self):
         return [self.promptComboBox, self.rangeAllButton, self.rangeAroundButton, self.rangeRoiButton,
                 self.halfWidthSpinBox, self.roiSelector, self.axisComboBox, self.topKSpinBox,
-                self.useDisplayWindowCheckBox, self.replaceSelectedCheckBox, self.overwriteOthersCheckBox,
+                self.useDisplayWindowCheckBox, self.replaceSelectedCheckBox,
                 self.pointsPerSideSpinBox, self.predIouSpinBox, self.stabilitySpinBox, self.cropLayersSpinBox,
                 self.maxAreaSpinBox, self.minRegionSpinBox]
 
@@ -281,7 +280,6 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
         self.topKSpinBox.value = self.scriptedEffect.integerParameter("TopK")
         self.useDisplayWindowCheckBox.checked = self.scriptedEffect.integerParameter("UseDisplayWindow") != 0
         self.replaceSelectedCheckBox.checked = self.scriptedEffect.integerParameter("ReplaceSelectedSegment") != 0
-        self.overwriteOthersCheckBox.checked = self.scriptedEffect.integerParameter("OverwriteOtherSegments") != 0
         self.pointsPerSideSpinBox.value = self.scriptedEffect.integerParameter("PointsPerSide")
         self.predIouSpinBox.value = self.scriptedEffect.doubleParameter("PredIouThresh")
         self.stabilitySpinBox.value = self.scriptedEffect.doubleParameter("StabilityThresh")
@@ -307,7 +305,6 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
         setParameter("TopK", self.topKSpinBox.value)
         setParameter("UseDisplayWindow", 1 if self.useDisplayWindowCheckBox.checked else 0)
         setParameter("ReplaceSelectedSegment", 1 if self.replaceSelectedCheckBox.checked else 0)
-        setParameter("OverwriteOtherSegments", 1 if self.overwriteOthersCheckBox.checked else 0)
         setParameter("PointsPerSide", self.pointsPerSideSpinBox.value)
         setParameter("PredIouThresh", self.predIouSpinBox.value)
         setParameter("StabilityThresh", self.stabilitySpinBox.value)
@@ -321,16 +318,22 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
 
     def activate(self):
         self.updateModelsLabel()
+        session = self.session()
+        if session.running:
+            self.timer.start()  # a run started before the effect was left: keep showing it
+        self.statusLabel.text = session.status
         self.updateButtons()
 
     def deactivate(self):
-        # Leaving the effect abandons the run and its preview: nothing is written.
-        if self.job is not None and not self.job.finished:
-            self.job.cancel()
-        self.timer.stop()
-        self.job = None
-        self.discardPreview()
+        # Nothing ends here: "Settings...", another module or another effect leave the run and its
+        # preview alone. The timer keeps reading the child's progress (its pipe must not fill up)
+        # and shows the preview when the run ends.
         self.updateButtons()
+
+    def interactionNodeModified(self, interactionNode):
+        # Slicer's default deselects the effect when markup placement starts; placing the ROI
+        # that limits the slices must not end the effect (and nothing here draws in the views).
+        pass
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -341,6 +344,13 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
 
     def sourceVolumeNode(self):
         return self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+
+    def session(self):
+        """This Segment Editor's job and preview; they outlive this effect object's activation."""
+        from SaLIPSegmentLib import jobs
+
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        return jobs.SESSIONS.get(parameterSetNode.GetID() if parameterSetNode else "")
 
     def options(self):
         doubleParameter = self.scriptedEffect.doubleParameter
@@ -361,7 +371,6 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
                 min_region_area=unset(integerParameter("MinRegionArea"), UNSET_COUNT),
             ),
             replace_selected_segment=integerParameter("ReplaceSelectedSegment") != 0,
-            overwrite_other_segments=integerParameter("OverwriteOtherSegments") != 0,
         )
 
     def sliceNodeForAxis(self, volumeNode, axis):
@@ -403,14 +412,22 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
         logic = self.logic()
         self.modelsLabel.text = f"{logic.segmenterName()} + {logic.scorerName()} ({logic.deviceName()})"
 
+    def previewNode(self):
+        nodeId = self.session().preview_node_id
+        return slicer.mrmlScene.GetNodeByID(nodeId) if nodeId else None
+
     def updateButtons(self):
         if not hasattr(self, "previewButton"):
             return
-        running = self.job is not None and not self.job.finished
+        session = self.session()
+        running = session.running
+        hasPreview = self.previewNode() is not None
         self.previewButton.enabled = not running
-        self.applyButton.enabled = not running and self.previewNode is not None
-        self.cancelButton.enabled = running or self.previewNode is not None
+        self.applyButton.enabled = not running and hasPreview
+        self.cancelButton.enabled = running or hasPreview
         self.progressBar.visible = running
+        if not running and not hasPreview:
+            self.showFlaggedSlices([])
 
     def showFlaggedSlices(self, flagged):
         self.flaggedListWidget.clear()
@@ -421,14 +438,22 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
         self.flaggedListWidget.visible = bool(flagged)
         self.flaggedLabel.visible = bool(flagged)
 
-    def discardPreview(self):
-        if self.previewNode is not None:
-            from SaLIPSegmentLib import slicer_bridge  # imports the engine (torch): only when there is a preview
+    def setStatus(self, text):
+        self.session().status = text
+        if hasattr(self, "statusLabel"):
+            self.statusLabel.text = text
 
-            slicer_bridge.discard_preview(self.previewNode)
-        self.previewNode = None
-        if hasattr(self, "flaggedListWidget"):
-            self.showFlaggedSlices([])
+    def endSession(self):
+        """Kill a running job and remove the preview: the scene is left as it was before Preview."""
+        session = self.session()
+        if session.running:
+            engine().kill()  # Cancel ends the child: what it computed so far is dropped
+        _job, previewNodeId = session.end()  # also removes the run's temporary files
+        previewNode = slicer.mrmlScene.GetNodeByID(previewNodeId) if previewNodeId else None
+        if previewNode is not None:
+            from SaLIPSegmentLib import slicer_bridge
+
+            slicer_bridge.discard_preview(previewNode)
 
     def onOpenSettings(self):
         slicer.util.selectModule("SaLIPSegment")
@@ -436,16 +461,17 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
     # -- preview / apply / cancel -----------------------------------------------------
 
     def onPreview(self):
-        if self.job is not None and not self.job.finished:
+        if self.session().running:
             return
         with slicer.util.tryWithErrorDisplay(_("SaLIP could not start."), waitCursor=True):
-            run = self.prepareRun()
-            if run is None:
+            prepared = self.prepareRun()
+            if prepared is None:
                 return
-            self.startJob(run)
+            self.endSession()  # a new Preview replaces the last one
+            self.startJob(*prepared)
 
     def prepareRun(self):
-        """Everything the worker needs, gathered on the main thread; None when the user must act first."""
+        """(request, run) for the engine's child process; None when the user must act first."""
         volumeNode = self.sourceVolumeNode()
         if volumeNode is None:
             slicer.util.errorDisplay(_("Select a source volume in the Segment Editor first."))
@@ -455,25 +481,33 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
             return None
 
         from SaLIPSegmentLib import slicer_bridge
-        from SaLIPSegmentLib.models import get_segmenter_spec, resolve_device
-        from SaLIPSegmentLib.models.base import ProposalSettings
         from SaLIPSegmentLib.prompts import resolve_prompt
 
         options = self.options()
         prompt = resolve_prompt(options.prompt)
-        # A copy: the worker must not see the node change while it runs.
-        array, geometry = slicer_bridge.volume_to_numpy(volumeNode)
+        geometry = slicer_bridge.volume_geometry(volumeNode)
         axis = options.numpy_axis()
         if axis is None:
             axis = slicer_bridge.default_slice_axis(volumeNode)
-        sliceRange = self.sliceRange(volumeNode, array.shape, axis, options)
+        sliceRange = self.sliceRange(volumeNode, geometry.shape, axis, options)
         if sliceRange is False:
             return None
         useWindow = self.scriptedEffect.integerParameter("UseDisplayWindow") != 0
         window = slicer_bridge.display_window(volumeNode) if useWindow else None
+        models = (logic.segmenterName(), logic.scorerName(), logic.deviceName(), logic.modelDirectory() or None)
+        if not self.confirmModels(models, effect_options.slice_count(geometry.shape, axis, sliceRange)):
+            return None
+        request = {"type": "segment", "spacing": list(geometry.spacing[::-1]),
+                   "settings": effect_options.worker_settings(options, prompt.top_k, models, axis, sliceRange,
+                                                              window)}
+        run = {"volumeNodeId": volumeNode.GetID(), "shape": list(geometry.shape), "axis": axis,
+               "ijkToWorld": geometry.ijk_to_world.tolist(), "promptName": prompt.display_name,
+               "color": list(prompt.color), "replaceSelected": options.replace_selected_segment}
+        return request, run
 
-        segmenterName, scorerName = logic.segmenterName(), logic.scorerName()
-        deviceName, modelDirectory = logic.deviceName(), logic.modelDirectory() or None
+    def confirmModels(self, models, slices):
+        """Weights present, and a long CPU run confirmed; False after telling the user what to do."""
+        segmenterName, scorerName, deviceName, modelDirectory = models
         missing = effect_options.weights_to_download([segmenterName, scorerName], modelDirectory)
         if missing:
             names = ", ".join(f"{name} ({spec.filename})" for name, spec in missing)
@@ -481,148 +515,158 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
                     _("Model weights are missing: {names}.\n\nOpen the SaLIP module to download them "
                       "(or to choose a folder that holds them)?").format(names=names)):
                 self.onOpenSettings()
-            return None
+            return False
+        from SaLIPSegmentLib.models import resolve_device
 
-        device = resolve_device(deviceName)
-        slices = effect_options.slice_count(array.shape, axis, sliceRange)
-        if effect_options.needs_cpu_confirmation(device.type, segmenterName, slices):
+        if effect_options.needs_cpu_confirmation(resolve_device(deviceName).type, segmenterName, slices):
             estimate = effect_options.format_duration(effect_options.estimate_cpu_seconds(segmenterName, slices))
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("No GPU is in use: {slices} slices with {model} will take roughly {estimate} on the CPU.\n\n"
-                      "Fewer slices (current slice ± N, or an ROI) or the litemedsam model run faster. "
-                      "Continue?").format(slices=slices, model=segmenterName, estimate=estimate)):
-                return None
+            return slicer.util.confirmOkCancelDisplay(
+                _("No GPU is in use: {slices} slices with {model} will take roughly {estimate} on the CPU.\n\n"
+                  "Fewer slices (current slice ± N, or an ROI) or the litemedsam model run faster. "
+                  "Continue?").format(slices=slices, model=segmenterName, estimate=estimate))
+        return True
 
-        spec = get_segmenter_spec(segmenterName)
-        proposal = ProposalSettings.from_dict(
-            effect_options.proposal_values(spec.proposal_defaults, options.proposal))
-        kwargs = effect_options.segment_volume_kwargs(options, prompt.top_k, axis, sliceRange, window, proposal)
-        return {
-            "volumeNode": volumeNode, "array": array, "ijkToWorld": geometry.ijk_to_world, "axis": axis,
-            "prompt": prompt, "kwargs": kwargs, "segmenter": segmenterName, "scorer": scorerName,
-            "device": deviceName, "modelDirectory": modelDirectory, "options": options,
-        }
+    def startJob(self, request, run):
+        """Hand the volume to the child through a temporary file and start reading its progress."""
+        import tempfile
 
-    def startJob(self, run):
-        from SaLIPSegmentLib.jobs import BackgroundJob
-        from SaLIPSegmentLib.volume import segment_volume
+        import numpy as np
 
-        def work(progress, should_cancel):
-            # Worker thread: no Qt, no MRML. Loading models happens here too (it takes seconds).
-            segmenter, scorer, _device = effect_options.MODELS.get(
-                run["segmenter"], run["scorer"], run["device"], run["modelDirectory"])
-            return segment_volume(run["array"], segmenter, scorer, run["prompt"].sentences,
-                                  progress=progress, should_cancel=should_cancel, **run["kwargs"])
+        from SaLIPSegmentLib import slicer_bridge
 
-        self.discardPreview()
-        self.run = run
-        self.statusLabel.text = _("Running SaLIP for '{prompt}'...").format(prompt=run["prompt"].display_name)
+        folder = tempfile.mkdtemp(prefix="salip-preview-")
+        array, _geometry = slicer_bridge.volume_to_numpy(slicer.mrmlScene.GetNodeByID(run["volumeNodeId"]))
+        request["volume"] = os.path.join(folder, "volume.npy")
+        np.save(request["volume"], array)
+        run["folder"] = folder
+        job = engine().submit(request, os.path.join(folder, "result"))
+        self.session().begin(job, run)
+        self.setStatus(_("Running SaLIP for '{prompt}'...").format(prompt=run["promptName"]))
         self.progressBar.minimum = 0
         self.progressBar.maximum = 0  # busy until the first slice reports
-        self.job = BackgroundJob(work, name="salip-preview").start()
         self.timer.start()
         self.updateButtons()
 
     def onPollJob(self):
-        job = self.job
-        if job is None:
+        session = self.session()
+        job = session.job
+        if job is None or job.finished:
             self.timer.stop()
             return
-        done, total = job.progress
-        if total > 0:
-            self.progressBar.maximum = total
-            self.progressBar.value = done
-        self.progressBar.setFormat(effect_options.progress_text(done, total))
+        engine().poll(job)  # non-blocking reads of the child's JSON lines
+        if job.total > 0:
+            self.progressBar.maximum = job.total
+            self.progressBar.value = job.done
+        self.progressBar.setFormat(effect_options.progress_text(job.done, job.total))
         if not job.finished:
             return
         self.timer.stop()
-        self.job = None
+        with slicer.util.tryWithErrorDisplay(_("SaLIP could not show its result."), waitCursor=True):
+            self.finishJob(session, job)
         self.updateButtons()
-        from SaLIPSegmentLib import slicer_bridge
 
-        prompt = self.run["prompt"]
-        previewNode, error = slicer_bridge.preview_from_job(
-            job, slicer.mrmlScene, self.run["volumeNode"], prompt.display_name, prompt.color)
-        if error is not None:
-            self.reportError(error)
+    def finishJob(self, session, job):
+        import json
+
+        from SaLIPSegmentLib import jobs, slicer_bridge
+
+        if job.state != jobs.DONE:
+            self.reportError(job.error)
+            self.endSession()
             return
-        self.previewNode = previewNode
-        self.showResult(job.result)
-
-    def showResult(self, result):
-        summary = result.summary()
-        if result.notices:
-            # The models may have moved to the CPU: the next Preview loads them afresh on the chosen device.
-            effect_options.MODELS.clear()
-            slicer.util.warningDisplay("\n".join(result.notices), windowTitle=_("SaLIP"))
-        self.statusLabel.text = _("{withMask} of {inRange} slices have a mask ({seconds:.0f} s). "
-                                  "Apply to keep it.").format(withMask=summary["slices_with_mask"],
-                                                              inRange=summary["slices_in_range"],
-                                                              seconds=summary["seconds"])
-        self.showFlaggedSlices(effect_options.flagged_slices(result.slices))
-        self.updateButtons()
+        run = session.run
+        volumeNode = slicer.mrmlScene.GetNodeByID(run["volumeNodeId"])
+        if volumeNode is None:
+            raise ValueError(_("The source volume was removed while SaLIP ran."))
+        mask = slicer_bridge.load_result_mask(job.result["mask"], volumeNode, run["shape"])
+        previewNode = slicer_bridge.create_preview(slicer.mrmlScene, volumeNode, mask, run["promptName"],
+                                                   run["color"])
+        session.preview_node_id = previewNode.GetID()
+        run["mask"] = job.result["mask"]
+        with open(job.result["report"], encoding="utf-8") as reportFile:
+            report = json.load(reportFile)
+        summary = job.result.get("summary", {})
+        self.setStatus(effect_options.result_text(summary, job.seconds))
+        self.showFlaggedSlices(effect_options.flagged_from_report(report))
+        notices = list(summary.get("notices") or []) + job.notices
+        if notices:
+            slicer.util.warningDisplay("\n".join(notices), windowTitle=_("SaLIP"))
 
     def reportError(self, error):
-        from SaLIPSegmentLib.errors import Cancelled, MissingWeightsError, SalipError
-
-        if isinstance(error, Cancelled):
-            self.statusLabel.text = _("Cancelled; nothing was written.")
+        if error is None or error.kind == "Cancelled":
+            self.setStatus(_("Cancelled; nothing was written."))
             return
-        self.statusLabel.text = _("Failed: see the message.")
-        if effect_options.is_out_of_memory(error):
-            effect_options.MODELS.clear()
+        self.setStatus(_("Failed: see the message."))
+        if error.kind == "OutOfMemory":
             slicer.util.errorDisplay(
                 _("The GPU ran out of memory. Try fewer points per side, a smaller model (vit_b or litemedsam), "
-                  "or the CPU (SaLIP module > Device), then Preview again."), detailedText=str(error))
-        elif isinstance(error, MissingWeightsError):
+                  "or the CPU (SaLIP module > Device), then Preview again."), detailedText=error.details)
+        elif error.kind == "MissingWeightsError":
             if slicer.util.confirmOkCancelDisplay(
-                    _("{message}\n\nOpen the SaLIP module to download the weights?").format(message=str(error))):
+                    _("{message}\n\nOpen the SaLIP module to download the weights?").format(message=error.message)):
                 self.onOpenSettings()
-        elif isinstance(error, SalipError):
-            slicer.util.errorDisplay(str(error))
-        else:
-            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            logging.error(details)
-            slicer.util.errorDisplay(_("SaLIP failed: {error}").format(error=error), detailedText=details)
+        elif error.kind in ("InputError", "SalipError"):
+            slicer.util.errorDisplay(error.message)
+        else:  # a crash of the child (its log attached), or an unexpected error in the engine
+            logging.error("SaLIP: %s\n%s", error.message, error.details)
+            slicer.util.errorDisplay(_("SaLIP failed: {error}").format(error=error.message),
+                                     detailedText=error.details)
 
     def onApply(self):
-        if self.previewNode is None:
+        previewNode = self.previewNode()
+        session = self.session()
+        if previewNode is None or session.run is None:
             slicer.util.errorDisplay(_("Click Preview first."))
             return
         from SaLIPSegmentLib import slicer_bridge
 
+        run = session.run
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        options = self.run["options"]
-        segmentId = parameterSetNode.GetSelectedSegmentID() if options.replace_selected_segment else None
+        volumeNode = slicer.mrmlScene.GetNodeByID(run["volumeNodeId"])
+        segmentId = parameterSetNode.GetSelectedSegmentID() if run["replaceSelected"] else None
         with slicer.util.tryWithErrorDisplay(_("Failed to write the SaLIP result."), waitCursor=True):
-            # The bridge calls saveStateForUndo once, just before writing, so the editor's Undo reverts it.
-            # It takes the segment's name and colour from the preview, then removes the preview.
-            newSegmentId = slicer_bridge.apply_preview(
-                self.previewNode, segmentationNode, self.run["volumeNode"], segment_id=segmentId or None,
-                overwrite_other_segments=options.overwrite_other_segments, undo=self.scriptedEffect.saveStateForUndo)
-            self.previewNode = None
+            mask = slicer_bridge.load_result_mask(run["mask"], volumeNode, run["shape"])
+            # Through the editor's own modifySegmentByLabelmap: its masking applies as for every
+            # built-in effect; one saveStateForUndo first, so one Undo reverts it all.
+            newSegmentId = slicer_bridge.write_mask_masked(
+                segmentationNode, volumeNode, mask, run["promptName"], run["color"], modify=self.modifySegment,
+                reference=self.scriptedEffect.referenceGeometryImage(), segment_id=segmentId or None,
+                undo=self.scriptedEffect.saveStateForUndo)
             parameterSetNode.SetSelectedSegmentID(newSegmentId)
-            self.statusLabel.text = _("Applied to segment '{name}'.").format(name=self.run["prompt"].display_name)
-        self.discardPreview()
+            self.endSession()
+            self.setStatus(_("Applied to segment '{name}'.").format(name=run["promptName"]))
         self.updateButtons()
 
+    def modifySegment(self, segmentationNode, segmentId, labelmap):
+        self.scriptedEffect.modifySegmentByLabelmap(
+            segmentationNode, segmentId, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+
     def onCancel(self):
-        if self.job is not None and not self.job.finished:
-            self.job.cancel()
-            self.statusLabel.text = _("Cancelling after the current slice...")
-            return
-        self.discardPreview()
-        self.statusLabel.text = _("Preview discarded.")
+        running = self.session().running
+        self.endSession()
+        self.setStatus(_("Cancelled; nothing was written.") if running else _("Preview discarded."))
+        self.timer.stop()
         self.updateButtons()
 
     def onFlaggedSliceClicked(self, item):
-        if self.run is None:
+        run = self.session().run
+        if run is None:
             return
+        import numpy as np
+
         index = int(item.data(qt.Qt.UserRole))
-        run = self.run
-        r, a, s = effect_options.slice_center_ras(run["ijkToWorld"], run["array"].shape, run["axis"], index)
-        sliceNode = self.sliceNodeForAxis(run["volumeNode"], run["axis"])
+        r, a, s = effect_options.slice_center_ras(np.array(run["ijkToWorld"]), run["shape"], run["axis"], index)
+        sliceNode = self.sliceNodeForAxis(slicer.mrmlScene.GetNodeByID(run["volumeNodeId"]), run["axis"])
         if sliceNode is not None:
             sliceNode.JumpSliceByOffsetting(r, a, s)
 
+
+def engine():
+    """The persistent engine process of this Slicer, started on first use (Slicer's own PythonSlicer)."""
+    from SaLIPSegmentLib import jobs
+
+    engineParent = os.path.dirname(os.path.dirname(os.path.abspath(effect_options.__file__)))
+    return jobs.shared_engine(
+        lambda: jobs.worker_command(jobs.find_python_slicer(slicer_home=slicer.app.slicerHome)),
+        lambda: jobs.worker_environment(dict(os.environ), engineParent))

@@ -67,10 +67,12 @@ def test_segment_volume_kwargs_fit_segment_volume():
     proposal = ProposalSettings()
     kwargs = eo.segment_volume_kwargs(eo.EffectOptions(top_k=0), 2, axis=1, slice_range=(3, 6),
                                       window=(0.0, 80.0), proposal=proposal)
-    assert kwargs == {"top_k": 2, "axis": 1, "slice_range": (3, 6), "window": (0.0, 80.0), "proposal": proposal}
+    settings = kwargs["settings"]
+    assert (settings.top_k, settings.axis, settings.slice_range, settings.window, settings.proposal) == (
+        2, 1, (3, 6), (0.0, 80.0), proposal)
     inspect.signature(segment_volume).bind(np.zeros((2, 2, 2)), None, None, [], **kwargs)
-    explicit = eo.segment_volume_kwargs(eo.EffectOptions(window=(1.0, 2.0)), 1, 0, None, (0.0, 80.0), None)
-    assert explicit["window"] == (1.0, 2.0) and explicit["slice_range"] is None
+    explicit = eo.volume_settings(eo.EffectOptions(window=(1.0, 2.0)), 1, 0, None, (0.0, 80.0), None)
+    assert explicit.window == (1.0, 2.0) and explicit.slice_range is None
 
 
 # -- CPU estimate and progress text --------------------------------------------------------------

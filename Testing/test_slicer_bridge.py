@@ -15,6 +15,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 
 from SaLIPSegmentLib import slicer_bridge as bridge
 from SaLIPSegmentLib.errors import InputError
+from SaLIPSegmentLib.settings import VolumeSettings
 
 from slicer_mrml import add_volume, new_scene, segment_array_on_reference, segment_ids
 
@@ -482,9 +483,9 @@ def test_cancel_at_any_slice_leaves_the_scene_and_the_segments_as_they_were(scen
                 if done == cancel_at:
                     job.cancel()  # the user clicks Cancel while slice `done` + 1 is running
 
-            return segment_volume(array, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
-                                  reference=array > 100, mode="every-slice", progress=report,
-                                  should_cancel=should_cancel)
+            return segment_volume(array, segmenter, OracleScorer(), ["x"],
+                                  VolumeSettings(axis=0, proposal=proposal, mode="every-slice"), reference=array > 100,
+                                  progress=report, should_cancel=should_cancel)
 
         job = BackgroundJob(work)  # bound before the thread starts: the callback cancels through it
         job.start()

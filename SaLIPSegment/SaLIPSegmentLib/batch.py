@@ -487,20 +487,13 @@ def _make_engine(engine, settings, plugins, workers, address):
         return RayEngine(settings, plugins, workers, address)
     if engine != "local":
         raise InputError(f"--engine takes local or ray, got {engine!r}.")
-    devices = _local_gpus(settings.device)
+    from .models.device import local_gpus
+
+    devices = local_gpus(settings.device)
     count = workers or max(1, len(devices))
     if count == 1:
         return InlineEngine(settings, plugins, devices[0] if devices else None)
     return ProcessEngine(settings, plugins, count, devices)
-
-
-def _local_gpus(device: str) -> List[str]:
-    """cuda:0..N-1 when the device setting lets CUDA be used, else []."""
-    import torch
-
-    if device not in ("auto", "cuda") or not torch.cuda.is_available():
-        return []
-    return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
 
 
 def _prepare(case, path, checksum, output_dir, output_format, manifest, overwrite):

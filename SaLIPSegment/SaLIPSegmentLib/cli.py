@@ -53,6 +53,8 @@ def _add_proposal_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     """What to segment and how: shared by `segment` and `batch`."""
+    from .settings import MODES, PropagationSettings
+
     parser.add_argument("-p", "--prompt", help="preset name (see `salip prompts`) or free text")
     parser.add_argument("--preset", help="a preset by name; unlike -p, an unknown name is an error")
     parser.add_argument("--axis", default="auto",
@@ -60,11 +62,13 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="intensity window (default: robust 0.5-99.5 percentiles)")
     parser.add_argument("--top-k", type=int, help="candidates kept per slice (default from the preset)")
-    parser.add_argument("--mode", choices=("propagate", "every-slice"), default="propagate",
+    parser.add_argument("--mode", choices=MODES, default=MODES[0],
                         help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
                              "every-slice: the full cascade on every slice, as the paper")
-    parser.add_argument("--key-interval", type=int, default=16,  # volume.PropagationSettings' (a test checks)
-                        help="with --mode propagate, key slices at both ends and at most N apart (default 16)")
+    key_interval = PropagationSettings.key_interval
+    parser.add_argument("--key-interval", type=int, default=key_interval,
+                        help=f"with --mode propagate, key slices at both ends and at most N apart "
+                             f"(default {key_interval})")
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
@@ -302,8 +306,8 @@ def run_evaluate(args) -> int:
 
     from .evaluation import evaluate_volume
     from .io import check_writable, read_image, write_json
-    from .models import get_segmenter_spec, resolve_device
-    from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
+    from .models import resolve_device
+    from .pipeline import apply_profile, axis_for, evaluation_settings, load_models, prompt_from_args, proposal_variants
     from .volume import as_volume, parse_slice_range
 
     apply_profile(args)
@@ -321,22 +325,14 @@ def run_evaluate(args) -> int:
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
-    window = tuple(args.window) if args.window else None
-    fixed = proposal_settings(args, get_segmenter_spec(args.sam))
-    variants = [("fixed", fixed)]
-    if args.adapt:
-        from .adaptation import adapt_settings
-
-        adapted, _ = adapt_settings(volume, segmenter, scorer, prompt.sentences, fixed, top_k=top_k, axis=axis,
-                                    window=window, reference=reference > 0)
-        variants.append(("adapted", adapted))
+    settings = dataclasses.replace(evaluation_settings(args, top_k), axis=axis, slice_range=slice_range)
+    variants = proposal_variants(volume, reference > 0, segmenter, scorer, prompt.sentences, settings)
     results = []
-    for name, settings in variants:
+    for name, run in variants:
         bar = _ProgressBar(args.quiet, f"evaluating ({name})")
         try:
-            results.append((name, evaluate_volume(
-                volume, reference > 0, segmenter, scorer, prompt.sentences, spacing=image.spacing_kji,
-                top_k=top_k, axis=axis, slice_range=slice_range, window=window, proposal=settings, progress=bar)))
+            results.append((name, evaluate_volume(volume, reference > 0, segmenter, scorer, prompt.sentences, run,
+                                                  spacing=image.spacing_kji, progress=bar)))
         finally:
             bar.close()
 
@@ -357,8 +353,8 @@ def run_evaluate(args) -> int:
         write_json(args.json, {"input": str(args.input), "reference": str(args.reference), "prompt": prompt.to_dict(),
                                "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis,
                                "slice_range": list(slice_range), **first.to_dict(),
-                               "variants": {name: {"proposal": dataclasses.asdict(settings), **r.to_dict()}
-                                            for (name, settings), (_, r) in zip(variants, results)}})
+                               "variants": {name: {"proposal": dataclasses.asdict(run.proposal), **r.to_dict()}
+                                            for (name, run), (_, r) in zip(variants, results)}})
     return 0
 
 
@@ -373,8 +369,8 @@ def run_evaluate_dataset(args) -> int:
 
     from .evaluation import evaluate_volume
     from .io import check_writable, find_pairs, read_image, write_atomically
-    from .models import get_segmenter_spec, resolve_device
-    from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
+    from .models import resolve_device
+    from .pipeline import apply_profile, axis_for, evaluation_settings, load_models, prompt_from_args, proposal_variants
 
     apply_profile(args)
     prompt = prompt_from_args(args)
@@ -387,7 +383,7 @@ def run_evaluate_dataset(args) -> int:
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
-    proposal = proposal_settings(args, get_segmenter_spec(args.sam))
+    settings = evaluation_settings(args, top_k)
     rows = []
     for number, (case, image_path, reference_path) in enumerate(pairs, start=1):
         try:
@@ -395,15 +391,10 @@ def run_evaluate_dataset(args) -> int:
             reference = read_image(reference_path).array > 0
             if reference.shape != image.array.shape:
                 raise InputError(f"reference grid {reference.shape} differs from the image's {image.array.shape}")
-            axis = axis_for(args.axis, image)
-            settings = proposal
-            if args.adapt:
-                from .adaptation import adapt_settings
-
-                settings, _ = adapt_settings(image.array, segmenter, scorer, prompt.sentences, proposal,
-                                             top_k=top_k, axis=axis, reference=reference)
-            result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences,
-                                     spacing=image.spacing_kji, top_k=top_k, axis=axis, proposal=settings)
+            case_settings = dataclasses.replace(settings, axis=axis_for(args.axis, image))
+            _, run = proposal_variants(image.array, reference, segmenter, scorer, prompt.sentences, case_settings)[-1]
+            result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences, run,
+                                     spacing=image.spacing_kji)
             row = {"case": case, "status": "ok", **{k: v for k, v in result.to_dict().items() if k in TABLE_COLUMNS}}
         except SalipError as error:
             row = {"case": case, "status": f"failed: {error}"}

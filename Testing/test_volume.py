@@ -11,6 +11,7 @@ from SaLIPSegmentLib.errors import Cancelled, InputError, ModelError
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.models.base import Segmenter
+from SaLIPSegmentLib.models.device import MemoryFallback
 from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import (
     BEYOND_ORGAN,
@@ -561,3 +562,52 @@ def test_a_propagated_result_is_judged_on_area_then_predicted_iou_and_never_scor
     seconds = {}
     assert runner.judge(pixels, [large], [0.85], source, seconds) == (None, [])
     assert seconds == {}  # the oracle would judge with the reference: nothing was scored
+
+
+class ThreeRolesOnly(Segmenter):
+    """A segmenter with nothing but the abstract methods: no embeddings to hand back, one image per call."""
+
+    def __init__(self, inner):
+        self.inner, self.encodings = inner, 0
+
+    def set_image(self, image):
+        self.encodings += 1
+        self.inner.set_image(image)
+
+    def propose(self, settings):
+        return self.inner.propose(settings)
+
+    def refine(self, boxes):
+        return self.inner.refine(boxes)
+
+
+def test_the_interfaces_defaults_are_enough_for_a_propagated_run(segmenter):
+    volume = _stack(9)
+    accept_all = PropagationSettings(key_interval=4, max_iou_drop=1e9, min_area_ratio=0.0)
+    settings = VolumeSettings(proposal=PROPOSALS, window=(0, 255), propagation=accept_all)
+    plain = ThreeRolesOnly(segmenter.inner)
+    result = segment_volume(volume, plain, OracleScorer(), ["x"], settings, reference=volume > 100)
+    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"], settings, reference=volume > 100)
+    assert np.array_equal(result.mask, expected.mask) and result.mask.any()
+    # Without an embedding to keep, the second chain between key slices encodes its slices again.
+    assert plain.encodings == 9 + 6
+    assert (result.encoder_runtime, result.decoder_runtime) == ("torch", "torch")
+
+
+def test_the_memory_fallback_gives_up_slices_then_batches_then_the_gpu_and_tells_the_models():
+    class Model(Segmenter):
+        set_image = propose = refine = None
+
+        def __init__(self):
+            self.device, self.encode_batch = torch.device("cuda"), 8
+
+    model, scorer = Model(), OracleScorer()
+    fallback = MemoryFallback(model, scorer, ProposalSettings(points_per_batch=16))
+    out_of_memory = torch.OutOfMemoryError("CUDA out of memory")
+    steps = []
+    while fallback.recover(out_of_memory):
+        steps.append((fallback.encode_batch, fallback.proposal.points_per_batch, model.device.type))
+    assert steps == [(4, 16, "cuda"), (2, 16, "cuda"), (1, 16, "cuda"), (1, 8, "cuda"), (1, 4, "cuda"),
+                     (1, 4, "cpu")]
+    assert model.encode_batch == 1 and scorer.max_batch == 4 and scorer.device.type == "cpu"
+    assert not fallback.recover(ValueError("not a memory error"))

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from SaLIPSegmentLib.models.base import Segmenter
 from SaLIPSegmentLib.models.registry import SEGMENTERS, register_segmenter
 
 CRASH_HEIGHT = 20
 
 
-class CrashingSegmenter:
+class CrashingSegmenter(Segmenter):
     def __init__(self, inner):
         self.inner, self.device = inner, inner.device
 

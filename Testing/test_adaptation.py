@@ -6,6 +6,7 @@ import torch
 
 from SaLIPSegmentLib.adaptation import GRID_OFFSETS, adapt_settings, sample_pairs, settings_grid
 from SaLIPSegmentLib.models import ProposalSettings, create_scorer, create_segmenter
+from SaLIPSegmentLib.settings import VolumeSettings
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -32,7 +33,7 @@ def test_adaptation_picks_the_best_label_free_signal(tiny_sam, tiny_sam_checkpoi
     segmenter = create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
     scorer = create_scorer(tiny_clip_option)
     base = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0})
-    chosen, table = adapt_settings(_volume(), segmenter, scorer, ["a round organ"], base)
+    chosen, table = adapt_settings(_volume(), segmenter, scorer, ["a round organ"], VolumeSettings(proposal=base))
     assert len(table) == len(GRID_OFFSETS)
     assert all(row.retrieval is not None and np.isfinite(row.signal) for row in table)
     best = max(range(len(table)), key=lambda i: table[i].signal)

@@ -12,6 +12,7 @@ from SaLIPSegmentLib.imaging import dice
 from SaLIPSegmentLib.io import read_image, write_segmentation
 from SaLIPSegmentLib.models import ProposalSettings, create_scorer, create_segmenter, get_segmenter_spec
 from SaLIPSegmentLib.prompts import get_preset
+from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import segment_volume
 
 from conftest import disk_image
@@ -49,8 +50,8 @@ def test_segmentation_lands_on_the_input_voxels_in_slicer(tmp_path, models):
     image = read_image(volume_path)
     expected = segment_volume(
         image.array, create_segmenter(models[1], torch.device("cpu"), models[3]),
-        create_scorer(models[5]), get_preset("brain").sentences, axis=0,
-        proposal=ProposalSettings.from_dict(dict(spec.proposal_defaults)),
+        create_scorer(models[5]), get_preset("brain").sentences,
+        VolumeSettings(axis=0, proposal=ProposalSettings.from_dict(dict(spec.proposal_defaults))),
     ).mask
     assert expected.any() and not expected.all()
 

@@ -13,6 +13,7 @@ import torch
 from SaLIPSegmentLib.errors import ModelError
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, cpu_runtime, create_segmenter, get_segmenter_spec
+from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import segment_volume
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
@@ -129,8 +130,8 @@ def test_the_volume_runner_announces_its_job_and_masks_do_not_change(tiny_sam, t
     def run(runtime):
         monkeypatch.setenv(cpu_runtime.RUNTIME_VARIABLE, runtime)
         segmenter = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint)
-        result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=0, proposal=proposal,
-                                reference=volume > 100, mode="every-slice")
+        result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                                VolumeSettings(axis=0, proposal=proposal, mode="every-slice"), reference=volume > 100)
         summary = result.summary()  # the report says which ran
         assert (summary["encoder_runtime"], summary["decoder_runtime"]) == (
             segmenter.encoder_runtime, segmenter.decoder_runtime)

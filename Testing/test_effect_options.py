@@ -15,7 +15,7 @@ from SaLIPSegmentLib.jobs import BackgroundJob
 from SaLIPSegmentLib.models import get_segmenter_spec
 from SaLIPSegmentLib.models.base import ProposalSettings, Scorer
 from SaLIPSegmentLib.models.registry import weights_for
-from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, flag_slices, segment_volume
+from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, flag_slices
 
 from conftest import DIGEST, PAYLOAD, disk_image
 
@@ -62,16 +62,6 @@ def test_proposal_overrides_go_on_top_of_the_model_defaults():
     assert settings.stability_score_thresh == spec.proposal_defaults["stability_score_thresh"]
     assert settings.box_scales == spec.proposal_defaults["box_scales"]
     assert eo.proposal_values({}, eo.ProposalOverrides()) == {}
-
-
-def test_segment_volume_kwargs_fit_segment_volume():
-    proposal = ProposalSettings()
-    kwargs = eo.segment_volume_kwargs(eo.EffectOptions(top_k=0), 2, axis=1, slice_range=(3, 6),
-                                      window=(0.0, 80.0), proposal=proposal)
-    assert kwargs == {"top_k": 2, "axis": 1, "slice_range": (3, 6), "window": (0.0, 80.0), "proposal": proposal}
-    inspect.signature(segment_volume).bind(np.zeros((2, 2, 2)), None, None, [], **kwargs)
-    explicit = eo.segment_volume_kwargs(eo.EffectOptions(window=(1.0, 2.0)), 1, 0, None, (0.0, 80.0), None)
-    assert explicit["window"] == (1.0, 2.0) and explicit["slice_range"] is None
 
 
 # -- CPU estimate and progress text --------------------------------------------------------------

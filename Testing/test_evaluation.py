@@ -11,6 +11,7 @@ import torch
 from SaLIPSegmentLib.cli import main
 from SaLIPSegmentLib.evaluation import evaluate_volume, hd95
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.settings import VolumeSettings
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -36,8 +37,9 @@ def test_stage_figures_with_the_oracle(segmenter):
     volume = np.stack([disk_image(radius=6 + i) for i in range(4)]).astype(np.float32)
     reference = volume > 100
     reference[3] = False  # tissue in the image, none in the reference: a false positive if drawn
-    result = evaluate_volume(volume, reference, segmenter, OracleScorer(), ["x"], spacing=(2.0, 1.0, 1.0),
-                             proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS))
+    result = evaluate_volume(volume, reference, segmenter, OracleScorer(), ["x"],
+                             VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS)),
+                             spacing=(2.0, 1.0, 1.0))
     assert result.slices_with_reference == 3 and len(result.slices) == 4
     for row in result.slices[:3]:
         assert row.retrieved == pytest.approx(row.ceiling)  # the oracle retrieves the best proposal

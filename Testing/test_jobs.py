@@ -9,6 +9,7 @@ import torch
 from SaLIPSegmentLib.errors import Cancelled
 from SaLIPSegmentLib.jobs import BackgroundJob
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import segment_volume
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
@@ -24,9 +25,9 @@ def run_volume(tiny_sam, tiny_sam_checkpoint):
             progress(done, total)
             if gate is not None and done == 2:
                 gate.wait(10)  # hold the worker so the test can cancel at a known slice
-        return segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=volume > 100,
-                              proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS),
-                              progress=gated_progress, should_cancel=should_cancel)
+        return segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                              VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS)),
+                              reference=volume > 100, progress=gated_progress, should_cancel=should_cancel)
 
     return run
 

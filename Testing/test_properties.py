@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.io import read_image, write_segmentation
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import segment_volume
 
 from conftest import TINY_SAM_PROPOSALS
@@ -37,8 +38,9 @@ shapes = st.tuples(st.integers(1, 5), st.integers(1, 24), st.integers(1, 24))
 def test_the_runner_keeps_the_shape_or_raises_a_documented_error(segmenter, shape, axis, seed, start, length, mode):
     volume = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     try:
-        result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=axis, proposal=PROPOSALS,
-                                slice_range=(start, start + length), reference=volume > 0, mode=mode)
+        result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                                VolumeSettings(axis=axis, proposal=PROPOSALS, slice_range=(start, start + length),
+                                               mode=mode), reference=volume > 0)
     except InputError:
         return  # documented: bad range, no contrast
     assert result.mask.shape == volume.shape and result.mask.dtype == bool
@@ -99,8 +101,9 @@ def test_the_mrml_bridge_keeps_any_geometry_and_slice_range(segmenter, shape, sp
     np.testing.assert_allclose(geometry.ijk_to_world, matrix, atol=1e-9)
     try:
         slice_range = bridge.range_around(index, half_width, array.shape[axis])
-        result = segment_volume(array, segmenter, OracleScorer(), ["x"], axis=axis, slice_range=slice_range,
-                                proposal=PROPOSALS, reference=array > 100, mode="every-slice")
+        result = segment_volume(array, segmenter, OracleScorer(), ["x"],
+                                VolumeSettings(axis=axis, slice_range=slice_range, proposal=PROPOSALS,
+                                               mode="every-slice"), reference=array > 100)
     except InputError:
         assert not 0 <= index < array.shape[axis] or half_width < 0 or volume.min() == volume.max()
         return

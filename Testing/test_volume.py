@@ -10,11 +10,16 @@ from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
 from SaLIPSegmentLib.errors import Cancelled, InputError, ModelError
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.models.base import Segmenter
+from SaLIPSegmentLib.models.device import MemoryFallback
+from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import (
     BEYOND_ORGAN,
     NO_TISSUE,
     PropagationSettings,
     SliceRecord,
+    VolumeRunner,
+    _Found,
     _grow,
     acquisition_axis,
     key_positions,
@@ -27,8 +32,8 @@ from conftest import TINY_SAM_PROPOSALS, disk_image
 PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
 
 
-class CountingSegmenter:
-    """Wraps a real segmenter and counts image encodings."""
+class CountingSegmenter(Segmenter):
+    """Wraps a real segmenter and counts image encodings (one slice per encoder call, no job size)."""
 
     def __init__(self, inner):
         self.inner, self.encodings = inner, 0
@@ -109,8 +114,9 @@ def test_volume_runner_walks_the_range_reports_progress_and_skips_empty_slices(s
     volume = _volume()
     seen = []
     segmenter.encodings = 0
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, mode="every-slice",
-                            reference=volume > 100, progress=lambda d, t: seen.append((d, t)))
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=PROPOSALS, mode="every-slice"), reference=volume > 100,
+                            progress=lambda d, t: seen.append((d, t)))
     assert result.mask.shape == volume.shape and result.mask.dtype == bool
     assert seen == [(i, 5) for i in range(6)]
     assert [s.index for s in result.slices] == [0, 1, 2, 3, 4]
@@ -121,8 +127,9 @@ def test_volume_runner_walks_the_range_reports_progress_and_skips_empty_slices(s
 
 def test_volume_runner_slices_along_the_requested_axis_and_range(segmenter):
     volume = np.moveaxis(_volume(), 0, 2)  # slices along the last axis
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], axis=2, slice_range=(1, 3),
-                            proposal=PROPOSALS, reference=volume > 100, mode="every-slice")
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(axis=2, slice_range=(1, 3), proposal=PROPOSALS, mode="every-slice"),
+                            reference=volume > 100)
     assert [s.index for s in result.slices] == [1, 2]
     assert not result.mask[:, :, [0, 3, 4]].any()
     assert result.mask[:, :, 1:3].any()
@@ -130,7 +137,7 @@ def test_volume_runner_slices_along_the_requested_axis_and_range(segmenter):
 
 def test_a_2d_image_is_a_one_slice_volume(segmenter):
     image = disk_image().astype(np.int16)
-    result = segment_volume(image, segmenter, OracleScorer(), ["x"], axis=2, proposal=PROPOSALS,
+    result = segment_volume(image, segmenter, OracleScorer(), ["x"], VolumeSettings(axis=2, proposal=PROPOSALS),
                             reference=image > 100)
     assert result.mask.shape == image.shape and len(result.slices) == 1
 
@@ -146,9 +153,10 @@ def test_a_very_large_slice_is_segmented_small_and_enlarged_back(segmenter):
     large = np.kron(small, np.ones((8, 8), np.float32))  # 512 px: each pixel an 8 x 8 block
     recording = SizeRecordingSegmenter(segmenter.inner)
     recording.sizes = []
-    expected = segment_volume(small, recording, OracleScorer(), ["x"], proposal=PROPOSALS, reference=small > 100)
-    result = segment_volume(large, recording, OracleScorer(), ["x"], proposal=PROPOSALS, reference=large > 100,
-                            max_slice_side=64)
+    expected = segment_volume(small, recording, OracleScorer(), ["x"], VolumeSettings(proposal=PROPOSALS),
+                              reference=small > 100)
+    result = segment_volume(large, recording, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=PROPOSALS, max_slice_side=64), reference=large > 100)
     assert recording.sizes == [(64, 64), (64, 64)]  # the models never saw the 512 px slice
     assert result.mask.shape == large.shape and result.working_shape == (64, 64)
     assert expected.mask.any() and np.array_equal(result.mask, np.kron(expected.mask, np.ones((8, 8), bool)))
@@ -184,8 +192,9 @@ def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmen
     volume = _stack()
     accept_all = PropagationSettings(key_interval=4, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
     segmenter.encodings = 0
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, window=(0, 255),
-                            reference=volume > 100, propagation=accept_all)
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=PROPOSALS, window=(0, 255), propagation=accept_all),
+                            reference=volume > 100)
     methods = [s.method for s in result.slices]
     assert methods == ["cascade" if i % 4 == 0 else "propagated" for i in range(9)]
     # One encoding per slice, key or not, though two chains try each slice between key slices.
@@ -221,8 +230,8 @@ def test_between_two_key_slices_each_slice_keeps_the_better_of_the_two_chains(mn
     lite = CountingSegmenter(create_segmenter("litemedsam", torch.device("cpu"), download=False))
     accept_all = PropagationSettings(key_interval=6, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
     few_boxes = ProposalSettings(box_scales=(0.5, 1.0), pred_iou_thresh=0.5, stability_score_thresh=0.3)
-    result = segment_volume(volume, lite, OracleScorer(), ["x"], proposal=few_boxes, window=window,
-                            reference=truth, propagation=accept_all)
+    result = segment_volume(volume, lite, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=few_boxes, window=window, propagation=accept_all), reference=truth)
     assert [s.method for s in result.slices] == ["cascade"] + ["propagated"] * 5 + ["cascade"]
     assert lite.encodings == 7  # each slice encoded once: the second chain re-uses the first one's
     forward = _chain(lite.inner, images, result.mask[0], [1, 2, 3, 4, 5])
@@ -239,14 +248,14 @@ def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(se
     volume = _stack(6)
     refuse_all = PropagationSettings(key_interval=3, max_iou_drop=-1e9)
     segmenter.encodings = 0
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
-                            reference=volume > 100, propagation=refuse_all)
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=PROPOSALS, propagation=refuse_all), reference=volume > 100)
     assert [s.method for s in result.slices] == ["cascade"] * 6
     assert segmenter.encodings == 6
     # The report says why: key slices 0, 3 and 5 ran it anyway, the others were refused on predicted IoU.
     assert [s.fallback for s in result.slices] == [None if k in (0, 3, 5) else "predicted IoU" for k in range(6)]
-    every = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
-                           reference=volume > 100, mode="every-slice")
+    every = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                           VolumeSettings(proposal=PROPOSALS, mode="every-slice"), reference=volume > 100)
     np.testing.assert_array_equal(result.mask, every.mask)
 
 
@@ -254,8 +263,9 @@ def test_propagation_stops_where_the_cascade_finds_nothing(segmenter):
     volume = _stack(7)
     nothing = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "pred_iou_thresh": 1e9})
     segmenter.encodings = 0
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=nothing,
-                            reference=volume > 100, propagation=PropagationSettings(key_interval=3))
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=nothing, propagation=PropagationSettings(key_interval=3)),
+                            reference=volume > 100)
     assert segmenter.encodings == 3  # key slices 0, 3, 6 only
     assert [s.reason for s in result.slices if s.method == "skipped"] == [BEYOND_ORGAN] * 4
     assert not result.mask.any()
@@ -263,7 +273,8 @@ def test_propagation_stops_where_the_cascade_finds_nothing(segmenter):
 
 def test_an_unknown_mode_is_refused(segmenter):
     with pytest.raises(InputError, match="mode"):
-        segment_volume(_stack(2), segmenter, OracleScorer(), ["x"], reference=_stack(2) > 1, mode="fast")
+        segment_volume(_stack(2), segmenter, OracleScorer(), ["x"], VolumeSettings(mode="fast"),
+                       reference=_stack(2) > 1)
 
 
 def test_cancel_between_slices_hands_back_nothing(segmenter):
@@ -274,15 +285,16 @@ def test_cancel_between_slices_hands_back_nothing(segmenter):
         return len(calls) == 3
 
     with pytest.raises(Cancelled, match="3 of 5"):  # the empty slice, then two processed
-        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, mode="every-slice",
-                       reference=_volume() > 100, should_cancel=cancel_at_third)
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"],
+                       VolumeSettings(proposal=PROPOSALS, mode="every-slice"), reference=_volume() > 100,
+                       should_cancel=cancel_at_third)
 
 
 def test_nan_and_inf_voxels_are_treated_as_background(segmenter):
     volume = _volume(3)
     volume[1, :5, :5] = np.nan
     volume[2, -3:, -3:] = np.inf
-    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS,
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], VolumeSettings(proposal=PROPOSALS),
                             reference=np.nan_to_num(volume) > 100)
     assert result.mask.shape == volume.shape
 
@@ -302,9 +314,10 @@ def test_unusable_volumes_are_refused_with_a_clear_message(segmenter, volume, me
 
 def test_out_of_range_slices_and_axes_are_refused(segmenter):
     with pytest.raises(InputError, match="outside"):
-        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], slice_range=(3, 9), reference=_volume() > 1)
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], VolumeSettings(slice_range=(3, 9)),
+                       reference=_volume() > 1)
     with pytest.raises(InputError, match="Axis"):
-        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], axis=3, reference=_volume() > 1)
+        segment_volume(_volume(), segmenter, OracleScorer(), ["x"], VolumeSettings(axis=3), reference=_volume() > 1)
     with pytest.raises(InputError, match="reference"):
         segment_volume(_volume(), segmenter, OracleScorer(), ["x"])
 
@@ -344,8 +357,8 @@ def test_flags_mark_no_candidate_empty_low_score_and_area_jumps_but_not_skipped_
 
 def test_a_volume_result_carries_flags_into_its_summary(segmenter):
     strict = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "pred_iou_thresh": 1e9})
-    result = segment_volume(_stack(3), segmenter, OracleScorer(), ["x"], proposal=strict, mode="every-slice",
-                            reference=_stack(3) > 100)
+    result = segment_volume(_stack(3), segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=strict, mode="every-slice"), reference=_stack(3) > 100)
     assert [s.flags for s in result.slices] == [["no candidate"]] * 3
     assert result.summary()["slices_flagged"] == 3
 
@@ -373,11 +386,12 @@ class GpuThatRunsOut(CountingSegmenter):
 
 def test_out_of_gpu_memory_halves_the_batch_and_redoes_the_slice(segmenter):
     volume = _volume()
-    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=volume > 100, mode="every-slice",
-                              proposal=replace(PROPOSALS, points_per_batch=8))
+    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                              VolumeSettings(mode="every-slice", proposal=replace(PROPOSALS, points_per_batch=8)),
+                              reference=volume > 100)
     small_gpu = GpuThatRunsOut(segmenter.inner, fits=8)
-    result = segment_volume(volume, small_gpu, OracleScorer(), ["x"], reference=volume > 100, mode="every-slice",
-                            proposal=PROPOSALS)
+    result = segment_volume(volume, small_gpu, OracleScorer(), ["x"],
+                            VolumeSettings(mode="every-slice", proposal=PROPOSALS), reference=volume > 100)
     assert result.notices == ["Out of GPU memory: retried with 8 prompts and crops per batch."]
     assert small_gpu.moves == [] and np.array_equal(result.mask, expected.mask) and result.mask.any()
     assert result.summary()["notices"] == result.notices
@@ -385,12 +399,13 @@ def test_out_of_gpu_memory_halves_the_batch_and_redoes_the_slice(segmenter):
 
 def test_out_of_gpu_memory_at_the_smallest_batch_goes_on_on_the_cpu(segmenter):
     volume = _volume()
-    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=volume > 100, mode="every-slice",
-                              proposal=replace(PROPOSALS, points_per_batch=4))
+    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                              VolumeSettings(mode="every-slice", proposal=replace(PROPOSALS, points_per_batch=4)),
+                              reference=volume > 100)
     no_room = GpuThatRunsOut(segmenter.inner, fits=0)
     scorer = OracleScorer()
-    result = segment_volume(volume, no_room, scorer, ["x"], reference=volume > 100, mode="every-slice",
-                            proposal=PROPOSALS)
+    result = segment_volume(volume, no_room, scorer, ["x"], VolumeSettings(mode="every-slice", proposal=PROPOSALS),
+                            reference=volume > 100)
     assert [n.split(":")[0] for n in result.notices] == ["Out of GPU memory"] * 2 + [
         "Out of GPU memory even at 4 prompts per batch"]
     assert no_room.moves == ["cpu"] and scorer.device.type == "cpu" and scorer.max_batch == 4
@@ -401,7 +416,8 @@ def test_out_of_memory_on_the_cpu_too_is_a_clear_model_error(segmenter):
     hopeless = GpuThatRunsOut(segmenter.inner, fits=0, also_on_cpu=True)
     volume = _volume()
     with pytest.raises(ModelError, match="Out of memory on the CPU too"):
-        segment_volume(volume, hopeless, OracleScorer(), ["x"], reference=volume > 100, proposal=PROPOSALS)
+        segment_volume(volume, hopeless, OracleScorer(), ["x"], VolumeSettings(proposal=PROPOSALS),
+                       reference=volume > 100)
     assert hopeless.moves == ["cpu"]
 
 
@@ -424,8 +440,9 @@ def test_encoding_several_slices_per_call_gives_the_same_masks_with_fewer_calls(
     assert one_by_one.encode_batch == 1  # the CPU default: batching measured slower there
     batched.encode_batch = 4
     single_sizes, batch_sizes = _recording_batches(one_by_one), _recording_batches(batched)
-    runs = [segment_volume(volume, model, OracleScorer(), ["x"], proposal=PROPOSALS, reference=volume > 100,
-                           window=(0, 255), mode=mode, propagation=accept_all) for model in (one_by_one, batched)]
+    runs = [segment_volume(volume, model, OracleScorer(), ["x"],
+                           VolumeSettings(proposal=PROPOSALS, window=(0, 255), mode=mode, propagation=accept_all),
+                           reference=volume > 100) for model in (one_by_one, batched)]
     assert runs[0].mask.any()
     assert np.array_equal(runs[0].mask, runs[1].mask)
     assert [s.method for s in runs[0].slices] == [s.method for s in runs[1].slices]
@@ -435,7 +452,7 @@ def test_encoding_several_slices_per_call_gives_the_same_masks_with_fewer_calls(
     assert len(batch_sizes) < len(single_sizes)
 
 
-class GpuWithRoomForTwoSlices:
+class GpuWithRoomForTwoSlices(Segmenter):
     """The real tiny SAM, and torch's OutOfMemoryError when asked to encode more than two slices at once."""
 
     def __init__(self, inner):
@@ -446,18 +463,42 @@ class GpuWithRoomForTwoSlices:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
         return self.inner.embed_images(images)
 
-    def __getattr__(self, name):  # set_image, use_embedding, propose, refine
-        return getattr(self.inner, name)
+    def set_image(self, image):
+        self.inner.set_image(image)
+
+    def propose(self, settings):
+        return self.inner.propose(settings)
+
+    def refine(self, boxes):
+        return self.inner.refine(boxes)
+
+    def use_embedding(self, embedding):
+        self.inner.use_embedding(embedding)
+
+    @property
+    def embedding(self):
+        return self.inner.embedding
+
+    def expect_encodings(self, count):
+        self.inner.expect_encodings(count)
+
+    @property
+    def encoder_runtime(self):
+        return self.inner.encoder_runtime
+
+    @property
+    def decoder_runtime(self):
+        return self.inner.decoder_runtime
 
 
 def test_out_of_gpu_memory_while_encoding_halves_the_slices_per_call_first(tiny_sam, tiny_sam_checkpoint):
     volume = _stack(9)
     reference = create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
-    expected = segment_volume(volume, reference, OracleScorer(), ["x"], proposal=PROPOSALS, reference=volume > 100,
-                              window=(0, 255))
+    expected = segment_volume(volume, reference, OracleScorer(), ["x"],
+                              VolumeSettings(proposal=PROPOSALS, window=(0, 255)), reference=volume > 100)
     small = GpuWithRoomForTwoSlices(create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint))
-    result = segment_volume(volume, small, OracleScorer(), ["x"], proposal=PROPOSALS, reference=volume > 100,
-                            window=(0, 255))
+    result = segment_volume(volume, small, OracleScorer(), ["x"], VolumeSettings(proposal=PROPOSALS, window=(0, 255)),
+                            reference=volume > 100)
     assert result.notices == ["Out of GPU memory: retried encoding 4 slices per call.",
                               "Out of GPU memory: retried encoding 2 slices per call."]
     assert small.encode_batch == 2 and np.array_equal(result.mask, expected.mask)
@@ -473,3 +514,100 @@ def test_the_key_interval_default_is_the_same_everywhere():
     assert effect_options.KEY_SLICE_INTERVAL == default
     assert SegmentSettings.__dataclass_fields__["key_interval"].default == default
     assert build_parser().parse_args(["segment", "x.nrrd", "-p", "brain", "-o", "y"]).key_interval == default
+
+
+# -- the runner's steps, one at a time ----------------------------------------------------------
+
+
+def test_key_slices_are_placed_over_the_slices_with_tissue_not_over_the_range(segmenter):
+    volume = _stack(9)
+    volume[:2] = 0.0  # air before the organ: no key slice is spent there
+    accept_all = PropagationSettings(key_interval=3, max_iou_drop=1e9, min_area_ratio=0.0)
+    runner = VolumeRunner(volume, segmenter, OracleScorer(), ["x"],
+                          VolumeSettings(proposal=PROPOSALS, window=(0, 255), propagation=accept_all),
+                          reference=volume > 100)
+    result = runner.run()
+    assert runner.tissue == list(range(2, 9))
+    keys = [runner.tissue[k] for k in key_positions(len(runner.tissue), 3)]
+    assert keys == [2, 5, 8]  # over the whole range they would be 0, 3, 5 and 8
+    assert [s.index for s in result.slices if s.method == "cascade"] == keys
+    assert [s.reason for s in result.slices[:2]] == [NO_TISSUE] * 2
+
+
+def test_a_chain_stops_at_its_first_refusal_and_keeps_the_embeddings_it_made(segmenter):
+    volume = _stack(6)
+    for rules, accepted in ((PropagationSettings(max_iou_drop=-1e9), []),
+                            (PropagationSettings(max_iou_drop=1e9, min_area_ratio=0.0), [1, 2, 3])):
+        runner = VolumeRunner(volume, segmenter, OracleScorer(), ["x"],
+                              VolumeSettings(proposal=PROPOSALS, window=(0, 255), propagation=rules),
+                              reference=volume > 100)
+        runner.find_tissue()
+        assert runner.cascade(0, runner._image(0))  # the key slice the chain starts from
+        chain = runner.chain(1, 3, 1)
+        assert sorted(chain) == accepted
+        assert sorted(runner.kept) == (accepted or [1])  # a refused slice's encoding serves the other chain
+        assert all(k not in runner.records for k in (1, 2, 3))  # a chain writes nothing itself
+
+
+def test_a_propagated_result_is_judged_on_area_then_predicted_iou_and_never_scored_by_the_oracle(segmenter):
+    volume = _stack(3)
+    runner = VolumeRunner(volume, segmenter, OracleScorer(), ["x"], VolumeSettings(proposal=PROPOSALS),
+                          reference=volume > 100)
+    source = _Found(parts=[np.ones((8, 8), bool)], anchor_scores=[90.0], anchor_ious=[0.9])
+    small, large = np.zeros((8, 8), bool), np.ones((8, 8), bool)
+    small[:2, :2] = True  # 4 of the source's 64 pixels: under the minimum area ratio (0.2)
+    pixels = np.zeros((8, 8), np.uint8)
+    assert runner.judge(pixels, [small], [0.95], source, {}) == ("area", [])
+    assert runner.judge(pixels, [large], [0.7], source, {}) == ("predicted IoU", [])
+    seconds = {}
+    assert runner.judge(pixels, [large], [0.85], source, seconds) == (None, [])
+    assert seconds == {}  # the oracle would judge with the reference: nothing was scored
+
+
+class ThreeRolesOnly(Segmenter):
+    """A segmenter with nothing but the abstract methods: no embeddings to hand back, one image per call."""
+
+    def __init__(self, inner):
+        self.inner, self.encodings = inner, 0
+
+    def set_image(self, image):
+        self.encodings += 1
+        self.inner.set_image(image)
+
+    def propose(self, settings):
+        return self.inner.propose(settings)
+
+    def refine(self, boxes):
+        return self.inner.refine(boxes)
+
+
+def test_the_interfaces_defaults_are_enough_for_a_propagated_run(segmenter):
+    volume = _stack(9)
+    accept_all = PropagationSettings(key_interval=4, max_iou_drop=1e9, min_area_ratio=0.0)
+    settings = VolumeSettings(proposal=PROPOSALS, window=(0, 255), propagation=accept_all)
+    plain = ThreeRolesOnly(segmenter.inner)
+    result = segment_volume(volume, plain, OracleScorer(), ["x"], settings, reference=volume > 100)
+    expected = segment_volume(volume, segmenter, OracleScorer(), ["x"], settings, reference=volume > 100)
+    assert np.array_equal(result.mask, expected.mask) and result.mask.any()
+    # Without an embedding to keep, the second chain between key slices encodes its slices again.
+    assert plain.encodings == 9 + 6
+    assert (result.encoder_runtime, result.decoder_runtime) == ("torch", "torch")
+
+
+def test_the_memory_fallback_gives_up_slices_then_batches_then_the_gpu_and_tells_the_models():
+    class Model(Segmenter):
+        set_image = propose = refine = None
+
+        def __init__(self):
+            self.device, self.encode_batch = torch.device("cuda"), 8
+
+    model, scorer = Model(), OracleScorer()
+    fallback = MemoryFallback(model, scorer, ProposalSettings(points_per_batch=16))
+    out_of_memory = torch.OutOfMemoryError("CUDA out of memory")
+    steps = []
+    while fallback.recover(out_of_memory):
+        steps.append((fallback.encode_batch, fallback.proposal.points_per_batch, model.device.type))
+    assert steps == [(4, 16, "cuda"), (2, 16, "cuda"), (1, 16, "cuda"), (1, 8, "cuda"), (1, 4, "cuda"),
+                     (1, 4, "cpu")]
+    assert model.encode_batch == 1 and scorer.max_batch == 4 and scorer.device.type == "cpu"
+    assert not fallback.recover(ValueError("not a memory error"))

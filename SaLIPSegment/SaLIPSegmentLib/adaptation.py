@@ -20,6 +20,7 @@ import numpy as np
 from .cascade import segment_slice
 from .imaging import dice, window_to_uint8
 from .models.base import ProposalSettings, Scorer, Segmenter
+from .settings import VolumeSettings
 from .volume import as_volume, choose_window
 
 # Offsets from the model's own defaults: looser filters let more (and larger) parts through.
@@ -67,20 +68,20 @@ def adapt_settings(
     segmenter: Segmenter,
     scorer: Scorer,
     sentences: Sequence[str],
-    base: ProposalSettings,
+    settings: VolumeSettings,
     *,
-    top_k: int = 1,
-    axis: int = 0,
-    window: Optional[Tuple[float, float]] = None,
     reference: Optional[np.ndarray] = None,
 ) -> Tuple[ProposalSettings, List[GridPoint]]:
-    """The grid point with the best label-free signal, and the whole table.
+    """The grid point around `settings.proposal` with the best label-free signal, and the whole table.
 
+    Pairs are sampled along `settings.axis` over the whole volume (the slice range is not
+    used), windowed by `settings.window`, with `settings.top_k` candidates retrieved.
     `reference` is passed to the scorer only (the oracle retrieves with it); it never
     enters the signal.
     """
+    base, top_k, axis = settings.proposal, settings.top_k, settings.axis
     volume = as_volume(volume)
-    window = choose_window(volume, window)
+    window = choose_window(volume, settings.window)
     slices = np.moveaxis(volume, axis % 3, 0)
     ref_slices = None if reference is None else np.moveaxis(as_volume(reference).astype(bool), axis % 3, 0)
     grid = settings_grid(base)
@@ -92,13 +93,13 @@ def adapt_settings(
     for k in sorted({s + d for s in starts for d in (0, 1)}):
         image = window_to_uint8(slices[k], window)
         segmenter.set_image(np.repeat(image[:, :, None], 3, axis=2))
-        for g, settings in enumerate(grid):
+        for g, point in enumerate(grid):
             results[g][k] = segment_slice(
-                image, segmenter, scorer, sentences, top_k=top_k, proposal=settings, already_embedded=True,
+                image, segmenter, scorer, sentences, top_k=top_k, proposal=point, already_embedded=True,
                 keep_candidates=True, reference=None if ref_slices is None else ref_slices[k],
             )
     table = []
-    for g, settings in enumerate(grid):
+    for g, point in enumerate(grid):
         per_slice = list(results[g].values())
         ious = [np.mean(r.predicted_ious) for r in per_slice if r.predicted_ious]
         stabilities = [np.mean([r.candidates[i].stability for i in r.retrieved]) for r in per_slice if r.retrieved]
@@ -110,7 +111,7 @@ def adapt_settings(
         iou = float(np.mean(ious)) if ious else 0.0
         stability = float(np.mean(stabilities)) if stabilities else 0.0
         signal = iou + stability + agreement + (retrieval or 0.0)
-        changed = {k: round(float(getattr(settings, k)), 4) for k in ("pred_iou_thresh", "stability_score_thresh")}
+        changed = {k: round(float(getattr(point, k)), 4) for k in ("pred_iou_thresh", "stability_score_thresh")}
         table.append(GridPoint(changed, iou, stability, agreement, retrieval, signal))
     best = int(np.argmax([row.signal for row in table]))
     return grid[best], table

@@ -391,17 +391,37 @@ def run_batch(
 
     if settings.clip == "oracle":
         raise InputError("--clip oracle needs a reference mask per case; batch has none (use evaluate-dataset).")
+    _check_output_folder(output_dir)
+    manifest = Manifest(output_dir)
+    fingerprint = job_fingerprint(settings, output_format)
+    summary, started = BatchSummary(), time.perf_counter()
+    todo = _cases_to_do(cases, manifest, fingerprint, output_dir, summary)
+    redone = [c for c, _, _ in todo if manifest.cases.get(c, {}).get("status") == "done"]
+    say(f"{len(cases)} cases: {len(summary.skipped)} already done, {len(todo)} to do"
+        + (f" ({len(redone)} redone: input or settings changed)" if redone else ""))
+    manifest.data.update(salip_version=__version__, settings=settings.describe(), format=output_format)
+    if todo:
+        runner = _make_engine(engine, settings, os.environ.get(PLUGINS_ENV, ""), workers, address)
+        say(f"Running on {runner.description}.")
+        dispatch = _Dispatch(runner, manifest, summary, settings, fingerprint, output_dir, output_format, overwrite)
+        dispatch.show(say, total=len(cases) if show_progress else None)
+        dispatch.run(todo)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _check_output_folder(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OutputError(f"Cannot create the output folder {output_dir}: {error}") from error
     if not os.access(output_dir, os.W_OK):
         raise OutputError(f"Output folder {output_dir} is not writable.")
-    manifest = Manifest(output_dir)
-    fingerprint = job_fingerprint(settings, output_format)
-    summary, started = BatchSummary(), time.perf_counter()
 
-    # Checksums first: what is done is known before any model loads.
+
+def _cases_to_do(cases, manifest: Manifest, fingerprint: str, output_dir: Path, summary: BatchSummary) -> list:
+    """(case, path, checksum) of the cases not done yet; checksums first, so that what is done is
+    known before any model loads. Unreadable inputs go into the summary as failed."""
     todo = []
     for case, path in cases:
         try:
@@ -413,73 +433,86 @@ def run_batch(
             summary.skipped.append(case)
         else:
             todo.append((case, path, checksum))
-    redone = [c for c, _, _ in todo if manifest.cases.get(c, {}).get("status") == "done"]
-    say(f"{len(cases)} cases: {len(summary.skipped)} already done, {len(todo)} to do"
-        + (f" ({len(redone)} redone: input or settings changed)" if redone else ""))
-    manifest.data.update(salip_version=__version__, settings=settings.describe(), format=output_format)
-    if not todo:
-        summary.seconds = time.perf_counter() - started
-        return summary
+    return todo
 
-    plugins = os.environ.get(PLUGINS_ENV, "")
-    runner = _make_engine(engine, settings, plugins, workers, address)
-    say(f"Running on {runner.description}.")
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(cases), initial=len(summary.skipped) + len(summary.failed), unit="case",
-                   desc="batch", file=sys.stderr)
-        if isinstance(runner, InlineEngine):
-            runner.on_slice = lambda case, done, total: bar.set_postfix_str(f"{case}: slice {done}/{total}")
-    log = bar.write if bar is not None else say
-    queue, in_flight, finished = list(todo), {}, 0
+class _Dispatch:
+    """Hands cases to an engine's workers as they have room, and commits each result as it comes back."""
 
-    def fail(case, path, checksum, error):
-        nonlocal finished
-        finished += 1
-        _fail(manifest, summary, case, path, checksum, fingerprint, error, log)
-        if bar is not None:
-            bar.update()
+    def __init__(self, runner, manifest: Manifest, summary: BatchSummary, settings: SegmentSettings,
+                 fingerprint: str, output_dir: Path, output_format: str, overwrite: bool):
+        self.runner, self.manifest, self.summary, self.settings = runner, manifest, summary, settings
+        self.fingerprint, self.output_dir, self.output_format, self.overwrite = (
+            fingerprint, output_dir, output_format, overwrite)
+        self.bar, self.log, self.finished = None, print, 0
 
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < runner.capacity:
-                case, path, checksum = queue.pop(0)
-                image, error = _prepare(case, path, checksum, output_dir, output_format, manifest, overwrite)
-                if error:
-                    fail(case, path, checksum, error)
-                    continue
-                handle = runner.submit(case, image)
-                # The worker has the voxels; keep only the geometry (a zero-stride view costs no memory).
-                geometry = dataclasses.replace(image, array=np.broadcast_to(np.uint8(0), image.array.shape))
-                in_flight[handle] = (case, path, checksum, geometry)
-                del image
-            if not in_flight:
-                break
-            handle, outcome = runner.next_done(in_flight)
-            case, path, checksum, geometry = in_flight.pop(handle)
-            if outcome.fatal:
-                raise ModelError(outcome.error)
-            if not outcome.ok:
-                fail(case, path, checksum, outcome.error)
+    def show(self, say: Callable[[str], None], total: Optional[int]) -> None:
+        """A progress bar over `total` cases (None: none), and where messages go."""
+        if total is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=len(self.summary.skipped) + len(self.summary.failed), unit="case",
+                            desc="batch", file=sys.stderr)
+            if isinstance(self.runner, InlineEngine):
+                self.runner.on_slice = self._show_slice
+        self.log = self.bar.write if self.bar is not None else say
+
+    def _show_slice(self, case: str, done: int, total: int) -> None:
+        self.bar.set_postfix_str(f"{case}: slice {done}/{total}")
+
+    def run(self, todo: list) -> None:
+        queue, in_flight = list(todo), {}
+        try:
+            while queue or in_flight:
+                self._submit(queue, in_flight)
+                if not in_flight:
+                    break
+                self._collect(in_flight)
+        except KeyboardInterrupt:
+            self.summary.cancelled, self.summary.left = True, len(todo) - self.finished
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.runner.close()
+
+    def _submit(self, queue: list, in_flight: dict) -> None:
+        """Read and hand over cases while the workers have room; a case that cannot start fails here."""
+        while queue and len(in_flight) < self.runner.capacity:
+            case, path, checksum = queue.pop(0)
+            image, error = _prepare(case, path, checksum, self.output_dir, self.output_format, self.manifest,
+                                    self.overwrite)
+            if error:
+                self._fail(case, path, checksum, error)
                 continue
-            with _ctrl_c_deferred():
-                voxels = _commit(manifest, outcome, path, geometry, checksum, fingerprint, output_dir,
-                                 output_format, settings.prompt)
-            finished += 1
-            summary.done.append(case)
-            log(f"{case}: done in {outcome.seconds:.1f} s ({voxels} voxels)")
-            if bar is not None:
-                bar.update()
-    except KeyboardInterrupt:
-        summary.cancelled, summary.left = True, len(todo) - finished
-    finally:
-        if bar is not None:
-            bar.close()
-        runner.close()
-    summary.seconds = time.perf_counter() - started
-    return summary
+            handle = self.runner.submit(case, image)
+            # The worker has the voxels; keep only the geometry (a zero-stride view costs no memory).
+            geometry = dataclasses.replace(image, array=np.broadcast_to(np.uint8(0), image.array.shape))
+            in_flight[handle] = (case, path, checksum, geometry)
+            del image
+
+    def _collect(self, in_flight: dict) -> None:
+        """Wait for the next case to finish and write it (or record why it failed)."""
+        handle, outcome = self.runner.next_done(in_flight)
+        case, path, checksum, geometry = in_flight.pop(handle)
+        if outcome.fatal:
+            raise ModelError(outcome.error)
+        if not outcome.ok:
+            self._fail(case, path, checksum, outcome.error)
+            return
+        with _ctrl_c_deferred():
+            voxels = _commit(self.manifest, outcome, path, geometry, checksum, self.fingerprint, self.output_dir,
+                             self.output_format, self.settings.prompt)
+        self.finished += 1
+        self.summary.done.append(case)
+        self.log(f"{case}: done in {outcome.seconds:.1f} s ({voxels} voxels)")
+        if self.bar is not None:
+            self.bar.update()
+
+    def _fail(self, case, path, checksum, error) -> None:
+        self.finished += 1
+        _fail(self.manifest, self.summary, case, path, checksum, self.fingerprint, error, self.log)
+        if self.bar is not None:
+            self.bar.update()
 
 
 def _make_engine(engine, settings, plugins, workers, address):
@@ -487,20 +520,13 @@ def _make_engine(engine, settings, plugins, workers, address):
         return RayEngine(settings, plugins, workers, address)
     if engine != "local":
         raise InputError(f"--engine takes local or ray, got {engine!r}.")
-    devices = _local_gpus(settings.device)
+    from .models.device import local_gpus
+
+    devices = local_gpus(settings.device)
     count = workers or max(1, len(devices))
     if count == 1:
         return InlineEngine(settings, plugins, devices[0] if devices else None)
     return ProcessEngine(settings, plugins, count, devices)
-
-
-def _local_gpus(device: str) -> List[str]:
-    """cuda:0..N-1 when the device setting lets CUDA be used, else []."""
-    import torch
-
-    if device not in ("auto", "cuda") or not torch.cuda.is_available():
-        return []
-    return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
 
 
 def _prepare(case, path, checksum, output_dir, output_format, manifest, overwrite):

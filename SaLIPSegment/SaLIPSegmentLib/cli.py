@@ -66,17 +66,21 @@ def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     """What to segment and how: shared by `segment` and `batch`."""
+    from .settings import MODES, PropagationSettings
+
     _add_prompt_options(parser)
     parser.add_argument("--axis", default="auto", choices=AXES,
                         help="numpy axis to slice along: 0 (k), 1 (j), 2 (i), or auto = largest spacing")
     parser.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
                         help="intensity window (default: robust 0.5-99.5 percentiles)")
     parser.add_argument("--top-k", type=int, help="candidates kept per slice (default from the preset)")
-    parser.add_argument("--mode", choices=("propagate", "every-slice"), default="propagate",
+    parser.add_argument("--mode", choices=MODES, default=MODES[0],
                         help="propagate (default): full cascade on key slices, neighbours' boxes elsewhere; "
                              "every-slice: the full cascade on every slice, as the paper")
-    parser.add_argument("--key-interval", type=int, default=16,  # volume.PropagationSettings' (a test checks)
-                        help="with --mode propagate, key slices at both ends and at most N apart (default 16)")
+    key_interval = PropagationSettings.key_interval
+    parser.add_argument("--key-interval", type=int, default=key_interval,
+                        help=f"with --mode propagate, key slices at both ends and at most N apart "
+                             f"(default {key_interval})")
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
@@ -351,8 +355,8 @@ def run_evaluate(args) -> int:
     from .arguments import check_reference, check_slicing
     from .evaluation import evaluate_volume
     from .io import check_writable, read_image, write_json
-    from .models import get_segmenter_spec, resolve_device
-    from .pipeline import apply_profile, load_models, prompt_from_args, proposal_settings
+    from .models import resolve_device
+    from .pipeline import apply_profile, evaluation_settings, load_models, prompt_from_args, proposal_variants
     from .volume import as_volume
 
     _checked_and_announced(args)
@@ -368,22 +372,14 @@ def run_evaluate(args) -> int:
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
-    window = tuple(args.window) if args.window else None
-    fixed = proposal_settings(args, get_segmenter_spec(args.sam))
-    variants = [("fixed", fixed)]
-    if args.adapt:
-        from .adaptation import adapt_settings
-
-        adapted, _ = adapt_settings(volume, segmenter, scorer, prompt.sentences, fixed, top_k=top_k, axis=axis,
-                                    window=window, reference=reference > 0)
-        variants.append(("adapted", adapted))
+    settings = dataclasses.replace(evaluation_settings(args, top_k), axis=axis, slice_range=slice_range)
+    variants = proposal_variants(volume, reference > 0, segmenter, scorer, prompt.sentences, settings)
     results = []
-    for name, settings in variants:
+    for name, run in variants:
         bar = _ProgressBar(args.quiet, f"evaluating ({name})")
         try:
-            results.append((name, evaluate_volume(
-                volume, reference > 0, segmenter, scorer, prompt.sentences, spacing=image.spacing_kji,
-                top_k=top_k, axis=axis, slice_range=slice_range, window=window, proposal=settings, progress=bar)))
+            results.append((name, evaluate_volume(volume, reference > 0, segmenter, scorer, prompt.sentences, run,
+                                                  spacing=image.spacing_kji, progress=bar)))
         finally:
             bar.close()
 
@@ -404,8 +400,8 @@ def run_evaluate(args) -> int:
         write_json(args.json, {"input": str(args.input), "reference": str(args.reference), "prompt": prompt.to_dict(),
                                "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis,
                                "slice_range": list(slice_range), **first.to_dict(),
-                               "variants": {name: {"proposal": dataclasses.asdict(settings), **r.to_dict()}
-                                            for (name, settings), (_, r) in zip(variants, results)}})
+                               "variants": {name: {"proposal": dataclasses.asdict(run.proposal), **r.to_dict()}
+                                            for (name, run), (_, r) in zip(variants, results)}})
     return 0
 
 
@@ -421,8 +417,8 @@ def run_evaluate_dataset(args) -> int:
     from .arguments import grid_difference
     from .evaluation import evaluate_volume
     from .io import check_writable, find_pairs, read_image, write_atomically
-    from .models import get_segmenter_spec, resolve_device
-    from .pipeline import apply_profile, axis_for, load_models, prompt_from_args, proposal_settings
+    from .models import resolve_device
+    from .pipeline import apply_profile, axis_for, evaluation_settings, load_models, prompt_from_args, proposal_variants
 
     _checked_and_announced(args)
     apply_profile(args)
@@ -436,7 +432,7 @@ def run_evaluate_dataset(args) -> int:
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
-    proposal = proposal_settings(args, get_segmenter_spec(args.sam))
+    settings = evaluation_settings(args, top_k)
     rows = []
     for number, (case, image_path, reference_path) in enumerate(pairs, start=1):
         try:
@@ -446,15 +442,10 @@ def run_evaluate_dataset(args) -> int:
             if difference is not None:
                 raise InputError(f"the reference is not on the image's grid: {difference}")
             reference = reference_image.array > 0
-            axis = axis_for(args.axis, image)
-            settings = proposal
-            if args.adapt:
-                from .adaptation import adapt_settings
-
-                settings, _ = adapt_settings(image.array, segmenter, scorer, prompt.sentences, proposal,
-                                             top_k=top_k, axis=axis, reference=reference)
-            result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences,
-                                     spacing=image.spacing_kji, top_k=top_k, axis=axis, proposal=settings)
+            case_settings = dataclasses.replace(settings, axis=axis_for(args.axis, image))
+            _, run = proposal_variants(image.array, reference, segmenter, scorer, prompt.sentences, case_settings)[-1]
+            result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences, run,
+                                     spacing=image.spacing_kji)
             row = {"case": case, "status": "ok", **{k: v for k, v in result.to_dict().items() if k in TABLE_COLUMNS}}
         except SalipError as error:
             row = {"case": case, "status": f"failed: {error}"}

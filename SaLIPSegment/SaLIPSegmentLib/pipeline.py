@@ -1,7 +1,9 @@
 """One volume from settings to mask and report: what `salip segment` and `salip batch` share.
 
 `SegmentSettings` is everything that decides a mask, in a picklable form, so that a
-batch worker process or a Ray actor can be handed it and load the models once.
+batch worker process or a Ray actor can be handed it and load the models once. It says
+the axis and slice range as text ("auto", "A:B"), since they depend on each volume;
+`volume_settings` turns it into one volume's `VolumeSettings` (settings.py).
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from .errors import InputError, MissingWeightsError
 from .io import Image3D
 from .models.base import ProposalSettings
 from .prompts import Prompt
+from .settings import CleanupSettings, PropagationSettings, VolumeSettings
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class SegmentSettings:
     slices: Optional[str] = None
     window: Optional[Tuple[float, float]] = None
     mode: str = "propagate"
-    key_interval: int = 16
+    key_interval: int = PropagationSettings.key_interval
     adapt: bool = False
     keep_largest: bool = False
     fill_holes: bool = False
@@ -57,6 +60,14 @@ class SegmentSettings:
         for where in ("device", "precision", "model_dir"):
             values.pop(where)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+    def volume_settings(self, axis: int, slice_range: Optional[Tuple[int, int]]) -> VolumeSettings:
+        """One volume's run, with its axis and slice range resolved (axis_for, volume.parse_slice_range)."""
+        return VolumeSettings(
+            top_k=self.top_k, axis=axis, slice_range=slice_range, window=self.window, mode=self.mode,
+            propagation=PropagationSettings(key_interval=self.key_interval), proposal=self.proposal,
+            cleanup=CleanupSettings(self.keep_largest, self.fill_holes, self.fill_flagged), adapt=self.adapt,
+        )
 
 
 def settings_from_args(args) -> SegmentSettings:
@@ -114,6 +125,27 @@ def proposal_settings(args, spec) -> ProposalSettings:
     return ProposalSettings.from_dict(values)
 
 
+def evaluation_settings(args, top_k: int) -> VolumeSettings:
+    """What `salip evaluate` and `salip evaluate-dataset` run with; each volume sets its own axis and range."""
+    from .models import get_segmenter_spec
+
+    window = getattr(args, "window", None)  # evaluate-dataset has no --window: each case's own
+    return VolumeSettings(top_k=top_k, window=tuple(window) if window else None,
+                          proposal=proposal_settings(args, get_segmenter_spec(args.sam)), adapt=args.adapt)
+
+
+def proposal_variants(volume: np.ndarray, reference: Optional[np.ndarray], segmenter, scorer, sentences,
+                      settings: VolumeSettings) -> List[Tuple[str, VolumeSettings]]:
+    """("fixed", settings), then, with adaptation on, ("adapted", the same with the adapted proposal)."""
+    variants = [("fixed", settings)]
+    if settings.adapt:
+        from .adaptation import adapt_settings
+
+        adapted, _ = adapt_settings(volume, segmenter, scorer, sentences, settings, reference=reference)
+        variants.append(("adapted", replace(settings, proposal=adapted)))
+    return variants
+
+
 def axis_for(text: str, image: Image3D) -> int:
     from .volume import acquisition_axis
 
@@ -155,6 +187,20 @@ def precision_note(device, precision: str) -> str:
     return "" if dtype is None else " in " + {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def keep_prompted_side(mask: np.ndarray, image: Image3D, prompt, say: Callable[[str], None]):
+    """(mask, side or None): a left or right preset keeps its side of the body's midline (anatomy.py)."""
+    if not prompt.side:
+        return mask, None
+    from .anatomy import keep_patient_side
+    from .volume import as_volume
+
+    mask, side = keep_patient_side(mask, as_volume(image.array), image.ijk_to_lps, prompt.side)
+    if side.voxels_removed:
+        say(f"Removed {side.voxels_removed} voxels on the patient's other side: "
+            f"'{prompt.display_name}' keeps the {side.side} of the body's midline.")
+    return mask, side
+
+
 def segment_image(
     image: Image3D,
     settings: SegmentSettings,
@@ -167,55 +213,49 @@ def segment_image(
     say: Callable[[str], None] = lambda text: None,
 ) -> Tuple[np.ndarray, dict]:
     """The cleaned-up mask on the image's own shape, and the report (per-slice table included)."""
-    from . import cleanup
-    from .volume import PropagationSettings, as_volume, parse_slice_range, segment_volume
+    from .volume import as_volume, parse_slice_range, segment_volume
 
     volume = as_volume(image.array)
     if reference is not None and reference.shape != volume.shape:
         raise InputError(f"The reference has shape {reference.shape}, the input {volume.shape}.")
     axis = axis_for(settings.axis, image)
-    slice_range = parse_slice_range(settings.slices, volume.shape[axis])
-    proposal, adaptation = settings.proposal, None
-    if settings.adapt:
+    run = settings.volume_settings(axis, parse_slice_range(settings.slices, volume.shape[axis]))
+    adaptation = None
+    if run.adapt:
         from .adaptation import adapt_settings
 
-        proposal, adaptation = adapt_settings(
-            volume, segmenter, scorer, settings.prompt.sentences, proposal, top_k=settings.top_k, axis=axis,
-            window=settings.window, reference=reference)
+        proposal, adaptation = adapt_settings(volume, segmenter, scorer, settings.prompt.sentences, run,
+                                              reference=reference)
+        run = replace(run, proposal=proposal)
         say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
             f"stability >= {proposal.stability_score_thresh:.2f}")
     started = time.perf_counter()
-    result = segment_volume(
-        volume, segmenter, scorer, settings.prompt.sentences, top_k=settings.top_k, axis=axis,
-        slice_range=slice_range, window=settings.window, proposal=proposal, reference=reference,
-        mode=settings.mode, propagation=PropagationSettings(key_interval=settings.key_interval),
-        progress=progress, should_cancel=should_cancel,
-    )
-    mask = result.mask
-    if settings.fill_flagged:
-        mask = cleanup.fill_from_neighbours(mask, [s.index for s in result.slices if s.flags], result.axis)
-    if settings.fill_holes:
-        mask = cleanup.fill_holes_per_slice(mask, result.axis)
-    if settings.keep_largest:
-        mask = cleanup.keep_largest_components(mask, settings.top_k)
-    side = None
-    if settings.prompt.side:
-        from .anatomy import keep_patient_side
-
-        mask, side = keep_patient_side(mask, volume, image.ijk_to_lps, settings.prompt.side)
-        if side.voxels_removed:
-            say(f"Removed {side.voxels_removed} voxels on the patient's other side: "
-                f"'{settings.prompt.display_name}' keeps the {side.side} of the body's midline.")
+    result = segment_volume(volume, segmenter, scorer, settings.prompt.sentences, run, reference=reference,
+                            progress=progress, should_cancel=should_cancel)
+    mask, side = keep_prompted_side(clean_up(result, run), image, settings.prompt, say)
     report = {
-        "prompt": settings.prompt.to_dict(), "top_k": settings.top_k, "sam": settings.sam, "clip": settings.clip,
-        "axis": result.axis, "mode": settings.mode, "key_interval": settings.key_interval,
+        "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,
+        "axis": result.axis, "mode": run.mode, "key_interval": run.propagation.key_interval,
         "slice_range": list(result.slice_range), "window": list(result.window),
-        "proposal": dataclasses.asdict(proposal),
+        "proposal": dataclasses.asdict(run.proposal),
         "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,
-        "cleanup": {"keep_largest": settings.keep_largest, "fill_holes": settings.fill_holes,
-                    "fill_flagged": settings.fill_flagged, "voxels_after": int(mask.sum())},
+        "cleanup": {**dataclasses.asdict(run.cleanup), "voxels_after": int(mask.sum())},
         "laterality": side.to_dict() if side else None,
         "seconds": round(time.perf_counter() - started, 3),
         "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
     }
     return mask.reshape(image.array.shape), report
+
+
+def clean_up(result, settings: VolumeSettings) -> np.ndarray:
+    """The run's mask after the settings' clean-up (cleanup.py), in this order: flagged slices, holes, components."""
+    from . import cleanup
+
+    mask, chosen = result.mask, settings.cleanup
+    if chosen.fill_flagged:
+        mask = cleanup.fill_from_neighbours(mask, [s.index for s in result.slices if s.flags], result.axis)
+    if chosen.fill_holes:
+        mask = cleanup.fill_holes_per_slice(mask, result.axis)
+    if chosen.keep_largest:
+        mask = cleanup.keep_largest_components(mask, settings.top_k)
+    return mask

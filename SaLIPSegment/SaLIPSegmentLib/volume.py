@@ -1,19 +1,21 @@
 """The cascade over a volume: axis, slice range, intensity window, progress and cancel.
 
 Numpy in, numpy out; no Slicer, no files. A 2D image is a one-slice volume.
+`segment_volume` configures a `VolumeRunner` once and runs it; the runner's steps are
+listed in its docstring, each a short method.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .cascade import NO_CANDIDATE, SliceResult, segment_slice
-from .errors import Cancelled, InputError, ModelError
+from .errors import Cancelled, InputError
 from .imaging import (
     gray_to_rgb,
     mask_to_box,
@@ -23,13 +25,19 @@ from .imaging import (
     window_to_uint8,
     working_shape,
 )
-from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
-from .models.device import is_out_of_memory
+from .models.base import Candidate, Scorer, Segmenter
+from .models.device import MemoryFallback
+from .settings import MAX_SLICE_SIDE, MODES, PropagationSettings, VolumeSettings
+
+__all__ = [  # the settings are re-exported: callers have imported them from here
+    "BEYOND_ORGAN", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "PropagationSettings", "SliceRecord", "VolumeResult",
+    "VolumeRunner", "VolumeSettings", "acquisition_axis", "as_volume", "check_slice_range", "choose_window",
+    "flag_slices", "key_positions", "parse_slice_range", "segment_volume",
+]
 
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
 
-T = TypeVar("T")
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
@@ -97,68 +105,6 @@ class VolumeResult:
             "decoder_runtime": self.decoder_runtime,
             "seconds": round(self.seconds, 3),
         }
-
-
-# The models work at 1024 px at most (SAM's input; LiteMedSAM's is 256), so a larger slice
-# gains nothing but memory: each candidate mask would be kept at full size.
-MAX_SLICE_SIDE = 1024
-
-
-SMALLEST_BATCH = 4
-
-
-class MemoryFallback:
-    """When a GPU runs out of memory: halve the slices per encoder call, then the prompt and
-    crop batches, and redo the slice; at the smallest batch, move both models to the CPU and
-    go on there. Each step is noted."""
-
-    def __init__(self, segmenter: Segmenter, scorer: Scorer, proposal: ProposalSettings,
-                 forget: Callable[[], None] = lambda: None):
-        self.segmenter, self.scorer, self.proposal = segmenter, scorer, proposal
-        self.forget = forget  # drops what the runner holds on the GPU (slices encoded ahead)
-        self.notices: List[str] = []
-
-    def recover(self, error: BaseException) -> bool:
-        """True when the slice is worth another try; False when nothing is left to give up."""
-        import torch
-
-        if not is_out_of_memory(error):
-            return False
-        self.forget()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        slices = getattr(self.segmenter, "encode_batch", 1)
-        if slices > 1:
-            self.segmenter.encode_batch = slices // 2
-            self.notices.append(f"Out of GPU memory: retried encoding {slices // 2} slices per call.")
-            return True
-        batch = self.proposal.points_per_batch
-        if batch > SMALLEST_BATCH:
-            smaller = max(SMALLEST_BATCH, batch // 2)
-            self.proposal = replace(self.proposal, points_per_batch=smaller)
-            self.scorer.max_batch = smaller
-            self.notices.append(f"Out of GPU memory: retried with {smaller} prompts and crops per batch.")
-            return True
-        device = getattr(self.segmenter, "device", None)
-        if device is not None and torch.device(device).type != "cpu":
-            self.segmenter.to_device(torch.device("cpu"))
-            self.scorer.to_device(torch.device("cpu"))
-            self.notices.append(f"Out of GPU memory even at {SMALLEST_BATCH} prompts per batch: "
-                                "went on on the CPU (slower).")
-            return True
-        return False
-
-    def run(self, step: Callable[..., T], *args) -> T:
-        while True:
-            try:
-                return step(*args)
-            except Exception as error:  # torch raises OutOfMemoryError, MPS a RuntimeError
-                if self.recover(error):
-                    continue
-                if is_out_of_memory(error):
-                    raise ModelError(f"Out of memory on the CPU too ({str(error).splitlines()[0]}). Close other "
-                                     "programs, choose a smaller model, or segment fewer slices.") from error
-                raise
 
 
 def as_volume(array: np.ndarray) -> np.ndarray:
@@ -230,44 +176,6 @@ def choose_window(volume: np.ndarray, window: Optional[Tuple[float, float]]) -> 
         raise InputError("The volume has no contrast (constant, or no finite value): nothing to segment.")
     return found
 
-
-@dataclass
-class PropagationSettings:
-    """Key-slice propagation: the full cascade on a few slices, a box prompt on the rest.
-
-    Each slice next to a segmented one is prompted with its neighbour's boxes, grown by a
-    margin, on its own embedding (one encoding, one decoder pass). The result is kept when
-    SAM's predicted IoU and, for CLIP, the retrieval score hold up against the chain's
-    anchor (the last slice the full cascade segmented); otherwise the slice gets the full
-    cascade and anchors what follows. Propagation stops where the full cascade finds
-    nothing either: the organ has ended.
-
-    Between two key slices a chain runs from each, over the same embeddings, and each slice
-    keeps the result the scorer ranks higher, as the full cascade's retrieval would: a key
-    slice whose best candidate was a poor part no longer decides every slice up to the next
-    one. Only where both chains are refused does a slice get the full cascade.
-    """
-
-    key_interval: int = 16
-    """Key slices (full cascade) are the first and last slice with tissue and evenly between,
-    at most this many slices apart (key_positions).
-
-    16 and not more: an organ spanning at least this many slices always has a key slice of
-    its own. Keys at both ends cost one full cascade more than every 16th slice, and put every
-    other slice between two chains: on five 40-slice MNI152 windows (LiteMedSAM, oracle) mean
-    Dice 0.390 against 0.333 with every 16th slice and 0.339 with the full cascade everywhere.
-    """
-    box_margin: float = 0.1
-    """Grow the neighbour's box by this fraction of its width and height on each side."""
-    max_iou_drop: float = 0.1
-    """Keep a propagated mask whose predicted IoU is at most this much below its anchor's."""
-    max_score_drop: float = 2.0
-    """Keep a propagated mask whose CLIP score is at most this many points below its anchor's."""
-    min_area_ratio: float = 0.2
-    """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
-
-
-MODES = ("propagate", "every-slice")
 
 # A slice's score is low when it sits this many median absolute deviations below the median
 # of the volume's segmented slices (with a floor, so a very uniform volume flags nothing).
@@ -357,224 +265,128 @@ def _grow(box, margin: float, shape) -> Tuple[int, int, int, int]:
             int(min(shape[1] - 1, x1 + dx)), int(min(shape[0] - 1, y1 + dy)))
 
 
-def segment_volume(
-    volume: np.ndarray,
-    segmenter: Segmenter,
-    scorer: Scorer,
-    sentences: Sequence[str],
-    *,
-    top_k: int = 1,
-    axis: int = 0,
-    slice_range: Optional[Tuple[int, int]] = None,
-    window: Optional[Tuple[float, float]] = None,
-    proposal: Optional[ProposalSettings] = None,
-    reference: Optional[np.ndarray] = None,
-    mode: str = "propagate",
-    propagation: Optional[PropagationSettings] = None,
-    skip_empty_slices: bool = True,
-    reencode_for_refine: bool = False,
-    progress: Optional[ProgressCallback] = None,
-    should_cancel: Optional[CancelCheck] = None,
-    max_slice_side: int = MAX_SLICE_SIDE,
-) -> VolumeResult:
-    """Segment the prompt's target on the slices of `volume` along `axis` within `slice_range`.
 
-    `mode="every-slice"` runs the full cascade on every slice, as the paper did;
-    `mode="propagate"` (default) runs it on key slices and propagates boxes to the others
-    (see PropagationSettings). Slices whose windowed image is uniform (air, padding) are
-    skipped before any model runs. Slices longer than `max_slice_side` are shrunk for the
-    models and their masks enlarged back (nearest), so memory stays bounded whatever the
-    slice size. `progress(done, total)` follows the slices handled;
-    `should_cancel()` is checked between slices and a cancelled run raises Cancelled,
-    handing back nothing partial. The mask has the input's shape (2D in, 2D out).
-    """
-    if mode not in MODES:
-        raise InputError(f"Unknown mode {mode!r}; use one of {', '.join(MODES)}.")
-    original_shape = np.shape(volume)
-    volume = as_volume(volume)
+
+def _slice_axis(axis: int, original_shape: Sequence[int]) -> int:
+    """The axis as 0, 1 or 2; a 2D image has one slice, along axis 0."""
     if not -3 <= axis < 3:
         raise InputError(f"Axis {axis} does not exist in a 3D volume (use 0, 1 or 2).")
-    axis = 0 if len(original_shape) == 2 else axis % 3  # a 2D image has one slice
+    return 0 if len(original_shape) == 2 else axis % 3
+
+
+def _check_reference(reference: Optional[np.ndarray], shape: Tuple[int, ...], scorer: Scorer):
+    """The reference as a boolean volume of the input's shape, or None; the oracle needs one."""
     if reference is not None:
         reference = as_volume(reference).astype(bool)
-        if reference.shape != volume.shape:
-            raise InputError(f"Reference shape {reference.shape} differs from the volume's {volume.shape}.")
+        if reference.shape != shape:
+            raise InputError(f"Reference shape {reference.shape} differs from the volume's {shape}.")
     if scorer.needs_reference and reference is None:
         raise InputError(f"The {scorer.name} scorer needs a reference mask.")
-    count = volume.shape[axis]
-    start, stop = check_slice_range(slice_range or (0, count), count)
-    window = choose_window(volume, window)
-    settings = propagation or PropagationSettings()
-    ahead: Dict[int, object] = {}  # slice index -> embedding encoded in an earlier batch
-    kept: Dict[int, object] = {}  # slice index -> embedding, while two chains work between key slices
-    encode_seconds: Dict[int, float] = {}  # slice index -> encoding time not yet in its record
-    memory = MemoryFallback(segmenter, scorer, proposal or ProposalSettings(),
-                            forget=lambda: (ahead.clear(), kept.clear()))
+    return reference
 
-    slices = np.moveaxis(volume, axis, 0)
-    ref_slices = np.moveaxis(reference, axis, 0) if reference is not None else None
-    mask = np.zeros(volume.shape, dtype=bool)
-    mask_slices = np.moveaxis(mask, axis, 0)  # a view: writing here fills `mask`
-    full_shape = slices.shape[1:]
-    shape = working_shape(full_shape, max_slice_side)
-    records: Dict[int, SliceRecord] = {}
-    found: Dict[int, _Found] = {}
-    total = stop - start
-    started = time.perf_counter()
-    if progress:
-        progress(0, total)
 
-    def windowed(index: int) -> np.ndarray:
-        return window_to_uint8(slices[index], window)
+class VolumeRunner:
+    """One volume through the cascade: configured (and checked) once, then `run()`.
 
-    def image(index: int) -> np.ndarray:
-        """The slice as the models see it: windowed, and shrunk when it is very large."""
-        return resize_uint8(windowed(index), shape)
+    The steps, in the order a run takes them:
+      find_tissue      uniform slices (air, padding) are skipped before any model runs;
+      run_every_slice  the paper's way: the full cascade on every slice; or
+      run_propagate    the full cascade on key slices (key_positions), then between each two
+                       (fill_between: a chain from each end, each slice keeping the better
+                       scored result), then outwards past the first and last (fill_gaps),
+                       until the organ ends (see PropagationSettings).
+    Underneath them: embed (the slice's encoding, a few upcoming ones in the same call on a
+    GPU), cascade (one full cascade), attempt and judge (one propagation attempt, measured
+    against the chain's anchor), chain and walk (a run of attempts), and the memory fallback
+    (models.device.MemoryFallback), which redoes a step after the GPU ran out of memory.
 
-    def finish(record: SliceRecord, result_mask: Optional[np.ndarray] = None) -> None:
-        if record.index in encode_seconds:
-            spent = encode_seconds.pop(record.index) + record.seconds.get("encode", 0.0)
-            record.seconds["encode"] = round(spent, 4)
-        if result_mask is not None:
-            mask_slices[record.index] = resize_mask(result_mask, full_shape)
-            record.area = int(mask_slices[record.index].sum())
-        records[record.index] = record
-        if progress:
-            progress(len(records), total)
+    The attributes are the run's state: records and found (what each slice got and hands
+    on), ahead and kept (embeddings encoded for later), encode_seconds (encoding time not
+    yet in a record). A runner runs once.
+    """
 
-    def check_cancel() -> None:
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"Cancelled after {len(records)} of {total} slices; nothing was written.")
+    def __init__(self, volume: np.ndarray, segmenter: Segmenter, scorer: Scorer, sentences: Sequence[str],
+                 settings: Optional[VolumeSettings] = None, *, reference: Optional[np.ndarray] = None,
+                 progress: Optional[ProgressCallback] = None, should_cancel: Optional[CancelCheck] = None):
+        settings = settings or VolumeSettings()
+        if settings.mode not in MODES:
+            raise InputError(f"Unknown mode {settings.mode!r}; use one of {', '.join(MODES)}.")
+        self.original_shape = np.shape(volume)
+        volume = as_volume(volume)
+        self.axis = _slice_axis(settings.axis, self.original_shape)
+        reference = _check_reference(reference, volume.shape, scorer)
+        count = volume.shape[self.axis]
+        self.start, self.stop = check_slice_range(settings.slice_range or (0, count), count)
+        self.window = choose_window(volume, settings.window)
+        self.segmenter, self.scorer, self.sentences, self.settings = segmenter, scorer, sentences, settings
+        self.progress, self.should_cancel = progress, should_cancel
+        self.slices = np.moveaxis(volume, self.axis, 0)
+        self.ref_slices = np.moveaxis(reference, self.axis, 0) if reference is not None else None
+        self.mask = np.zeros(volume.shape, dtype=bool)
+        self.mask_slices = np.moveaxis(self.mask, self.axis, 0)  # a view: writing here fills `mask`
+        self.full_shape = self.slices.shape[1:]
+        self.shape = working_shape(self.full_shape, settings.max_slice_side)
+        self.total = self.stop - self.start
+        self.records: Dict[int, SliceRecord] = {}
+        self.found: Dict[int, _Found] = {}
+        self.tissue: List[int] = []  # slice indices that reach the models, in order
+        self.ahead: Dict[int, object] = {}  # slice index -> embedding encoded in an earlier batch
+        self.kept: Dict[int, object] = {}  # slice index -> embedding, while two chains work between key slices
+        self.encode_seconds: Dict[int, float] = {}  # slice index -> encoding time not yet in its record
+        self.memory = MemoryFallback(segmenter, scorer, settings.proposal, forget=self._forget_embeddings)
 
-    def embed(index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
-        """Make slice `index` the segmenter's image; seconds spent encoding.
+    # -- the run ---------------------------------------------------------------------------
 
-        A segmenter with encode_batch > 1 (on a GPU) encodes the next slices of `upcoming`
-        (up to the first one done, where a walk would stop, or encoded already for the second
-        chain between key slices) in the same call and keeps them for when their turn comes.
-        """
-        clock = time.perf_counter()
-        batch = getattr(segmenter, "encode_batch", 1)
-        if index in ahead:
-            segmenter.use_embedding(ahead.pop(index))
-        elif batch <= 1:
-            segmenter.set_image(gray_to_rgb(pixels))
+    def run(self) -> VolumeResult:
+        started = time.perf_counter()
+        if self.progress:
+            self.progress(0, self.total)
+        self.find_tissue()
+        self.segmenter.expect_encodings(len(self.tissue))  # a CPU segmenter weighs exporting its encoder
+        if self.settings.mode == "every-slice":
+            self.run_every_slice()
         else:
-            ahead.clear()  # the walk moved on: what was encoded for elsewhere is not needed
-            fresh = itertools.takewhile(lambda k: k not in records and k not in kept, upcoming)
-            more = list(itertools.islice(fresh, batch - 1))
-            embeddings = segmenter.embed_images([gray_to_rgb(pixels)] + [gray_to_rgb(image(k)) for k in more])
-            segmenter.use_embedding(embeddings[0])
-            ahead.update(zip(more, embeddings[1:]))
-        return time.perf_counter() - clock
-
-    def cascade_on(index: int, upcoming: Sequence[int] = ()) -> bool:
-        pixels = image(index)
-        if reencode_for_refine:  # the paper's way, kept for the benchmark: segment_slice encodes
-            return full_cascade(index, pixels)
-        return full_cascade(index, pixels, already_embedded=True,
-                            seconds={"encode": embed(index, pixels, upcoming)})
-
-    def full_cascade(index: int, pixels: np.ndarray, already_embedded: bool = False, seconds=None,
-                     fallback: Optional[str] = None) -> bool:
-        result: SliceResult = segment_slice(
-            pixels, segmenter, scorer, sentences, top_k=top_k, proposal=memory.proposal,
-            reference=None if ref_slices is None else resize_mask(ref_slices[index], shape),
-            reencode_for_refine=reencode_for_refine, already_embedded=already_embedded,
+            self.run_propagate()
+        ordered = [self.records[index] for index in range(self.start, self.stop)]
+        flag_slices(ordered)
+        return VolumeResult(
+            mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
+            slice_range=(self.start, self.stop), window=self.window, seconds=time.perf_counter() - started,
+            mode=self.settings.mode, working_shape=self.shape, notices=self.memory.notices,
+            encoder_runtime=self.segmenter.encoder_runtime, decoder_runtime=self.segmenter.decoder_runtime,
         )
-        timing = dict(seconds or {})
-        for stage, value in result.seconds.items():
-            timing[stage] = round(timing.get(stage, 0.0) + value, 4)
-        finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
-                           predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                           seconds=timing, fallback=fallback), result.mask)
-        if result.mask.any():
-            found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious)
-            return True
-        return False
 
-    def attempt(index: int, source: _Found, upcoming: Sequence[int] = ()) -> _Attempt:
-        """Prompt slice `index` with its neighbour's boxes and judge the result against the chain's anchor."""
-        pixels = image(index)
-        if index in kept:
-            segmenter.use_embedding(kept[index])
-        else:  # counted in the slice's record, whichever attempt ends up kept
-            encode_seconds[index] = encode_seconds.get(index, 0.0) + embed(index, pixels, upcoming)
-        timing: Dict[str, float] = {}
-        clock = time.perf_counter()
-        boxes = [_grow(mask_to_box(part), settings.box_margin, pixels.shape) for part in source.parts if part.any()]
-        refined = segmenter.refine(boxes)
-        timing["refine"] = time.perf_counter() - clock
-        parts = [r.mask for r in refined]
-        ious = [r.predicted_iou for r in refined]
-        fallback = None
-        if not all(p.sum() >= settings.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)):
-            fallback = "area"
-        elif not all(iou >= src - settings.max_iou_drop for iou, src in zip(ious, source.anchor_ious)):
-            fallback = "predicted IoU"
-        scores: List[float] = []  # measured only with a label-free scorer; never inherited
-        if fallback is None and not scorer.needs_reference:
-            # The oracle would judge with the reference; acceptance stays label-free.
-            clock = time.perf_counter()
-            scores = score_parts(pixels, parts, ious)
-            timing["score"] = time.perf_counter() - clock
-            if len(scores) != len(parts) or min(scores) < min(source.anchor_scores) - settings.max_score_drop:
-                fallback = "score"
-        return _Attempt(pixels, parts, ious, scores, fallback, timing,
-                        _Found(parts, source.anchor_scores, source.anchor_ious))
+    def find_tissue(self) -> None:
+        """Record uniform slices as skipped; the others, in order, are `tissue`."""
+        for index in range(self.start, self.stop):
+            pixels = self._windowed(index)  # the uniformity check needs no resizing
+            if self.settings.skip_empty_slices and pixels.min() == pixels.max():
+                self._finish(SliceRecord(index=index, reason=NO_TISSUE, method="skipped"))
+            else:
+                self.tissue.append(index)
 
-    def score_parts(pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], reference=None) -> List[float]:
-        candidates = [Candidate(mask=p, box=mask_to_box(p), predicted_iou=i, stability=1.0)
-                      for p, i in zip(parts, ious) if p.any()]
-        return [float(v) for v in scorer.score(gray_to_rgb(pixels), candidates, sentences, reference=reference)]
+    def run_every_slice(self) -> None:
+        for position, index in enumerate(self.tissue):
+            self._check_cancel()
+            self.memory.run(self._cascade_on, index, self.tissue[position + 1 :])
 
-    def accept(index: int, result: _Attempt) -> None:
-        finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=result.scores,
-                           predicted_ious=result.ious, seconds={k: round(v, 4) for k, v in result.seconds.items()}),
-               np.logical_or.reduce(result.parts))
-        found[index] = result.found
+    def run_propagate(self) -> None:
+        """Key slices first, then the slices between them, then outwards; the rest is beyond the organ."""
+        tissue = self.tissue
+        keys = key_positions(len(tissue), self.settings.propagation.key_interval)
+        for number, key in enumerate(keys):
+            self._check_cancel()
+            self.memory.run(self._cascade_on, tissue[key], [tissue[k] for k in keys[number + 1 :]])
+        for low, high in zip(keys, keys[1:]):
+            self.fill_between(low, high)
+        self.fill_gaps(0, len(tissue))
+        for index in tissue:
+            if index not in self.records:
+                self._finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
 
-    def propagate(index: int, source: _Found, upcoming: Sequence[int]) -> bool:
-        """One chain's step: the neighbour's boxes, else the full cascade; False where the organ has ended."""
-        result = attempt(index, source, upcoming)
-        if result.fallback is None:
-            accept(index, result)
-            return True
-        return full_cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
-                            fallback=result.fallback)
+    # -- between key slices ----------------------------------------------------------------
 
-    def walk(origin: int, step: int, until: int) -> None:
-        """Propagate from the segmented slice at position `origin` by `step`, up to position `until` (excluded)."""
-        source = found.get(tissue[origin])
-        i = origin + step
-        while source is not None and i != until and 0 <= i < len(tissue) and tissue[i] not in records:
-            check_cancel()
-            upcoming = tissue[i + 1 : until] if step > 0 else tissue[until + 1 : i][::-1]
-            if not memory.run(propagate, tissue[i], source, upcoming):
-                break
-            source = found[tissue[i]]
-            i += step
-
-    def chain(first: int, last: int, step: int) -> Dict[int, _Attempt]:
-        """Propagate from the key slice before position `first` over positions first..last, keeping
-        each accepted attempt (and the slice's embedding) without writing it; stop at the first refusal."""
-        source = found.get(tissue[first - step])
-        accepted: Dict[int, _Attempt] = {}
-        for i in range(first, last + step, step):
-            if source is None or tissue[i] in records:
-                break
-            check_cancel()
-            result = attempt(tissue[i], source, [tissue[j] for j in range(i + step, last + step, step)])
-            current = getattr(segmenter, "embedding", None)
-            if current is not None:
-                kept[tissue[i]] = current
-            if result.fallback is not None:
-                break
-            accepted[i] = result
-            source = result.found
-        return accepted
-
-    def fill_between(low: int, high: int) -> None:
+    def fill_between(self, low: int, high: int) -> None:
         """Slices between key positions low and high: a chain from each end, the better-scored kept.
 
         Each slice is encoded once (the backward chain re-uses the forward chain's embeddings).
@@ -583,73 +395,247 @@ def segment_volume(
         """
         if high - low < 2:
             return
-        forward = memory.run(chain, low + 1, high - 1, 1)
-        backward = memory.run(chain, high - 1, low + 1, -1)
+        forward = self.memory.run(self.chain, low + 1, high - 1, 1)
+        backward = self.memory.run(self.chain, high - 1, low + 1, -1)
         for i in range(low + 1, high):
             options = [o for o in (forward.get(i), backward.get(i)) if o is not None]
-            if len(options) == 2:
-                clock = time.perf_counter()
-                reference = None if ref_slices is None else resize_mask(ref_slices[tissue[i]], shape)
-                rank = [score_parts(o.pixels, o.parts, o.ious, reference) if scorer.needs_reference else o.scores
-                        for o in options]
-                best = max(range(2), key=lambda k: min(rank[k], default=-np.inf))
-                options[best].seconds["score"] = options[best].seconds.get("score", 0.0) + time.perf_counter() - clock
-                options = [options[best]]
             if options:
-                accept(tissue[i], options[0])
-        fill_gaps(low + 1, high)
-        kept.clear()
+                self._accept(self.tissue[i], self._better(i, options))
+        self.fill_gaps(low + 1, high)
+        self.kept.clear()
 
-    def fill_gaps(first: int, stop: int) -> None:
+    def chain(self, first: int, last: int, step: int) -> Dict[int, _Attempt]:
+        """Propagate from the key slice before position `first` over positions first..last, keeping
+        each accepted attempt (and the slice's embedding) without writing it; stop at the first refusal."""
+        tissue = self.tissue
+        source = self.found.get(tissue[first - step])
+        accepted: Dict[int, _Attempt] = {}
+        for i in range(first, last + step, step):
+            if source is None or tissue[i] in self.records:
+                break
+            self._check_cancel()
+            result = self.attempt(tissue[i], source, [tissue[j] for j in range(i + step, last + step, step)])
+            current = self.segmenter.embedding
+            if current is not None:
+                self.kept[tissue[i]] = current
+            if result.fallback is not None:
+                break
+            accepted[i] = result
+            source = result.found
+        return accepted
+
+    def _better(self, position: int, options: List[_Attempt]) -> _Attempt:
+        """Of the two chains' results on one slice, the one the scorer ranks higher (the first on a tie)."""
+        if len(options) == 1:
+            return options[0]
+        clock = time.perf_counter()
+        reference = self._reference(self.tissue[position])
+        rank = [self._score_parts(o.pixels, o.parts, o.ious, reference) if self.scorer.needs_reference else o.scores
+                for o in options]
+        best = max(range(2), key=lambda k: min(rank[k], default=-np.inf))
+        options[best].seconds["score"] = options[best].seconds.get("score", 0.0) + time.perf_counter() - clock
+        return options[best]
+
+    # -- outwards from segmented slices ----------------------------------------------------
+
+    def fill_gaps(self, first: int, stop: int) -> None:
         """Slices at positions first..stop-1 left between segmented ones: a single chain walks
         into each from its segmented neighbour (the full cascade where the boxes are refused),
         forwards first; it stops where the organ seems to end."""
+        tissue = self.tissue
         for i in range(first, stop):
-            if i > 0 and tissue[i] not in records and tissue[i - 1] in found:
-                walk(i - 1, 1, stop)
+            if i > 0 and tissue[i] not in self.records and tissue[i - 1] in self.found:
+                self.walk(i - 1, 1, stop)
         for i in range(stop - 1, first - 1, -1):
-            if i + 1 < len(tissue) and tissue[i] not in records and tissue[i + 1] in found:
-                walk(i + 1, -1, first - 1)
+            if i + 1 < len(tissue) and tissue[i] not in self.records and tissue[i + 1] in self.found:
+                self.walk(i + 1, -1, first - 1)
 
-    tissue = []
-    for index in range(start, stop):
-        pixels = windowed(index)  # the uniformity check needs no resizing
-        if skip_empty_slices and pixels.min() == pixels.max():
-            finish(SliceRecord(index=index, reason=NO_TISSUE, method="skipped"))
+    def walk(self, origin: int, step: int, until: int) -> None:
+        """Propagate from the segmented slice at position `origin` by `step`, up to position `until` (excluded)."""
+        tissue = self.tissue
+        source = self.found.get(tissue[origin])
+        i = origin + step
+        while source is not None and i != until and 0 <= i < len(tissue) and tissue[i] not in self.records:
+            self._check_cancel()
+            upcoming = tissue[i + 1 : until] if step > 0 else tissue[until + 1 : i][::-1]
+            if not self.memory.run(self._propagate, tissue[i], source, upcoming):
+                break
+            source = self.found[tissue[i]]
+            i += step
+
+    def _propagate(self, index: int, source: _Found, upcoming: Sequence[int]) -> bool:
+        """One walk's step: the neighbour's boxes, else the full cascade; False where the organ has ended."""
+        result = self.attempt(index, source, upcoming)
+        if result.fallback is None:
+            self._accept(index, result)
+            return True
+        return self.cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
+                            fallback=result.fallback)
+
+    # -- one slice -------------------------------------------------------------------------
+
+    def attempt(self, index: int, source: _Found, upcoming: Sequence[int] = ()) -> _Attempt:
+        """Prompt slice `index` with its neighbour's boxes and judge the result against the chain's anchor."""
+        pixels = self._image(index)
+        if index in self.kept:
+            self.segmenter.use_embedding(self.kept[index])
+        else:  # counted in the slice's record, whichever attempt ends up kept
+            self.encode_seconds[index] = self.encode_seconds.get(index, 0.0) + self.embed(index, pixels, upcoming)
+        seconds: Dict[str, float] = {}
+        clock = time.perf_counter()
+        margin = self.settings.propagation.box_margin
+        boxes = [_grow(mask_to_box(part), margin, pixels.shape) for part in source.parts if part.any()]
+        refined = self.segmenter.refine(boxes)
+        seconds["refine"] = time.perf_counter() - clock
+        parts = [r.mask for r in refined]
+        ious = [r.predicted_iou for r in refined]
+        fallback, scores = self.judge(pixels, parts, ious, source, seconds)
+        return _Attempt(pixels, parts, ious, scores, fallback, seconds,
+                        _Found(parts, source.anchor_scores, source.anchor_ious))
+
+    def judge(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], source: _Found,
+              seconds: Dict[str, float]) -> Tuple[Optional[str], List[float]]:
+        """Why a propagated result cannot be kept (area, predicted IoU, score) or None, and its scores.
+
+        Scores are measured only with a label-free scorer and never inherited: the oracle would
+        judge with the reference, and acceptance stays label-free.
+        """
+        rules = self.settings.propagation
+        if not all(p.sum() >= rules.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)):
+            return "area", []
+        if not all(iou >= src - rules.max_iou_drop for iou, src in zip(ious, source.anchor_ious)):
+            return "predicted IoU", []
+        if self.scorer.needs_reference:
+            return None, []
+        clock = time.perf_counter()
+        scores = self._score_parts(pixels, parts, ious)
+        seconds["score"] = time.perf_counter() - clock
+        if len(scores) != len(parts) or min(scores) < min(source.anchor_scores) - rules.max_score_drop:
+            return "score", scores
+        return None, scores
+
+    def _cascade_on(self, index: int, upcoming: Sequence[int] = ()) -> bool:
+        """The full cascade on a slice not yet encoded; True when it found something."""
+        pixels = self._image(index)
+        if self.settings.reencode_for_refine:  # the paper's way, kept for the benchmark: segment_slice encodes
+            return self.cascade(index, pixels)
+        return self.cascade(index, pixels, already_embedded=True,
+                            seconds={"encode": self.embed(index, pixels, upcoming)})
+
+    def cascade(self, index: int, pixels: np.ndarray, already_embedded: bool = False,
+                seconds: Optional[Dict[str, float]] = None, fallback: Optional[str] = None) -> bool:
+        """One full cascade (propose, retrieve, refine), written into the mask; True when it found something."""
+        result: SliceResult = segment_slice(
+            pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
+            proposal=self.memory.proposal, reference=self._reference(index),
+            reencode_for_refine=self.settings.reencode_for_refine, already_embedded=already_embedded,
+        )
+        timing = dict(seconds or {})
+        for stage, value in result.seconds.items():
+            timing[stage] = round(timing.get(stage, 0.0) + value, 4)
+        self._finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
+                                 predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
+                                 seconds=timing, fallback=fallback), result.mask)
+        if result.mask.any():
+            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious)
+            return True
+        return False
+
+    def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
+        """Make slice `index` the segmenter's image; seconds spent encoding.
+
+        With more than one slice per encoder call (a GPU), the next slices of `upcoming` are
+        encoded in the same call (up to the first one done, where a walk would stop, or encoded
+        already for the second chain between key slices) and kept for when their turn comes.
+        """
+        clock = time.perf_counter()
+        batch = self.memory.encode_batch
+        if index in self.ahead:
+            self.segmenter.use_embedding(self.ahead.pop(index))
+        elif batch <= 1:
+            self.segmenter.set_image(gray_to_rgb(pixels))
         else:
-            tissue.append(index)
-    expect_encodings = getattr(segmenter, "expect_encodings", None)  # PromptableSegmenter's, like encode_batch
-    if expect_encodings is not None:
-        expect_encodings(len(tissue))  # a CPU segmenter weighs exporting its encoder against the job
+            self.ahead.clear()  # the walk moved on: what was encoded for elsewhere is not needed
+            fresh = itertools.takewhile(lambda k: k not in self.records and k not in self.kept, upcoming)
+            more = list(itertools.islice(fresh, batch - 1))
+            images = [gray_to_rgb(pixels)] + [gray_to_rgb(self._image(k)) for k in more]
+            embeddings = self.segmenter.embed_images(images)
+            self.segmenter.use_embedding(embeddings[0])
+            self.ahead.update(zip(more, embeddings[1:]))
+        return time.perf_counter() - clock
 
-    if mode == "every-slice":
-        for position, index in enumerate(tissue):
-            check_cancel()
-            memory.run(cascade_on, index, tissue[position + 1 :])
-    else:
-        keys = key_positions(len(tissue), settings.key_interval)
-        for number, key in enumerate(keys):
-            check_cancel()
-            memory.run(cascade_on, tissue[key], [tissue[k] for k in keys[number + 1 :]])
-        for low, high in zip(keys, keys[1:]):
-            fill_between(low, high)
-        fill_gaps(0, len(tissue))
-        for index in tissue:
-            if index not in records:
-                finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
+    # -- bookkeeping -----------------------------------------------------------------------
 
-    ordered = [records[index] for index in range(start, stop)]
-    flag_slices(ordered)
-    return VolumeResult(
-        mask=mask.reshape(original_shape),
-        slices=ordered,
-        axis=axis,
-        slice_range=(start, stop),
-        window=window,
-        seconds=time.perf_counter() - started,
-        mode=mode,
-        working_shape=shape,
-        notices=memory.notices,
-        encoder_runtime=getattr(segmenter, "encoder_runtime", "torch"),
-        decoder_runtime=getattr(segmenter, "decoder_runtime", "torch"),
-    )
+    def _accept(self, index: int, result: _Attempt) -> None:
+        self._finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=result.scores,
+                                 predicted_ious=result.ious,
+                                 seconds={k: round(v, 4) for k, v in result.seconds.items()}),
+                     np.logical_or.reduce(result.parts))
+        self.found[index] = result.found
+
+    def _finish(self, record: SliceRecord, result_mask: Optional[np.ndarray] = None) -> None:
+        """Write a slice's record (and mask, back at full size) and report progress."""
+        if record.index in self.encode_seconds:
+            spent = self.encode_seconds.pop(record.index) + record.seconds.get("encode", 0.0)
+            record.seconds["encode"] = round(spent, 4)
+        if result_mask is not None:
+            self.mask_slices[record.index] = resize_mask(result_mask, self.full_shape)
+            record.area = int(self.mask_slices[record.index].sum())
+        self.records[record.index] = record
+        if self.progress:
+            self.progress(len(self.records), self.total)
+
+    def _score_parts(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float],
+                     reference: Optional[np.ndarray] = None) -> List[float]:
+        candidates = [Candidate(mask=p, box=mask_to_box(p), predicted_iou=i, stability=1.0)
+                      for p, i in zip(parts, ious) if p.any()]
+        scores = self.scorer.score(gray_to_rgb(pixels), candidates, self.sentences, reference=reference)
+        return [float(v) for v in scores]
+
+    def _check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled(f"Cancelled after {len(self.records)} of {self.total} slices; nothing was written.")
+
+    def _forget_embeddings(self) -> None:
+        """Drop what the run holds on the GPU (slices encoded ahead), before the memory fallback retries."""
+        self.ahead.clear()
+        self.kept.clear()
+
+    def _windowed(self, index: int) -> np.ndarray:
+        return window_to_uint8(self.slices[index], self.window)
+
+    def _image(self, index: int) -> np.ndarray:
+        """The slice as the models see it: windowed, and shrunk when it is very large."""
+        return resize_uint8(self._windowed(index), self.shape)
+
+    def _reference(self, index: int) -> Optional[np.ndarray]:
+        """The reference slice at the models' size (the oracle scores with it), or None."""
+        return None if self.ref_slices is None else resize_mask(self.ref_slices[index], self.shape)
+
+
+def segment_volume(
+    volume: np.ndarray,
+    segmenter: Segmenter,
+    scorer: Scorer,
+    sentences: Sequence[str],
+    settings: Optional[VolumeSettings] = None,
+    *,
+    reference: Optional[np.ndarray] = None,
+    progress: Optional[ProgressCallback] = None,
+    should_cancel: Optional[CancelCheck] = None,
+) -> VolumeResult:
+    """Segment the prompt's target on the slices of `volume` along `settings.axis` within `settings.slice_range`.
+
+    `mode="every-slice"` runs the full cascade on every slice, as the paper did;
+    `mode="propagate"` (default) runs it on key slices and propagates boxes to the others
+    (see PropagationSettings). Slices whose windowed image is uniform (air, padding) are
+    skipped before any model runs. Slices longer than `max_slice_side` are shrunk for the
+    models and their masks enlarged back (nearest), so memory stays bounded whatever the
+    slice size. `reference` is for the oracle scorer. `progress(done, total)` follows the
+    slices handled; `should_cancel()` is checked between slices and a cancelled run raises
+    Cancelled, handing back nothing partial. The mask has the input's shape (2D in, 2D out).
+    The settings' clean-up and adaptation are the caller's (pipeline.segment_image).
+    """
+    runner = VolumeRunner(volume, segmenter, scorer, sentences, settings, reference=reference,
+                          progress=progress, should_cancel=should_cancel)
+    return runner.run()

@@ -150,6 +150,7 @@ def run_variant(args, variant: str) -> dict:
     from SaLIPSegmentLib.imaging import dice
     from SaLIPSegmentLib.models.device import resolve_device
     from SaLIPSegmentLib.prompts import resolve_prompt
+    from SaLIPSegmentLib.settings import VolumeSettings
     from SaLIPSegmentLib.volume import segment_volume
 
     if args.threads:
@@ -176,8 +177,9 @@ def run_variant(args, variant: str) -> dict:
         shape = np.delete(volume.shape, axis)
         segmenter.set_image(np.zeros((*shape, 3), dtype=np.uint8))
         segmenter.refine([(0, 0, int(shape[1]) - 1, int(shape[0]) - 1)])
-    results = [segment_volume(volume, segmenter, scorer, prompt.sentences, top_k=prompt.top_k, axis=axis,
-                              slice_range=part, proposal=proposal, reference=reference, **options)
+    results = [segment_volume(volume, segmenter, scorer, prompt.sentences,
+                              VolumeSettings(top_k=prompt.top_k, axis=axis, slice_range=part, proposal=proposal,
+                                             **options), reference=reference)
                for part, _ in runs]
     measured = sum(r.seconds for r in results)
     timed_slices = sum(len(r.slices) for r in results)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Testing/, for ti
 from SaLIPSegmentLib.models import create_scorer  # noqa: E402
 from SaLIPSegmentLib.models.base import ProposalSettings  # noqa: E402
 from SaLIPSegmentLib.models.sam import SamSegmenter  # noqa: E402
+from SaLIPSegmentLib.settings import VolumeSettings
 from SaLIPSegmentLib.volume import segment_volume  # noqa: E402
 
 import tiny_models  # noqa: E402
@@ -88,8 +89,8 @@ def main() -> int:
     started = time.perf_counter()
     for number in range(args.volumes):
         volume = make_volume(args.slices, seed=number)
-        result = segment_volume(volume, segmenter, scorer, ["a bright disk"], proposal=proposal,
-                                mode="every-slice", progress=progress)
+        result = segment_volume(volume, segmenter, scorer, ["a bright disk"],
+                                VolumeSettings(proposal=proposal, mode="every-slice"), progress=progress)
         assert result.mask.shape == volume.shape
         done += args.slices
         del volume, result  # as a batch does: one volume's result alive at a time

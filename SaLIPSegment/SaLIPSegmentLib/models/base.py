@@ -1,15 +1,16 @@
 """The roles a backend plays, and what SAM-family segmenters share.
 
-Three roles (DESIGN.md): *propose* candidates for an image, *refine* a box on an
-already embedded image, *score* candidates against a prompt. A segmenter plays
-the first two and embeds each image once: `set_image`, then any number of
-`propose` and `refine` calls, as segment_anything's predictor does.
+Three roles (the method in README.md): *propose* candidates for an image, *refine* a
+box on an already embedded image, *score* candidates against a prompt. A segmenter
+plays the first two and embeds each image once: `set_image`, then any number of
+`propose` and `refine` calls, as segment_anything's predictor does. `Segmenter` and
+`Scorer` declare everything the volume runner calls; test doubles implement them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -21,51 +22,9 @@ from segment_anything.utils import amg
 from torchvision.ops import batched_nms
 
 from ..imaging import Box
+from ..settings import ProposalSettings
 from .cpu_runtime import OnnxEncoder, OnnxMaskDecoder, build_onnx_encoder, build_onnx_mask_decoder
 from .device import autocast, autocast_dtype, default_encode_batch
-
-
-@dataclass
-class ProposalSettings:
-    """Knobs of the "segment everything" step, with documented defaults.
-
-    The point-grid knobs are segment_anything's own (SamAutomaticMaskGenerator),
-    with its defaults except `crop_n_layers`: the paper ran 1 (five extra image
-    encodings per slice), we default to 0 and keep 1 available. The box-grid
-    knobs serve box-only models (LiteMedSAM), which ignore point prompts.
-    """
-
-    points_per_side: int = 32
-    """Point grid is points_per_side x points_per_side over the image (SAM)."""
-    points_per_batch: int = 64
-    """Prompts decoded together; larger is faster until memory runs out."""
-    pred_iou_thresh: float = 0.88
-    """Drop masks whose self-predicted IoU is below this."""
-    stability_score_thresh: float = 0.95
-    """Drop masks that change much when the logit threshold moves by the offset."""
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    """Box IoU above which the lower-scored of two candidates is a duplicate."""
-    crop_n_layers: int = 0
-    """Also run on 2**i x 2**i overlapping crops for i in 1..n (each costs an encoding)."""
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 2
-    min_region_area: int = 0
-    """Remove islands and fill holes smaller than this many pixels (0: off)."""
-    max_area_fraction: float = 0.8
-    """Drop candidates covering more than this fraction of the image (background, body outline)."""
-    box_scales: Tuple[float, ...] = (0.125, 0.25, 0.5)
-    """Box-grid side lengths as fractions of the longest image side (box-only models)."""
-    box_stride_fraction: float = 0.5
-    """Box-grid stride as a fraction of the box side (0.5: half-overlapping boxes)."""
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ProposalSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown proposal settings: {', '.join(sorted(unknown))}")
-        return cls(**values)
 
 
 @dataclass
@@ -101,12 +60,31 @@ class Embedding:
     image: Optional[np.ndarray] = field(default=None, repr=False)
 
 
+__all__ = ["Candidate", "Embedding", "OracleScorer", "PromptableSegmenter", "ProposalSettings", "RefinedMask",
+           "Scorer", "Segmenter", "remove_small_regions"]  # ProposalSettings lives in settings (no torch)
+
+
 class Segmenter(ABC):
-    """Propose and refine on one image at a time; the image is embedded once."""
+    """Propose and refine on one image at a time; the image is embedded once.
+
+    Besides the three abstract methods, the volume runner uses the rest of this interface:
+    embeddings it can hold and hand back (embed_images, use_embedding, embedding; only with
+    encode_batch above 1 or an embedding to hand back), the job's size (expect_encodings),
+    the memory fallback's calls (limit_encode_batch, to_device) and what ran the models
+    (encoder_runtime, decoder_runtime). The defaults suit a segmenter with none of this.
+    """
 
     name: str = "segmenter"
     precision: str = "auto"
     """Autocast precision of the model calls (models.device.PRECISIONS); auto is fp32 off CUDA."""
+    device: Optional[torch.device] = None
+    """Where the model runs; None for a segmenter without torch state (nothing to move)."""
+    encode_batch: int = 1
+    """Images per encoder call; above 1 the runner encodes upcoming slices ahead with embed_images."""
+    encoder_runtime: str = "torch"
+    """What encodes images now: torch, or onnxruntime (models.cpu_runtime)."""
+    decoder_runtime: str = "torch"
+    """What decoded masks last, likewise."""
 
     @abstractmethod
     def set_image(self, image_rgb: np.ndarray) -> None:
@@ -124,6 +102,27 @@ class Segmenter(ABC):
         """Move the model (after a GPU ran out of memory); the current image must be set again."""
         self.device = device  # a segmenter without torch state has nothing else to move
 
+    def embed_images(self, images: Sequence[np.ndarray]) -> List[Embedding]:
+        """Encode several images without making any current (called only with encode_batch above 1)."""
+        raise NotImplementedError(f"{type(self).__name__} encodes one image at a time (encode_batch 1)")
+
+    def use_embedding(self, embedding: Embedding) -> None:
+        """Make an image encoded earlier (embed_images, or `embedding` read back) the current one."""
+        raise NotImplementedError(f"{type(self).__name__} does not take embeddings back")
+
+    @property
+    def embedding(self) -> Optional[Embedding]:
+        """The current image's encoding, to hand back to use_embedding later; None where there is none to give."""
+        return None
+
+    def expect_encodings(self, count: int) -> None:
+        """A job is about to encode `count` images (a CPU segmenter weighs a one-off export against it)."""
+        return None  # nothing to weigh without an export
+
+    def limit_encode_batch(self, images: int) -> None:
+        """At most this many images per encoder call from now on (the memory fallback's call)."""
+        self.encode_batch = images
+
 
 class PromptableSegmenter(Segmenter):
     """What SAM and LiteMedSAM share: segment_anything's prompt encoder and mask decoder.
@@ -138,8 +137,8 @@ class PromptableSegmenter(Segmenter):
     onnx_on_cpu = False
     """Encode on ONNX Runtime on a CPU at full precision (models.cpu_runtime), where measured faster."""
     onnx_decoder_on_cpu = True
-    """Decode there too, in any job (segment_volume announces one): SAM's and LiteMedSAM's decoder
-    alike take 2.6 to 2.9x less time for 138 MB, and the 0.6 s export pays within one proposal grid."""
+    """Decode there too, in any job (segment_volume announces one): the export pays within one
+    proposal grid (Testing/Benchmarks/RESULTS.md)."""
     onnx_memory_arena = False
     """Let ONNX Runtime keep its buffers between encodings: faster where activations are small."""
     onnx_min_encodings = 1
@@ -440,6 +439,10 @@ class Scorer(ABC):
 
     max_batch: Optional[int] = None
     """At most this many candidates per forward pass (None: all of a slice at once)."""
+
+    def limit_batch(self, candidates: int) -> None:
+        """At most this many candidates per forward pass from now on (the memory fallback's call)."""
+        self.max_batch = candidates
 
     def to_device(self, device: torch.device) -> None:
         """Move the model (after a GPU ran out of memory)."""

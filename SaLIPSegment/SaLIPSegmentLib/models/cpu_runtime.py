@@ -1,13 +1,9 @@
 """The image encoder and mask decoder on ONNX Runtime, for CPUs: same weights, same outputs, less time.
 
-On the build machine (2 cores) LiteMedSAM's encoder takes 0.71 s per slice on ONNX Runtime
-(0.81 s without the runtime's memory arena) against 1.24 s in torch, with features within 4e-6
-of torch's and the same masks; SAM ViT-B's takes 7.9 against 12.9 s (features within 5e-7).
-The encoder is exported once per segmenter, in memory (LiteMedSAM about 3 s, ViT-B 19 s), at
-the first CPU encoding at full precision of a job long enough to repay it
-(Segmenter.expect_encodings). The mask decoder, the same for SAM and LiteMedSAM, is exported
-(0.6 s) at the first CPU decoding at full precision of any job: 41 against 109 ms per box
-prompt for LiteMedSAM, 2.6 against 7.4 s per 64 points for SAM ViT-B, logits within 1e-4.
+The encoder is exported once per segmenter, in memory, at the first CPU encoding at full
+precision of a job long enough to repay it (Segmenter.expect_encodings). The mask decoder,
+the same for SAM and LiteMedSAM, is exported at the first CPU decoding at full precision of
+any job. Both give torch's outputs within rounding, in less time (Testing/Benchmarks/RESULTS.md).
 Nothing is written to disk, so a read-only model directory and a changed checkpoint need no
 care.
 
@@ -72,9 +68,7 @@ def _session(module: torch.nn.Module, inputs: tuple, input_names, output_names, 
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
     # The arena re-uses buffers between runs instead of asking the system for fresh pages each
-    # time. LiteMedSAM's encoder: 0.71 rather than 0.81 s for 200 MB more (400 MB with the
-    # runtime's planned memory pattern too, which gained nothing on top); SAM ViT-B's encoder
-    # gained nothing (7.9 s either way).
+    # time: faster where activations are small, for more memory (Testing/Benchmarks/RESULTS.md).
     options.enable_cpu_mem_arena = memory_arena
     options.enable_mem_pattern = False
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
@@ -115,10 +109,9 @@ class OnnxMaskDecoder:
     """segment_anything's mask decoder (SAM's and LiteMedSAM's) on ONNX Runtime, for prompts without a mask.
 
     It always keeps its memory arena: without it, the runtime and torch alike spend most of a
-    decoder call paging in fresh memory for the image-sized activations of every prompt (109 ms
-    per box in torch, 100 ms on the runtime without the arena, 41 ms with it). Prompts are run
-    at most PROMPTS_PER_RUN at a time: the time per prompt is the same from 4 to 32, the arena
-    is not (+138 MB at 8, +522 MB at 16).
+    decoder call paging in fresh memory for the image-sized activations of every prompt. Prompts
+    are run at most PROMPTS_PER_RUN at a time: the time per prompt is the same from 4 to 32, the
+    arena's memory is not (figures: Testing/Benchmarks/RESULTS.md).
     """
 
     PROMPTS_PER_RUN = 8

@@ -129,12 +129,8 @@ register_segmenter(
         weights=LITEMEDSAM_WEIGHTS,
         build=_build_litemedsam,
         size="39 MB",
-        # Its predicted IoUs (median 0.65 on MNI152 slices) and stability scores (median
-        # 0.55) run far below SAM's, so SAM's thresholds would drop everything. Organs
-        # such as the brain fill most of a slice, hence box sides up to the whole image.
-        # A 3/4-box stride halves the boxes and time, but its oracle ceiling was better on
-        # MNI152 resampled to 256 px (0.377 vs 0.333) and worse at 1 mm (0.203 vs 0.258):
-        # not proven, so the denser half-box stride stays.
+        # Its predicted IoUs and stability scores run far below SAM's, and organs such as the
+        # brain fill most of a slice (figures: Testing/Benchmarks/RESULTS.md).
         proposal_defaults={
             "pred_iou_thresh": 0.5,
             "stability_score_thresh": 0.3,

@@ -16,12 +16,9 @@ from .base import PromptableSegmenter, ProposalSettings
 class HeadByHeadAttention(Attention):
     """segment_anything's attention computed one head at a time on a CPU: the same outputs, far less memory.
 
-    A global-attention block holds a (heads, tokens, tokens) matrix two or three times over
-    (scores, scores plus relative positions, softmax): for ViT-B at 1024 px, 12 x 4096 x 4096
-    floats, 805 MB each. One head at a time it is 67 MB. On 2 cores ViT-B's encoder peaked at
-    1.5 rather than 3.7 GB in torch, at the same speed (12.9 against 13.2 s) and with identical
-    features; exported to ONNX Runtime this way it peaks at 3.1 rather than 5.3 GB and encodes
-    in 7.9 rather than 9.3 s. Other devices keep the one batched product (unmeasured there).
+    A global-attention block holds a (heads, tokens, tokens) matrix several times over; one head
+    at a time holds a twelfth of it, at the same speed (Testing/Benchmarks/RESULTS.md). Other
+    devices keep the one batched product.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,11 +55,8 @@ def attend_head_by_head(encoder: ImageEncoderViT) -> int:
 class SamSegmenter(PromptableSegmenter):
     """segment_anything's `Sam` behind the propose and refine roles."""
 
-    # On a CPU the encoder runs on ONNX Runtime (models.cpu_runtime) for a job of 5 slices or
-    # more: ViT-B encodes in 7.9 rather than 12.9 s on 2 cores (features within 5e-7), after a
-    # 19 s export. With global attention head by head, the runtime's peak (3.1 GB) stays below
-    # torch's with the batched product (3.7 GB). ViT-L and ViT-H exceed the runtime's size limit
-    # and stay in torch. The mask decoder is on the runtime too: 2.6 against 7.4 s per 64 points.
+    # On a CPU the encoder runs on ONNX Runtime (models.cpu_runtime) for a job long enough to pay
+    # for the export (figures: Testing/Benchmarks/RESULTS.md); ViT-L and ViT-H stay in torch.
     onnx_on_cpu = True
     onnx_min_encodings = 5
 

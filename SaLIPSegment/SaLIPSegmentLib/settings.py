@@ -1,0 +1,136 @@
+"""What decides a volume's mask, besides the prompt and the models: one place, no torch.
+
+`VolumeSettings` is one run over one volume (segment_volume, evaluate_volume and
+adapt_settings take it); the command line and the Slicer effect each build it in one
+place. Importing this module needs neither torch nor Slicer, so the effect and the
+argument parser read the same defaults as the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Tuple
+
+MODES = ("propagate", "every-slice")
+
+# The models work at 1024 px at most (SAM's input; LiteMedSAM's is 256), so a larger slice
+# gains nothing but memory: each candidate mask would be kept at full size.
+MAX_SLICE_SIDE = 1024
+
+
+@dataclass
+class ProposalSettings:
+    """Knobs of the "segment everything" step, with documented defaults.
+
+    The point-grid knobs are segment_anything's own (SamAutomaticMaskGenerator),
+    with its defaults except `crop_n_layers`: the paper ran 1 (five extra image
+    encodings per slice), we default to 0 and keep 1 available. The box-grid
+    knobs serve box-only models (LiteMedSAM), which ignore point prompts.
+    """
+
+    points_per_side: int = 32
+    """Point grid is points_per_side x points_per_side over the image (SAM)."""
+    points_per_batch: int = 64
+    """Prompts decoded together; larger is faster until memory runs out."""
+    pred_iou_thresh: float = 0.88
+    """Drop masks whose self-predicted IoU is below this."""
+    stability_score_thresh: float = 0.95
+    """Drop masks that change much when the logit threshold moves by the offset."""
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    """Box IoU above which the lower-scored of two candidates is a duplicate."""
+    crop_n_layers: int = 0
+    """Also run on 2**i x 2**i overlapping crops for i in 1..n (each costs an encoding)."""
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 2
+    min_region_area: int = 0
+    """Remove islands and fill holes smaller than this many pixels (0: off)."""
+    max_area_fraction: float = 0.8
+    """Drop candidates covering more than this fraction of the image (background, body outline)."""
+    box_scales: Tuple[float, ...] = (0.125, 0.25, 0.5)
+    """Box-grid side lengths as fractions of the longest image side (box-only models)."""
+    box_stride_fraction: float = 0.5
+    """Box-grid stride as a fraction of the box side (0.5: half-overlapping boxes)."""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ProposalSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown proposal settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+@dataclass
+class PropagationSettings:
+    """Key-slice propagation: the full cascade on a few slices, a box prompt on the rest.
+
+    Each slice next to a segmented one is prompted with its neighbour's boxes, grown by a
+    margin, on its own embedding (one encoding, one decoder pass). The result is kept when
+    SAM's predicted IoU and, for CLIP, the retrieval score hold up against the chain's
+    anchor (the last slice the full cascade segmented); otherwise the slice gets the full
+    cascade and anchors what follows. Propagation stops where the full cascade finds
+    nothing either: the organ has ended.
+
+    Between two key slices a chain runs from each, over the same embeddings, and each slice
+    keeps the result the scorer ranks higher, as the full cascade's retrieval would: a key
+    slice whose best candidate was a poor part no longer decides every slice up to the next
+    one. Only where both chains are refused does a slice get the full cascade.
+    """
+
+    key_interval: int = 16
+    """Key slices (full cascade) are the first and last slice with tissue and evenly between,
+    at most this many slices apart (volume.key_positions); an organ spanning at least this many
+    slices always has a key slice of its own. Why 16: Testing/Benchmarks/RESULTS.md, issue 17."""
+    box_margin: float = 0.1
+    """Grow the neighbour's box by this fraction of its width and height on each side."""
+    max_iou_drop: float = 0.1
+    """Keep a propagated mask whose predicted IoU is at most this much below its anchor's."""
+    max_score_drop: float = 2.0
+    """Keep a propagated mask whose CLIP score is at most this many points below its anchor's."""
+    min_area_ratio: float = 0.2
+    """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
+
+
+@dataclass(frozen=True)
+class CleanupSettings:
+    """Optional 3D clean-up after the run (cleanup.py); all off by default."""
+
+    keep_largest: bool = False
+    """Keep the top-k largest 3D components (two lungs, two kidneys)."""
+    fill_holes: bool = False
+    """Fill holes in every slice."""
+    fill_flagged: bool = False
+    """Replace flagged slices by what their two neighbours agree on."""
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    """One run over one volume: which slices, how they are windowed, and how the cascade runs.
+
+    `axis` and `slice_range` are this volume's own (numbers, not "auto"): a request for
+    many volumes (pipeline.SegmentSettings) says them as text and resolves them per volume.
+    """
+
+    top_k: int = 1
+    """Candidates retrieved and refined per slice (two lungs, two kidneys)."""
+    axis: int = 0
+    """The numpy axis the slices are taken across."""
+    slice_range: Optional[Tuple[int, int]] = None
+    """(start, stop), stop excluded, negative values from the end; None: every slice."""
+    window: Optional[Tuple[float, float]] = None
+    """Intensity window (low, high); None: a robust window over the whole volume."""
+    mode: str = "propagate"
+    """propagate: the full cascade on key slices, neighbours' boxes elsewhere; every-slice: the paper's."""
+    propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    proposal: ProposalSettings = field(default_factory=ProposalSettings)
+    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
+    """Applied after the run by pipeline.segment_image; segment_volume's mask is the raw one."""
+    adapt: bool = False
+    """Pick the proposal thresholds per volume first (adaptation.adapt_settings)."""
+    skip_empty_slices: bool = True
+    """Slices whose windowed image is uniform (air, padding) never reach the models."""
+    reencode_for_refine: bool = False
+    """The paper's second encoding per slice before refine; kept for the benchmark only."""
+    max_slice_side: int = MAX_SLICE_SIDE
+    """Longer slices are shrunk for the models and their masks enlarged back (nearest)."""

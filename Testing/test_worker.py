@@ -23,6 +23,7 @@ from test_slicer_bridge import OBLIQUE, assert_same, blob, segment_array_on_refe
 
 from SaLIPSegmentLib import jobs
 from SaLIPSegmentLib import slicer_bridge as bridge
+from SaLIPSegmentLib.errors import InputError
 
 from conftest import CRASHING_MODEL_PLUGIN, TINY_MODELS_PLUGIN, disk_image
 from slicer_mrml import add_volume, new_scene
@@ -50,11 +51,11 @@ def wait(worker, job, until=lambda job: job.finished, events=None):
 
 
 def request_for(node, folder, sam, clip, **settings):
-    """What the effect sends: the volume's voxels in a file, its spacing, and the run's settings."""
+    """What the effect sends: the volume's voxels in a file, its IJK-to-world matrix, and the run's settings."""
     array, geometry = bridge.volume_to_numpy(node)
     volume_path = os.path.join(folder, "volume.npy")
     np.save(volume_path, array)
-    return {"type": "segment", "volume": volume_path, "spacing": list(geometry.spacing[::-1]),
+    return {"type": "segment", "volume": volume_path, "ijkToRas": geometry.ijk_to_world.tolist(),
             "settings": dict({"prompt": "brain", "sam": sam, "clip": clip, "device": "cpu", "axis": "0"},
                              **settings)}
 
@@ -216,3 +217,21 @@ def test_find_python_slicer_as_slicer_does(tmp_path):
         jobs.find_python_slicer(which=lambda name: None, executable=str(tmp_path / "x" / "Slicer"))
     env = jobs.worker_environment({"PYTHONPATH": os.pathsep.join(["/a", "/engine"])}, "/engine")
     assert env["PYTHONPATH"].split(os.pathsep) == ["/engine", "/a"]
+
+
+def test_the_child_sees_the_volume_on_its_own_oblique_grid(mri, tmp_path):
+    """Not only its spacing: left/right presets decide the patient's side from the grid's direction."""
+    from SaLIPSegmentLib.worker import image_from_request
+
+    _, node, _ = mri
+    request = request_for(node, str(tmp_path), "litemedsam", "oracle")
+    image = image_from_request(request)
+    ijk_to_ras = bridge.volume_geometry(node).ijk_to_ras
+    np.testing.assert_allclose(np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras, image.ijk_to_lps, atol=1e-9)
+    np.testing.assert_allclose(image.spacing, node.GetSpacing())
+    assert not np.allclose(image.direction, np.eye(3))  # the fixture's grid is oblique
+    np.testing.assert_array_equal(image.array, bridge.volume_to_numpy(node)[0])
+
+    request["ijkToRas"] = np.zeros((4, 4)).tolist()
+    with pytest.raises(InputError, match="degenerate"):
+        image_from_request(request)

@@ -47,6 +47,23 @@ class Image3D:
         return tuple(reversed(self.spacing))
 
 
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def image_from_ijk_to_ras(array: np.ndarray, ijk_to_ras, source: str = "") -> Image3D:
+    """Voxels with Slicer's IJK-to-RAS matrix as an Image3D (LPS), as if read from a file.
+
+    The geometry matters beyond spacing: a left or right preset keeps the patient's side (anatomy.py).
+    """
+    lps = RAS_TO_LPS @ np.asarray(ijk_to_ras, dtype=np.float64).reshape(4, 4)
+    columns = lps[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    if not np.all(np.isfinite(lps)) or np.any(spacing <= 0):
+        raise InputError(f"The volume's IJK-to-RAS matrix is degenerate: {lps.tolist()}")
+    return Image3D(array=array, spacing=tuple(float(s) for s in spacing), origin=tuple(float(v) for v in lps[:3, 3]),
+                   direction=columns / spacing, source=source)
+
+
 def _read_sitk(path: Path):
     import SimpleITK as sitk
 

@@ -7,7 +7,7 @@ models stay loaded between Previews.
 
 Line protocol, one JSON object per line:
 
-* requests on stdin: ``{"type": "segment", "id": 1, "volume": "/tmp/v.npy", "spacing": [..],
+* requests on stdin: ``{"type": "segment", "id": 1, "volume": "/tmp/v.npy", "ijkToRas": [[..] x 4],
   "output": "/tmp/out", "settings": {...}}`` (see :func:`settings_from_request`) or
   ``{"type": "exit"}``;
 * events on stdout: ``ready``, then per request ``loading``, ``progress`` (``done``, ``total``),
@@ -72,12 +72,14 @@ def settings_from_request(values: dict):
 
 
 def image_from_request(request: dict):
-    """The volume the effect wrote (numpy `(k, j, i)`), with its spacing along i, j, k."""
-    from .io import Image3D
+    """The volume the effect wrote (numpy `(k, j, i)`) on its grid: `ijkToRas`, else `spacing` along i, j, k."""
+    from .io import Image3D, image_from_ijk_to_ras
 
     array = np.load(request["volume"], allow_pickle=False)
     if array.ndim != 3:
         raise InputError(f"The volume file holds a {array.ndim}-D array, not 3-D.")
+    if request.get("ijkToRas") is not None:
+        return image_from_ijk_to_ras(array, request["ijkToRas"], source=str(request["volume"]))
     spacing = tuple(float(s) for s in request.get("spacing") or (1.0, 1.0, 1.0))
     return Image3D(array=array, spacing=spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3),
                    source=str(request["volume"]))

@@ -497,7 +497,8 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         models = (logic.segmenterName(), logic.scorerName(), logic.deviceName(), logic.modelDirectory() or None)
         if not self.confirmModels(models, effect_options.slice_count(geometry.shape, axis, sliceRange)):
             return None
-        request = {"type": "segment", "spacing": list(geometry.spacing[::-1]),
+        # The whole IJK-to-world matrix, not only spacing: a left/right preset keeps the patient's side.
+        request = {"type": "segment", "ijkToRas": geometry.ijk_to_world.tolist(),
                    "settings": effect_options.worker_settings(options, prompt.top_k, models, axis, sliceRange,
                                                               window)}
         run = {"volumeNodeId": volumeNode.GetID(), "shape": list(geometry.shape), "axis": axis,

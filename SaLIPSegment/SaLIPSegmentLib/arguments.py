@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import InputError, UnknownPresetError
+from .settings import parse_slice_range
 
 AXES = ("auto", "0", "1", "2")
 # Two grids are the same when they differ by less than this (mm for origins, a fraction for spacings).
@@ -26,28 +27,6 @@ def check_axis(text: str) -> str:
     if text not in AXES:
         raise InputError(f"--axis takes 0, 1, 2 or auto, got {text!r}.")
     return text
-
-
-def parse_slice_range(text: Optional[str], count: int) -> Tuple[int, int]:
-    """"A:B" (B excluded, either may be empty or negative) to (start, stop), with reasons when it is wrong."""
-    if text is None or text.strip() in ("", ":"):
-        return 0, count
-    start_text, sep, stop_text = text.partition(":")
-    try:
-        start = int(start_text) if start_text.strip() else 0
-        stop = int(stop_text) if sep and stop_text.strip() else (count if sep else start + 1)
-    except ValueError:
-        raise InputError(f"--slices {text!r} must look like A:B with whole numbers (B excluded).") from None
-    first = start + count if start < 0 else start
-    last = stop + count if stop < 0 else stop
-    if last < first:
-        raise InputError(f"--slices {text} is reversed: A is the first slice, B the one after the last "
-                         f"(--slices {stop}:{start}).")
-    if first == last:
-        raise InputError(f"--slices {text} is empty: B is excluded, so {start}:{start + 1} is one slice.")
-    if not (0 <= first < last <= count):
-        raise InputError(f"--slices {text} is outside this volume's {count} slices along the axis (valid: 0:{count}).")
-    return first, last
 
 
 def check_slicing(axis_text: str, slices: Optional[str], image) -> Tuple[int, Tuple[int, int]]:

@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"salip {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_segment_command(commands)
+    _add_evaluate_commands(commands)
+    _add_batch_command(commands)
+    _add_tool_commands(commands)
+    return parser
+
+
+def _add_segment_command(commands) -> None:
     segment = commands.add_parser(
         "segment", help="segment a volume or 2D image and write a segmentation or labelmap", epilog=EPILOG,
         description="Read INPUT (NRRD, NIfTI, MHA, DICOM folder, 2D image), segment PROMPT on every slice, "
@@ -119,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proposal_options(segment)
     segment.set_defaults(run=run_segment)
 
+
+def _add_evaluate_commands(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="measure the cascade against a reference mask, stage by stage", epilog=EPILOG,
         description="Run the full cascade on every slice of INPUT and report Dice, mean per-slice Dice, "
@@ -157,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proposal_options(dataset)
     dataset.set_defaults(run=run_evaluate_dataset)
 
+
+def _add_batch_command(commands) -> None:
     batch = commands.add_parser(
         "batch", help="segment a whole dataset: resumable, in parallel, on this machine or a Ray cluster",
         epilog=EPILOG + " batch exits 3 when any case failed; the summary and the manifest say which.",
@@ -185,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_proposal_options(batch)
     batch.set_defaults(run=run_batch, slices=None)
 
+
+def _add_tool_commands(commands) -> None:
+    """qa, prompts and models: no model runs."""
     qa = commands.add_parser("qa", help="draw a QA picture from a segment --report")
     qa.add_argument("report", type=Path, help="the JSON written by salip segment --report")
     qa.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
@@ -208,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("name", nargs="?", help="one model (default: all present)")
     verify.add_argument("--model-dir", type=Path)
     verify.set_defaults(run=run_models_verify)
-    return parser
 
 
 # -- segment -------------------------------------------------------------------------

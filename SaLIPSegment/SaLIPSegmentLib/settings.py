@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional, Tuple
 
+from .errors import InputError
+
 MODES = ("propagate", "every-slice")
 
 # The models work at 1024 px at most (SAM's input; LiteMedSAM's is 256), so a larger slice
@@ -134,3 +136,32 @@ class VolumeSettings:
     """The paper's second encoding per slice before refine; kept for the benchmark only."""
     max_slice_side: int = MAX_SLICE_SIDE
     """Longer slices are shrunk for the models and their masks enlarged back (nearest)."""
+
+
+def parse_slice_range(text: Optional[str], count: int) -> Tuple[int, int]:
+    """"A:B" (B excluded; either may be empty or negative) to (start, stop), with reasons when it is wrong."""
+    if text is None or text.strip() in ("", ":"):
+        return 0, count
+    start_text, sep, stop_text = text.partition(":")
+    try:
+        start = int(start_text) if start_text.strip() else 0
+        stop = int(stop_text) if sep and stop_text.strip() else (count if sep else start + 1)
+    except ValueError:
+        raise InputError(f"Slice range {text!r} must look like A:B with whole numbers (B excluded).") from None
+    return check_slice_range((start, stop), count)
+
+
+def check_slice_range(slice_range: Tuple[int, int], count: int) -> Tuple[int, int]:
+    """(start, stop) with negative ends counted from the end; reversed, empty or outside ranges are refused."""
+    start, stop = slice_range
+    first = start + count if start < 0 else start
+    last = stop + count if stop < 0 else stop
+    if last < first:
+        raise InputError(f"Slice range {start}:{stop} is reversed: A is the first slice, B the one after the last "
+                         f"({stop}:{start}).")
+    if first == last:
+        raise InputError(f"Slice range {start}:{stop} is empty: B is excluded, so {start}:{start + 1} is one slice.")
+    if not (0 <= first < last <= count):
+        raise InputError(f"Slice range {start}:{stop} is outside this volume's {count} slices along the axis "
+                         f"(valid: 0:{count}).")
+    return first, last

@@ -27,7 +27,14 @@ from .imaging import (
 )
 from .models.base import Candidate, Scorer, Segmenter
 from .models.device import MemoryFallback
-from .settings import MAX_SLICE_SIDE, MODES, PropagationSettings, VolumeSettings
+from .settings import (
+    MAX_SLICE_SIDE,
+    MODES,
+    PropagationSettings,
+    VolumeSettings,
+    check_slice_range,
+    parse_slice_range,
+)
 
 __all__ = [  # the settings are re-exported: callers have imported them from here
     "BEYOND_ORGAN", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "PropagationSettings", "SliceRecord", "VolumeResult",
@@ -137,31 +144,6 @@ def acquisition_axis(spacing: Sequence[float], shape: Optional[Sequence[int]] = 
         return list(shape).index(1)
     spacing = [float(s) for s in spacing]
     return int(np.argmax(spacing))
-
-
-def parse_slice_range(text: Optional[str], count: int) -> Tuple[int, int]:
-    """"A:B" (Python-style, B exclusive, either may be empty or negative) to (start, stop)."""
-    if text is None or text.strip() in ("", ":"):
-        return 0, count
-    start_text, sep, stop_text = text.partition(":")
-    try:
-        start = int(start_text) if start_text.strip() else 0
-        stop = int(stop_text) if sep and stop_text.strip() else (count if sep else start + 1)
-    except ValueError:
-        raise InputError(f"Slice range {text!r} must look like A:B with whole numbers.") from None
-    return check_slice_range((start, stop), count)
-
-
-def check_slice_range(slice_range: Tuple[int, int], count: int) -> Tuple[int, int]:
-    start, stop = slice_range
-    start = start + count if start < 0 else start
-    stop = stop + count if stop < 0 else stop
-    if not (0 <= start < stop <= count):
-        raise InputError(
-            f"Slice range {slice_range[0]}:{slice_range[1]} is outside this volume's {count} slices "
-            f"(valid: 0:{count})."
-        )
-    return start, stop
 
 
 def choose_window(volume: np.ndarray, window: Optional[Tuple[float, float]]) -> Tuple[float, float]:

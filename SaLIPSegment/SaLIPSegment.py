@@ -1,7 +1,8 @@
 """SaLIP module: registers the SaLIP Segment Editor effect and holds its settings.
 
 The settings panel picks the models, the device and the model folder, downloads
-weights without blocking the GUI, and installs the Python dependencies. The logic
+weights in a child process (as the effect runs the engine: a thread in Slicer's process
+would crawl, PythonQt keeps the GIL), and installs the Python dependencies. The logic
 is what a script, the Python console or the self-test calls.
 """
 
@@ -107,8 +108,7 @@ class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = None
-        self.downloadJob = None
-        self.downloadItems = []
+        self.download = None  # a running jobs.WeightsDownload
         self.downloadTimer = None
 
     def setup(self):
@@ -208,8 +208,8 @@ class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
         if self.downloadTimer is not None:
             self.downloadTimer.stop()
             self.downloadTimer.disconnect("timeout()", self.onPollDownload)
-        if self.downloadJob is not None:
-            self.downloadJob.cancel()
+        if self.download is not None and not self.download.finished:
+            self.download.cancel()  # kills the download's process; nothing half-written stays
 
     def enter(self):
         if self.logic is not None:
@@ -252,7 +252,7 @@ class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
                 self.weightsStatusLabel.text = (
                     _("To download: {names}").format(names=", ".join(name for name, _spec in toDownload))
                     if toDownload else _("Present on this machine."))
-        running = self.downloadJob is not None and not self.downloadJob.finished
+        running = self.download is not None and not self.download.finished
         self.downloadButton.enabled = not running and not missing
         self.downloadCancelButton.enabled = running
         self.downloadProgressBar.visible = running
@@ -260,42 +260,47 @@ class SaLIPSegmentWidget(ScriptedLoadableModuleWidget):
 
     def onDownload(self):
         with slicer.util.tryWithErrorDisplay(_("Could not start the download."), waitCursor=True):
-            self.downloadItems = self.logic.weightsToDownload()
-            if not self.downloadItems:
+            items = self.logic.weightsToDownload()
+            if not items:
                 slicer.util.infoDisplay(_("The chosen models' weights are already on this machine."))
                 return
-            self.downloadJob = self.logic.startDownload(self.downloadItems)
-            self.downloadProgressBar.minimum = 0
-            self.downloadProgressBar.maximum = 0  # busy: progress is per file
+            self.download = self.logic.startDownload(items)
+            self.showDownloadProgress()
             self.downloadTimer.start()
             self.updateStatus()
 
     def onCancelDownload(self):
-        if self.downloadJob is not None:
-            self.downloadJob.cancel()
-            self.weightsStatusLabel.text = _("Cancelling after the current file...")
+        if self.download is not None and not self.download.finished:
+            self.download.cancel()
+            self.onPollDownload()
+
+    def showDownloadProgress(self):
+        job = self.download.job
+        percent, text = effect_options.download_progress(job.file, job.files, job.filename, job.done, job.total)
+        self.downloadProgressBar.maximum = 100 if percent >= 0 else 0  # 0: busy, the size is not known yet
+        self.downloadProgressBar.value = max(percent, 0)
+        self.downloadProgressBar.setFormat(text)
 
     def onPollDownload(self):
-        job = self.downloadJob
-        if job is None:
+        """Read the download process's progress (non-blocking), from downloadTimer."""
+        if self.download is None:
             self.downloadTimer.stop()
             return
-        done, total = job.progress
-        if done < total:
-            name, spec = self.downloadItems[done]
-            self.downloadProgressBar.setFormat(
-                _("File {index} of {total}: {name}").format(index=done + 1, total=total, name=spec.filename))
+        self.download.poll()
+        self.showDownloadProgress()
+        job = self.download.job
         if not job.finished:
             return
         self.downloadTimer.stop()
-        self.downloadJob = None
+        self.download = None
         self.updateStatus()
         if job.cancelled:
             self.weightsStatusLabel.text = _("Download cancelled; finished files were kept.")
         elif job.error is not None:
-            slicer.util.errorDisplay(_("Download failed: {error}").format(error=job.error))
+            slicer.util.errorDisplay(_("Download failed: {error}").format(error=job.error.message),
+                                     detailedText=job.error.details)
         else:
-            slicer.util.infoDisplay(_("Downloaded:\n{paths}").format(paths="\n".join(job.result)))
+            slicer.util.infoDisplay(_("Downloaded:\n{paths}").format(paths="\n".join(job.paths)))
 
     def onInstallDependencies(self):
         with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies."), waitCursor=True):
@@ -415,16 +420,16 @@ class SaLIPSegmentLogic(ScriptedLoadableModuleLogic):
             [self.segmenterName(), self.scorerName()], self.modelDirectory() or None)
 
     def startDownload(self, items=None):
-        """Download on a worker thread; returns the running jobs.BackgroundJob (poll progress, cancel)."""
-        from SaLIPSegmentLib.jobs import BackgroundJob
+        """Download in a child process (Slicer's PythonSlicer); returns the running jobs.WeightsDownload
+        (call poll() for progress, cancel() to stop). Not a thread: in Slicer one would crawl."""
+        from SaLIPSegmentLib import jobs
 
         items = self.weightsToDownload() if items is None else list(items)
-        modelDirectory = self.modelDirectory() or None
-
-        def work(progress, should_cancel):
-            return effect_options.download_weights(items, modelDirectory, progress, should_cancel)
-
-        return BackgroundJob(work, name="salip-download").start()
+        engineParent = os.path.dirname(os.path.dirname(os.path.abspath(effect_options.__file__)))
+        command = jobs.worker_command(jobs.find_python_slicer(slicer_home=slicer.app.slicerHome))
+        environment = jobs.worker_environment(dict(os.environ), engineParent)
+        return jobs.WeightsDownload(command, environment, effect_options.download_files(items),
+                                    self.modelDirectory() or None).start()
 
 
 #

@@ -94,7 +94,8 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 def server(tmp_path):
     """A file server on 127.0.0.1 serving tmp_path/served (good.pth is PAYLOAD);
     /broken.pth sends half and hangs up; /slow.pth trickles PAYLOAD out in small chunks;
-    /moved.pth redirects to good.pth on 127.0.0.1, /elsewhere.pth to good.pth on "localhost"."""
+    /moved.pth redirects to good.pth on 127.0.0.1, /elsewhere.pth to good.pth on "localhost";
+    /stall.pth sends half of PAYLOAD, then waits (until the test ends) before the rest."""
     served = tmp_path / "served"
     served.mkdir()
     (served / "good.pth").write_bytes(PAYLOAD)
@@ -118,6 +119,16 @@ def server(tmp_path):
                     self.wfile.flush()
                     time.sleep(0.01)
                 return
+            if self.path == "/stall.pth":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                self.wfile.write(PAYLOAD[: len(PAYLOAD) // 2])
+                self.wfile.flush()
+                if self.server.release.wait(60):
+                    return  # the test is over: hang up, the rest never comes
+                self.wfile.write(PAYLOAD[len(PAYLOAD) // 2 :])
+                return
             if self.path == "/broken.pth":
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(PAYLOAD)))
@@ -132,9 +143,11 @@ def server(tmp_path):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    httpd.release = threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.release.set()
     httpd.shutdown()
     httpd.server_close()
 

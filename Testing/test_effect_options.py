@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from SaLIPSegmentLib import effect_options as eo
-from SaLIPSegmentLib.errors import Cancelled
-from SaLIPSegmentLib.jobs import BackgroundJob
 from SaLIPSegmentLib.models import get_segmenter_spec
 from SaLIPSegmentLib.models.base import ProposalSettings, Scorer
 from SaLIPSegmentLib.models.registry import weights_for
 from SaLIPSegmentLib.volume import NO_TISSUE, SliceRecord, flag_slices
 
-from conftest import DIGEST, PAYLOAD, disk_image
+from conftest import disk_image
 
 
 class LargestCandidateScorer(Scorer):
@@ -191,22 +189,19 @@ def test_weights_to_download_lists_only_missing_downloadable_files(tmp_path):
     assert [name for name, _ in eo.weights_to_download(names, model_dir)] == ["ViT-B-32:openai"]
 
 
-def test_download_fetches_from_a_local_server_and_a_cancel_leaves_no_partial_file(server):
-    from SaLIPSegmentLib.models.weights import WeightsFile, cache_dir
+def test_download_files_and_progress_text_for_the_settings_panel():
+    from SaLIPSegmentLib.models.weights import WeightsFile
 
-    items = [(name, WeightsFile(f"{name}.pth", url=f"{server}/{path}", sha256=DIGEST))
-             for name, path in (("first", "good.pth"), ("second", "good.pth"))]
-    reports = []
-    result = eo.download_weights(items, progress=lambda d, t: reports.append((d, t)))
-    assert reports == [(0, 2), (1, 2), (2, 2)]
-    assert [line.split(":")[0] for line in result] == ["first", "second"]
-    assert (cache_dir() / "first.pth").read_bytes() == PAYLOAD
-
-    slow = [("slow", WeightsFile("slow.pth", url=f"{server}/slow.pth", sha256=DIGEST))]
-    job = BackgroundJob(lambda progress, cancel: eo.download_weights(slow, None, progress, cancel)).start()
-    job.cancel()  # checked before each file and after every chunk read
-    assert job.wait(30) and job.cancelled and isinstance(job.error, Cancelled)
-    assert sorted(p.name for p in cache_dir().iterdir()) == ["first.pth", "second.pth"]  # no partial file
+    spec = WeightsFile("sam.pth", url="http://127.0.0.1:1/sam.pth", sha256="ab" * 32, size_bytes=375_000_000)
+    assert eo.download_files([("vit_b", spec)]) == [
+        {"name": "vit_b", "filename": "sam.pth", "url": "http://127.0.0.1:1/sam.pth", "sha256": "ab" * 32,
+         "size_bytes": 375_000_000}]
+    assert eo.download_progress(0, 0, "", 0, 0) == (-1, "Starting the download...")
+    assert eo.download_progress(1, 2, "sam.pth", 120_000_000, 375_000_000) == (
+        32, "File 2 of 2: sam.pth, 120 of 375 MB")
+    assert eo.download_progress(0, 1, "clip.bin", 5_000_000, 0) == (-1, "File 1 of 1: clip.bin, 5 MB")
+    # 2.5 GB (vit_h) would overflow a QProgressBar's int: the bar gets a percent
+    assert eo.download_progress(0, 1, "vit_h.pth", 2_560_000_000, 2_564_550_879)[0] == 99
 
 
 # -- models, end to end on a tiny SAM -------------------------------------------------------------

@@ -273,6 +273,20 @@ def test_the_effect_runs_the_engine_in_a_child_process_not_a_thread():
     assert "submit" in names and "poll" in names and "kill" in names
 
 
+def test_the_settings_panel_downloads_in_a_child_process_not_a_thread():
+    """The panel's weights download would crawl on a thread in Slicer just as the engine would."""
+    tree = parse(MODULE_SCRIPT)
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not names & {"BackgroundJob", "threading", "Thread", "fetch", "resolve"}, names
+    start = next(node for node in ast.walk(find_class(tree, "SaLIPSegmentLogic"))
+                 if isinstance(node, ast.FunctionDef) and node.name == "startDownload")
+    source = ast.unparse(start)
+    assert "find_python_slicer" in source and "worker_command" in source and "WeightsDownload" in source
+    widget = ast.unparse(find_class(tree, "SaLIPSegmentWidget"))
+    assert "self.download.poll()" in widget and "self.download.cancel()" in widget
+
+
 def test_the_effect_keeps_markup_placement_from_deselecting_it():
     cls = find_class(parse(EFFECT), "SegmentEditorEffect")
     method = next(node for node in cls.body if isinstance(node, ast.FunctionDef)

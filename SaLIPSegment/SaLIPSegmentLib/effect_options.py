@@ -275,27 +275,23 @@ def weights_to_download(names: Sequence[str], model_dir=None):
     return missing
 
 
-def download_weights(items, model_dir=None, progress=None, should_cancel=None) -> List[str]:
-    """Fetch each (name, WeightsFile) into the cache, checking SHA256; a BackgroundJob's work.
+def download_files(items) -> List[dict]:
+    """The `files` of a download request to the worker process, from (name, WeightsFile) pairs."""
+    return [{"name": name, "filename": spec.filename, "url": spec.url, "sha256": spec.sha256,
+             "size_bytes": spec.size_bytes} for name, spec in items]
 
-    Progress counts files; a cancel request stops the current file at its next chunk
-    and removes its partial download.
-    """
-    from .errors import Cancelled
-    from .models import weights
 
-    done_paths = []
-    total = len(items)
-    if progress:
-        progress(0, total)
-    for done, (name, spec) in enumerate(items, start=1):
-        if should_cancel is not None and should_cancel():
-            raise Cancelled(f"Download cancelled after {done - 1} of {total} files.")
-        path = weights.resolve(spec, None, model_dir, download=True, progress=False, should_cancel=should_cancel)
-        done_paths.append(f"{name}: {path}")
-        if progress:
-            progress(done, total)
-    return done_paths
+def download_progress(file: int, files: int, filename: str, done: int, total: int) -> Tuple[int, str]:
+    """The settings panel's bar for a download: (percent of the current file, or -1 while its size
+    is unknown, which the bar shows as busy) and its text. Percent, not bytes: a QProgressBar
+    holds an int, and vit_h's 2.5 GB does not fit in one."""
+    if files <= 0:
+        return -1, "Starting the download..."
+    name = f"File {min(file + 1, files)} of {files}: {filename}"
+    megabytes = f"{done / 1e6:.0f}"
+    if total <= 0:
+        return -1, f"{name}, {megabytes} MB"
+    return min(100, int(100 * done / total)), f"{name}, {megabytes} of {total / 1e6:.0f} MB"
 
 
 # -- choices for the settings panel --------------------------------------------------

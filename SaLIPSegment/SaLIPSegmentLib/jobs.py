@@ -1,8 +1,8 @@
 """Long work that the GUI polls from a timer: progress, cancel, result or error. No Qt, no Slicer.
 
-* `BackgroundJob`: work on a Python thread (the settings panel's downloads; the command line).
 * `WorkerProcess`, `EngineWorker`, `PreviewJob`: the engine in a child process, as the effect
   runs it inside Slicer (see the note above `WORKER_MODULE`).
+* `WeightsDownload`, `DownloadJob`: the settings panel's download, in a child process of its own.
 * `PreviewSession`, `SESSIONS`: a Segment Editor's running job and preview, kept outside the
   effect object so that they survive its deactivation.
 """
@@ -15,77 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
-
-from .errors import Cancelled
-
-Work = Callable[[Callable[[int, int], None], Callable[[], bool]], Any]
-
-
-class BackgroundJob:
-    """`work(progress, should_cancel)` on a daemon thread.
-
-    `progress(done, total)` and `should_cancel()` are the callbacks the volume runner
-    takes; the job stores the first and answers the second from `cancel()`.
-    """
-
-    def __init__(self, work: Work, name: str = "salip-job"):
-        self._work = work
-        self._name = name
-        self._lock = threading.Lock()
-        self._progress: Tuple[int, int] = (0, 0)
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-
-    def start(self) -> BackgroundJob:
-        if self._thread is not None:
-            raise RuntimeError("a job runs once")
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
-        return self
-
-    def _report(self, done: int, total: int) -> None:
-        with self._lock:
-            self._progress = (done, total)
-
-    def _run(self) -> None:
-        try:
-            result = self._work(self._report, self._cancel.is_set)
-            if self._cancel.is_set():  # asked after the last check: the user still said no
-                raise Cancelled("Cancelled; nothing was written.")
-            self.result = result
-        except BaseException as error:  # handed to the GUI thread, which reports it
-            self.error = error
-        finally:
-            self._done.set()
-
-    def cancel(self) -> None:
-        """Ask the work to stop at its next check (between slices)."""
-        self._cancel.set()
-
-    @property
-    def progress(self) -> Tuple[int, int]:
-        with self._lock:
-            return self._progress
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self.error, Cancelled)
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until finished (for scripts and tests; the GUI polls instead)."""
-        return self._done.wait(timeout)
-
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # -- the engine in a child process ------------------------------------------------------------
 #
@@ -299,14 +231,17 @@ class PreviewJob:
     def finished(self) -> bool:
         return self.state != RUNNING
 
+    @property
+    def cancelled(self) -> bool:
+        return self.state == CANCELLED
+
     def handle(self, event: dict) -> None:
         """Update from one event of the child's stream (events of other requests are ignored)."""
         if self.finished or event.get("id", self.request_id) != self.request_id:
             return
         kind = event["event"]
         if kind == "progress":
-            self.loading = False
-            self.done, self.total = int(event["done"]), int(event["total"])
+            self.on_progress(event)
         elif kind == "notice":
             self.notices.append(str(event.get("text", "")))
         elif kind == "done":
@@ -316,6 +251,10 @@ class PreviewJob:
             self.error = JobError(str(event.get("kind", "Exception")), str(event.get("message", "")),
                                   str(event.get("details", "")))
             self._finish(CANCELLED if self.error.kind == "Cancelled" else FAILED)
+
+    def on_progress(self, event: dict) -> None:
+        self.loading = False
+        self.done, self.total = int(event["done"]), int(event["total"])
 
     def fail(self, kind: str, message: str, details: str = "") -> None:
         if not self.finished:
@@ -365,17 +304,7 @@ class EngineWorker:
         """Read the child's events into `job`; a child that died mid-job fails it with the reason."""
         if self.process is None:
             return []
-        events = self.process.read_events()
-        for event in events:
-            if job is not None:
-                job.handle(event)
-        if job is not None and not job.finished and not self.process.alive:
-            events += self.process.read_events()  # the last lines it wrote before it ended
-            for event in events:
-                job.handle(event)
-            if not job.finished:
-                job.fail("Crashed", self.process.describe_exit(), self.process.log_tail())
-        return events
+        return poll_process(self.process, job)
 
     def kill(self) -> None:
         if self.process is not None:
@@ -386,6 +315,93 @@ class EngineWorker:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+
+def poll_process(process: WorkerProcess, job: Optional[PreviewJob]) -> List[dict]:
+    """The child's new events, handed to `job`; a child that died mid-job fails it with the reason."""
+    events = process.read_events()
+    for event in events:
+        if job is not None:
+            job.handle(event)
+    if job is not None and not job.finished and not process.alive:
+        events += process.read_events()  # the last lines it wrote before it ended
+        for event in events:
+            job.handle(event)
+        if not job.finished:
+            job.fail("Crashed", process.describe_exit(), process.log_tail())
+    return events
+
+
+# -- the settings panel's download --------------------------------------------------------------
+
+
+@dataclass
+class DownloadJob(PreviewJob):
+    """A download request: `done` and `total` are bytes of file `file` (0-based) of `files`."""
+
+    file: int = 0
+    files: int = 0
+    name: str = ""
+    filename: str = ""
+
+    def on_progress(self, event: dict) -> None:
+        self.loading = False
+        self.file, self.files = int(event.get("file", 0)), int(event.get("files", 0))
+        self.name, self.filename = str(event.get("name", "")), str(event.get("filename", ""))
+        self.done, self.total = int(event["done"]), int(event.get("total") or 0)
+
+    @property
+    def paths(self) -> List[str]:
+        return list((self.result or {}).get("paths", []))
+
+
+class WeightsDownload:
+    """Weights fetched by a child process of their own (`worker.py`'s download request).
+
+    Inside Slicer a download thread would crawl as the engine would (PythonQt keeps the GIL).
+    Cancel kills the child and removes its temporary file (named after its pid, see
+    weights.partial_prefix); files it finished were renamed into place whole and stay.
+    """
+
+    def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]], files: Sequence[dict],
+                 model_dir: Optional[str] = None):
+        self.files = [dict(item) for item in files]
+        self.process = WorkerProcess(command, env)
+        self.job = DownloadJob(1, folder="", files=len(self.files))
+        self._model_dir = model_dir
+        self.removed: List[str] = []
+
+    def start(self) -> WeightsDownload:
+        self.process.start()
+        self.process.send({"type": "download", "id": self.job.request_id, "files": self.files,
+                           "model_dir": self._model_dir})
+        self.process.send({"type": "exit"})  # the child ends once the download is over
+        return self
+
+    @property
+    def finished(self) -> bool:
+        return self.job.finished
+
+    def poll(self) -> List[dict]:
+        events = poll_process(self.process, self.job)
+        if self.job.state == DONE:
+            self.process.stop(timeout=5.0)  # it was told to exit after the download: a moment at most
+        elif self.job.finished:
+            self._end()
+        return events
+
+    def cancel(self) -> None:
+        self.job.cancel()
+        self._end()
+
+    def _end(self) -> None:
+        """Kill the child (if it still runs) and delete what it left half-written."""
+        from .models import weights
+
+        self.process.kill()
+        if self.process.pid is not None:
+            for item in self.files:
+                self.removed += [str(path) for path in weights.remove_partials(str(item["filename"]), self.process.pid)]
 
 
 @dataclass

@@ -8,11 +8,13 @@ models stay loaded between Previews.
 Line protocol, one JSON object per line:
 
 * requests on stdin: ``{"type": "segment", "id": 1, "volume": "/tmp/v.npy", "ijkToRas": [[..] x 4],
-  "output": "/tmp/out", "settings": {...}}`` (see :func:`settings_from_request`) or
-  ``{"type": "exit"}``;
-* events on stdout: ``ready``, then per request ``loading``, ``progress`` (``done``, ``total``),
-  ``notice`` and finally ``done`` (``mask``, ``report`` paths) or ``error`` (``kind``,
-  ``message``, ``details``).
+  "output": "/tmp/out", "settings": {...}}`` (see :func:`settings_from_request`),
+  ``{"type": "download", "id": 2, "files": [{"name", "filename", "url", "sha256", "size_bytes"}],
+  "model_dir": ...}`` (the settings panel's weights, into the cache) or ``{"type": "exit"}``;
+* events on stdout: ``ready``, then per request ``loading``, ``progress`` (``done``, ``total``;
+  for a download, bytes of file ``file`` of ``files``), ``notice`` and finally ``done``
+  (``mask``, ``report`` paths; ``paths`` of a download) or ``error`` (``kind``, ``message``,
+  ``details``).
 
 The run goes through `pipeline.segment_image`, the path `salip segment` takes (settings,
 propagation, clean-up, adaptation, report). Anything the engine or a library prints goes to
@@ -146,6 +148,8 @@ class Worker:
             return False
         if kind == "segment":
             self.segment(request)
+        elif kind == "download":
+            self.download(request)
         else:
             self.emit({"event": "error", "id": request.get("id"), "kind": "InputError",
                        "message": f"Unknown request type {kind!r}.", "details": ""})
@@ -176,6 +180,30 @@ class Worker:
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
 
+    def download(self, request: dict) -> None:
+        """Fetch each file into the cache (SHA256-checked, renamed into place only when whole)."""
+        from .models import weights
+
+        request_id = request.get("id")
+        try:
+            files, paths = list(request["files"]), []
+            for index, item in enumerate(files):
+                spec = weights.WeightsFile(str(item["filename"]), item.get("url"), item.get("sha256"),
+                                           item.get("size_bytes"))
+                report = ByteReporter(self.emit, request_id, index, len(files), str(item.get("name", "")),
+                                      spec.filename)
+                report(0, spec.size_bytes)
+                path = weights.resolve(spec, None, request.get("model_dir") or None, download=True,
+                                       progress=False, on_bytes=report)
+                size = path.stat().st_size
+                report(size, size, final=True)
+                paths.append(str(path))
+            self.emit({"event": "done", "id": request_id, "paths": paths})
+        except BaseException as error:  # reported to the panel; a partial file was already removed
+            self.emit(error_event(request_id, error))
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+
     def _run(self, image, settings, segmenter, scorer, progress):
         from .pipeline import segment_image
 
@@ -184,6 +212,31 @@ class Worker:
         if report.get("summary", {}).get("notices"):
             self.models.clear()  # they may have moved to the CPU: the next request loads them afresh
         return mask, report
+
+
+@dataclass
+class ByteReporter:
+    """Progress events of one file of a download, at most every `interval` seconds (a fast link
+    delivers thousands of chunks; the panel reads a few times a second)."""
+
+    emit: Callable[[dict], None]
+    request_id: object
+    index: int
+    count: int
+    name: str
+    filename: str
+    interval: float = 0.1
+    _last: float = -1e9
+
+    def __call__(self, received: int, total: Optional[int], final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and received and now - self._last < self.interval:
+            return
+        if received:  # the first bytes are always shown: a link that stalls after them shows them
+            self._last = now
+        self.emit({"event": "progress", "id": self.request_id, "file": self.index, "files": self.count,
+                   "name": self.name, "filename": self.filename, "done": int(received),
+                   "total": int(total or 0)})
 
 
 def write_outputs(folder: Path, mask: np.ndarray, report: dict) -> Dict[str, str]:

@@ -23,6 +23,10 @@ from ..errors import Cancelled, ChecksumError, MissingWeightsError, ModelError
 
 CHUNK = 1024 * 1024
 DOWNLOAD_TIMEOUT_S = 30
+PARTIAL_SUFFIX = ".part"
+
+ByteProgress = Callable[[int, Optional[int]], None]
+"""`(bytes received, bytes in all or None)` after each chunk of a download."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +110,12 @@ def resolve(
     download: bool = True,
     progress: bool = True,
     should_cancel: Optional[Callable[[], bool]] = None,
+    on_bytes: Optional[ByteProgress] = None,
 ) -> Path:
     """The verified path of a weights file, downloading it into the cache if need be.
 
     `should_cancel()` is checked after every chunk of a download; a cancelled download
-    raises Cancelled and leaves nothing behind.
+    raises Cancelled and leaves nothing behind. `on_bytes(received, total)` follows it.
     """
     if path is not None:
         path = Path(path).expanduser()
@@ -125,7 +130,8 @@ def resolve(
     if not download or offline() or spec.url is None:
         raise MissingWeightsError(missing_message(spec, explicit_dir))
     try:
-        return fetch(spec, cache_dir() / spec.filename, progress=progress, should_cancel=should_cancel)
+        return fetch(spec, cache_dir() / spec.filename, progress=progress, should_cancel=should_cancel,
+                     on_bytes=on_bytes)
     except (urllib.error.URLError, OSError) as error:
         raise MissingWeightsError(f"{missing_message(spec, explicit_dir)} ({error})") from error
 
@@ -155,22 +161,40 @@ def _open_official(url: str):
     return urllib.request.build_opener(_OfficialHostOnly(url)).open(url, timeout=DOWNLOAD_TIMEOUT_S)
 
 
+def partial_prefix(filename: str, pid: Optional[int] = None) -> str:
+    """How a download in process `pid` names its temporary file: a process that kills the
+    downloading one (the settings panel's Cancel) finds and removes exactly that file."""
+    return f".{filename}.{os.getpid() if pid is None else pid}."
+
+
+def remove_partials(filename: str, pid: int, folder: Optional[Path] = None) -> list:
+    """Delete the temporary files a killed process `pid` left for `filename`; returns their paths."""
+    folder = Path(folder) if folder is not None else cache_dir()
+    removed = sorted(folder.glob(partial_prefix(filename, pid) + "*" + PARTIAL_SUFFIX)) if folder.is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def fetch(
     spec: WeightsFile,
     destination: Path,
     progress: bool = True,
     should_cancel: Optional[Callable[[], bool]] = None,
+    on_bytes: Optional[ByteProgress] = None,
 ) -> Path:
     """Download spec.url to destination atomically, checking SHA256 as it streams."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    handle, temporary = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=destination.parent)
+    handle, temporary = tempfile.mkstemp(prefix=partial_prefix(spec.filename), suffix=PARTIAL_SUFFIX,
+                                         dir=destination.parent)
     try:
         with os.fdopen(handle, "wb") as out, _open_official(spec.url) as response:
             announced = int(response.headers.get("Content-Length") or 0)
             bar = _progress_bar(announced or spec.size_bytes, spec.filename) if progress else None
             received = 0
-            for chunk in iter(lambda: response.read(CHUNK), b""):
+            # read1: whatever has arrived (up to CHUNK), so progress and cancel follow a slow link.
+            for chunk in iter(lambda: response.read1(CHUNK), b""):
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
@@ -178,6 +202,8 @@ def fetch(
                     raise Cancelled(f"Download of {spec.filename} cancelled; nothing was kept.")
                 if bar is not None:
                     bar.update(len(chunk))
+                if on_bytes is not None:
+                    on_bytes(received, announced or spec.size_bytes)
             if bar is not None:
                 bar.close()
         if announced and received != announced:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import sys
 import time
@@ -105,3 +106,14 @@ def test_a_file_already_in_the_model_folder_is_not_downloaded_again(server, tmp_
     follow(download)
     assert download.job.state == jobs.DONE and download.job.paths == [str(model_dir / "present.pth")]
     assert cache_files() == []
+
+
+def test_a_child_that_dies_mid_download_is_an_error_and_leaves_no_partial_file(server):
+    """A crash or the out-of-memory killer: the panel says so, and the half file goes too."""
+    download = start([entry("stalled", f"{server}/stall.pth")])
+    follow(download, until=lambda d: d.job.done > 0)
+    assert any(name.endswith(".part") for name in cache_files())
+    os.kill(download.process.pid, signal.SIGKILL)
+    follow(download)
+    assert download.job.state == jobs.FAILED and download.job.error.kind == "Crashed"
+    assert "exit code -9" in download.job.error.message and cache_files() == []

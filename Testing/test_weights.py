@@ -148,3 +148,16 @@ def test_checkpoints_are_loaded_without_running_pickled_code(tiny_sam, tmp_path)
     with pytest.raises(ModelError, match="plain state dict"):
         create_segmenter("evil-sam", torch.device("cpu"), evil)
     assert _Payload.ran is False
+
+
+def test_remove_partials_takes_only_the_named_process_files(tmp_path):
+    """The panel cleans up after the download process it killed, never after another download."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    mine = folder / (weights.partial_prefix("sam.pth", 4242) + "abc" + weights.PARTIAL_SUFFIX)
+    other = folder / (weights.partial_prefix("sam.pth", 4243) + "def" + weights.PARTIAL_SUFFIX)
+    for path in (mine, other, folder / "sam.pth"):
+        path.write_bytes(b"x")
+    assert weights.remove_partials("sam.pth", 4242, folder) == [mine]
+    assert sorted(path.name for path in folder.iterdir()) == sorted([other.name, "sam.pth"])
+    assert weights.remove_partials("sam.pth", 4242, tmp_path / "absent") == []

@@ -8,6 +8,7 @@ file, then rename), so an interrupted download never leaves a half file behind.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import sys
@@ -170,7 +171,8 @@ def partial_prefix(filename: str, pid: Optional[int] = None) -> str:
 def remove_partials(filename: str, pid: int, folder: Optional[Path] = None) -> list:
     """Delete the temporary files a killed process `pid` left for `filename`; returns their paths."""
     folder = Path(folder) if folder is not None else cache_dir()
-    removed = sorted(folder.glob(partial_prefix(filename, pid) + "*" + PARTIAL_SUFFIX)) if folder.is_dir() else []
+    pattern = glob.escape(partial_prefix(filename, pid)) + "*" + PARTIAL_SUFFIX
+    removed = sorted(folder.glob(pattern)) if folder.is_dir() else []
     for path in removed:
         path.unlink(missing_ok=True)
     return removed

@@ -33,7 +33,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sam", help=f"segmenter: vit_b, vit_l, vit_h or litemedsam (default {DEFAULT_SEGMENTER})")
     group.add_argument("--sam-checkpoint", type=Path, help="use this SAM weights file instead of resolving one")
     group.add_argument("--clip",
-                       help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, or oracle "
+                       help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, oracle or oracle-noisy "
                             f"(default {DEFAULT_SCORER})")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "labelmap, 1 = target), or a folder (existing, or ending in /) for INPUT_PROMPT.seg.nrrd")
     segment.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
-    segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
+    segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle and oracle-noisy")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
     _add_segment_options(segment)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -262,6 +262,7 @@ def run_segment(args) -> int:
     from .arguments import check_reference, check_slicing
     from .io import ascii_segment_name, check_writable, read_image, write_json
     from .models import resolve_device
+    from .models.catalog import ORACLES
     from .outputs import default_output_name, resolve_output, write_output
     from .pipeline import load_models, precision_note, segment_image, settings_from_args
 
@@ -274,7 +275,8 @@ def run_segment(args) -> int:
         check_writable(args.report, overwrite=args.overwrite)
     image = read_image(args.input)
     check_slicing(settings.axis, settings.slices, image)
-    reference = check_reference(args.reference, image, needed_by="--clip oracle" if settings.clip == "oracle" else "")
+    needed_by = f"--clip {settings.clip}" if settings.clip in ORACLES else ""
+    reference = check_reference(args.reference, image, needed_by=needed_by)
     reference = None if reference is None else reference.array
     if profile_note:
         say(profile_note)

@@ -430,7 +430,7 @@ class VolumeRunner:
             return options[0]
         clock = time.perf_counter()
         reference = self._reference(self.tissue[position])
-        rank = [self._score_parts(o.pixels, o.parts, o.ious, reference) if self.scorer.needs_reference else o.scores
+        rank = [o.scores if self.scorer.scores_like_clip else self._score_parts(o.pixels, o.parts, o.ious, reference)
                 for o in options]
         best = max(range(2), key=lambda k: min(rank[k], default=-np.inf))
         options[best].seconds["score"] = options[best].seconds.get("score", 0.0) + time.perf_counter() - clock
@@ -489,26 +489,26 @@ class VolumeRunner:
         seconds["refine"] = time.perf_counter() - clock
         parts = [r.mask for r in refined]
         ious = [r.predicted_iou for r in refined]
-        fallback, scores = self.judge(pixels, parts, ious, source, seconds)
+        fallback, scores = self.judge(pixels, parts, ious, source, seconds, self._reference(index))
         return _Attempt(pixels, parts, ious, scores, fallback, seconds,
                         _Found(parts, source.anchor_scores, source.anchor_ious))
 
     def judge(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], source: _Found,
-              seconds: Dict[str, float]) -> Tuple[Optional[str], List[float]]:
+              seconds: Dict[str, float], reference: Optional[np.ndarray] = None) -> Tuple[Optional[str], List[float]]:
         """Why a propagated result cannot be kept (area, predicted IoU, score) or None, and its scores.
 
-        Scores are measured only with a label-free scorer and never inherited: the oracle would
-        judge with the reference, and acceptance stays label-free.
+        Scores are measured only with a CLIP-like scorer (CLIP, the noisy oracle) and never
+        inherited: the exact oracle's zeros would give the answer away.
         """
         rules = self.settings.propagation
         if not all(p.sum() >= rules.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)):
             return "area", []
         if not all(iou >= src - rules.max_iou_drop for iou, src in zip(ious, source.anchor_ious)):
             return "predicted IoU", []
-        if self.scorer.needs_reference:
+        if not self.scorer.scores_like_clip:
             return None, []
         clock = time.perf_counter()
-        scores = self._score_parts(pixels, parts, ious)
+        scores = self._score_parts(pixels, parts, ious, reference)
         seconds["score"] = time.perf_counter() - clock
         if len(scores) != len(parts) or min(scores) < min(source.anchor_scores) - rules.max_score_drop:
             return "score", scores

@@ -248,6 +248,7 @@ def test_arguments_are_refused_before_any_model_loads(tmp_path, capsys, no_model
         (["segment", volume, "-o", tmp_path / "o.png", "-p", "brain"], 5, ".seg.nrrd"),
         (["evaluate", volume, other_origin, "-p", "brain"], 3, "not on the input's grid"),
         (["evaluate", volume, on_grid, "-p", "brain", "--slices", "9:2"], 3, "reversed"),
+        (["evaluate", volume, on_grid, "-p", "brain", "--modes", "propagate,everything"], 3, "everything"),
         (["batch", tmp_path / "nothing", tmp_path / "out", "-p", "lugns"], 3, "did you mean lungs?"),
     ]
     for argv, code, message in cases:

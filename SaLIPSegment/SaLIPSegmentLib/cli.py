@@ -81,12 +81,22 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-interval", type=int, default=key_interval,
                         help=f"with --mode propagate, key slices at both ends and at most N apart "
                              f"(default {key_interval})")
+    _add_presence_option(parser)
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
     cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
     cleanup.add_argument("--fill-flagged", action="store_true",
                         help="replace flagged slices by what their two neighbours agree on")
+
+
+def _add_presence_option(parser: argparse.ArgumentParser) -> None:
+    from .settings import PresenceSettings
+
+    parser.add_argument("--presence", action=argparse.BooleanOptionalAction, default=None,
+                        help="remove the mask from slices where the target is judged absent (a score far below "
+                             "the volume's confident slices, or outside the target's one run of slices); "
+                             f"default {'on' if PresenceSettings.enabled else 'off'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated modes in which to run the product as `salip segment` does and "
                                "measure it (3D Dice, HD95, painted and missed slices, flag recall and precision); "
                                "'none' for the stage table only (default propagate,every-slice)")
+    _add_presence_option(evaluate)
     evaluate.add_argument("--no-stages", dest="stages", action="store_false",
                           help="skip the stage-by-stage table (its own full cascade on every slice)")
     evaluate.add_argument("--json", type=Path, help="write the figures and the per-slice table here")

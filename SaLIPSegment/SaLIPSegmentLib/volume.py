@@ -27,16 +27,19 @@ from .imaging import (
 )
 from .models.base import Candidate, Scorer, Segmenter
 from .models.device import MemoryFallback
-from .settings import MAX_SLICE_SIDE, MODES, PropagationSettings, VolumeSettings
+from .settings import MAX_SLICE_SIDE, MODES, PresenceSettings, PropagationSettings, VolumeSettings
 
 __all__ = [  # the settings are re-exported: callers have imported them from here
-    "BEYOND_ORGAN", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "PropagationSettings", "SliceRecord", "VolumeResult",
+    "BEYOND_ORGAN", "LOW_SCORE_ABSENT", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "OUTSIDE_RUN", "PresenceSettings",
+    "PropagationSettings", "SliceRecord", "VolumeResult",
     "VolumeRunner", "VolumeSettings", "acquisition_axis", "as_volume", "check_slice_range", "choose_window",
-    "flag_slices", "key_positions", "parse_slice_range", "segment_volume",
+    "decide_presence", "flag_slices", "key_positions", "parse_slice_range", "segment_volume",
 ]
 
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
+LOW_SCORE_ABSENT = "score far below the volume's confident slices"
+OUTSIDE_RUN = "outside the target's run of slices"
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -59,6 +62,10 @@ class SliceRecord:
     """Why a person should look at this slice (see flag_slices); empty when nothing is odd."""
     fallback: Optional[str] = None
     """Why a neighbour's boxes were refused here (area, predicted IoU, score), so the full cascade ran."""
+    anchor: Optional[int] = None
+    """The slice whose full cascade started this slice's chain (itself for a full cascade)."""
+    absent: Optional[str] = None
+    """Why the target was judged absent here and the mask removed (decide_presence), or None."""
 
     @property
     def skipped(self) -> bool:
@@ -98,6 +105,7 @@ class VolumeResult:
             "slices_propagated": sum(1 for s in self.slices if s.method == "propagated"),
             "slices_flagged": sum(1 for s in self.slices if s.flags),
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
+            "slices_judged_absent": sum(1 for s in self.slices if s.absent),
             "voxels": int(self.mask.sum()),
             "working_shape": list(self.working_shape),
             "notices": list(self.notices),
@@ -188,7 +196,8 @@ AREA_JUMP_RATIO = 2.0
 def flag_slices(records: Sequence[SliceRecord]) -> None:
     """Mark slices worth a look: no candidate, an empty mask, a low score, an area jump.
 
-    Slices skipped before any model ran (air, or beyond the organ) are never flagged.
+    Slices skipped before any model ran (air, or beyond the organ) and slices where the target
+    was judged absent (decide_presence) are never flagged.
     Records are in slice order; flags are written into them.
     """
     segmented = [r for r in records if r.area > 0 and r.clip_scores]
@@ -201,7 +210,7 @@ def flag_slices(records: Sequence[SliceRecord]) -> None:
         low_score = -np.inf
     for position, record in enumerate(records):
         record.flags = []
-        if record.skipped:
+        if record.skipped or record.absent:
             continue
         if record.reason == NO_CANDIDATE:
             record.flags.append("no candidate")
@@ -219,6 +228,55 @@ def flag_slices(records: Sequence[SliceRecord]) -> None:
                 record.flags.append("area jump")
 
 
+def _score_threshold(scores: np.ndarray, rules: PresenceSettings) -> float:
+    """Scores below this read as "not the target": a drop relative to the volume's confident slices."""
+    confident = float(np.percentile(scores, rules.confident_percentile))
+    floor = float(np.percentile(scores, rules.floor_percentile))
+    return confident - max(rules.min_drop, rules.drop_fraction * (confident - floor))
+
+
+def _verdicts_by_score(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, bool]:
+    """Slice index -> present, for slices with a mask; unscored slices take their chain anchor's verdict."""
+    painted = [r for r in records if r.area > 0]
+    scores = np.array([min(r.clip_scores) for r in painted if r.clip_scores])
+    if scores.size < rules.min_scored_slices:
+        return {r.index: True for r in painted}
+    threshold = _score_threshold(scores, rules)
+    verdicts = {r.index: min(r.clip_scores) >= threshold for r in painted if r.clip_scores}
+    for record in painted:
+        if not record.clip_scores:
+            verdicts[record.index] = verdicts.get(record.anchor, True)
+    return verdicts
+
+
+def _present_runs(positions: List[int], max_gap: int) -> List[List[int]]:
+    """Positions (sorted) grouped into runs whose gaps are at most max_gap missing positions."""
+    runs: List[List[int]] = []
+    for position in positions:
+        if runs and position - runs[-1][-1] - 1 <= max_gap:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    return runs
+
+
+def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, str]:
+    """Slice index -> why the target is judged absent there, for painted slices only.
+
+    Records are in slice order. Label-free: only the scores (relative to the volume's own),
+    the chains' anchors and the slices' order are used (see PresenceSettings).
+    """
+    verdicts = _verdicts_by_score(records, rules)
+    order = [r.index for r in records if r.index in verdicts]
+    position = {index: k for k, index in enumerate(order)}
+    present = [position[i] for i in order if verdicts[i]]
+    runs = _present_runs(present, rules.max_gap)
+    scores = {r.index: min(r.clip_scores) for r in records if r.clip_scores}
+    kept = set(max(runs, key=lambda run: (len(run), sum(scores.get(order[k], 0.0) for k in run)), default=[]))
+    return {index: LOW_SCORE_ABSENT if not verdicts[index] else OUTSIDE_RUN
+            for index in order if position[index] not in kept}
+
+
 @dataclass
 class _Found:
     """What a segmented slice hands to its neighbours.
@@ -231,6 +289,8 @@ class _Found:
     parts: List[np.ndarray]
     anchor_scores: List[float]
     anchor_ious: List[float]
+    anchor: Optional[int] = None
+    """The anchor's slice index."""
 
 
 @dataclass
@@ -294,7 +354,9 @@ class VolumeRunner:
       run_propagate    the full cascade on key slices (key_positions), then between each two
                        (fill_between: a chain from each end, each slice keeping the better
                        scored result), then outwards past the first and last (fill_gaps),
-                       until the organ ends (see PropagationSettings).
+                       until the organ ends (see PropagationSettings);
+      judge_presence   slices where the target is judged absent lose their mask (decide_presence,
+                       PresenceSettings).
     Underneath them: embed (the slice's encoding, a few upcoming ones in the same call on a
     GPU), cascade (one full cascade), attempt and judge (one propagation attempt, measured
     against the chain's anchor), chain and walk (a run of attempts), and the memory fallback
@@ -348,6 +410,7 @@ class VolumeRunner:
         else:
             self.run_propagate()
         ordered = [self.records[index] for index in range(self.start, self.stop)]
+        self.judge_presence(ordered)
         flag_slices(ordered)
         return VolumeResult(
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
@@ -355,6 +418,16 @@ class VolumeRunner:
             mode=self.settings.mode, working_shape=self.shape, notices=self.memory.notices,
             encoder_runtime=self.segmenter.encoder_runtime, decoder_runtime=self.segmenter.decoder_runtime,
         )
+
+    def judge_presence(self, ordered: List[SliceRecord]) -> None:
+        """Remove the mask where the target is judged absent (decide_presence), saying why in the record."""
+        if not self.settings.presence.enabled:
+            return
+        for index, why in decide_presence(ordered, self.settings.presence).items():
+            record = self.records[index]
+            self.mask_slices[index] = False
+            record.area, record.absent, record.reason = 0, why, "target absent"
+            self.found.pop(index, None)
 
     def find_tissue(self) -> None:
         """Record uniform slices as skipped; the others, in order, are `tissue`."""
@@ -491,7 +564,7 @@ class VolumeRunner:
         ious = [r.predicted_iou for r in refined]
         fallback, scores = self.judge(pixels, parts, ious, source, seconds, self._reference(index))
         return _Attempt(pixels, parts, ious, scores, fallback, seconds,
-                        _Found(parts, source.anchor_scores, source.anchor_ious))
+                        _Found(parts, source.anchor_scores, source.anchor_ious, source.anchor))
 
     def judge(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], source: _Found,
               seconds: Dict[str, float], reference: Optional[np.ndarray] = None) -> Tuple[Optional[str], List[float]]:
@@ -535,9 +608,9 @@ class VolumeRunner:
             timing[stage] = round(timing.get(stage, 0.0) + value, 4)
         self._finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
                                  predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                                 seconds=timing, fallback=fallback), result.mask)
+                                 seconds=timing, fallback=fallback, anchor=index), result.mask)
         if result.mask.any():
-            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious)
+            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index)
             return True
         return False
 
@@ -568,7 +641,7 @@ class VolumeRunner:
 
     def _accept(self, index: int, result: _Attempt) -> None:
         self._finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=result.scores,
-                                 predicted_ious=result.ious,
+                                 predicted_ious=result.ious, anchor=result.found.anchor,
                                  seconds={k: round(v, 4) for k, v in result.seconds.items()}),
                      np.logical_or.reduce(result.parts))
         self.found[index] = result.found

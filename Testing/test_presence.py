@@ -1,0 +1,96 @@
+"""Presence: slices where the target is judged absent lose their mask, label-free, and say why."""
+
+import numpy as np
+import pytest
+import torch
+
+from SaLIPSegmentLib.models import NoisyOracleScorer, ProposalSettings, Scorer, create_segmenter
+from SaLIPSegmentLib.settings import PresenceSettings, VolumeSettings
+from SaLIPSegmentLib.volume import LOW_SCORE_ABSENT, OUTSIDE_RUN, SliceRecord, decide_presence, segment_volume
+
+from conftest import TINY_SAM_PROPOSALS, disk_image
+
+ON = PresenceSettings(enabled=True)
+
+
+def _records(scores, method="cascade"):
+    """One painted record per score (None: a propagated slice without a score of its own)."""
+    return [SliceRecord(index=k, reason=None, method=method if s is not None else "propagated",
+                        clip_scores=[] if s is None else [s], area=10, anchor=k) for k, s in enumerate(scores)]
+
+
+def test_a_clip_like_drop_below_the_confident_slices_reads_as_absent():
+    # CLIP-like: the target's slices near 28, the others near 22 (never 0).
+    scores = [22.1, 21.5, 23.0, 27.9, 28.4, 27.2, 28.8, 27.5, 22.4, 21.9]
+    assert decide_presence(_records(scores), ON) == {0: LOW_SCORE_ABSENT, 1: LOW_SCORE_ABSENT, 2: LOW_SCORE_ABSENT,
+                                                     8: LOW_SCORE_ABSENT, 9: LOW_SCORE_ABSENT}
+
+
+def test_the_target_is_one_run_of_slices_and_a_short_gap_does_not_split_it():
+    scores = [28.0, 22.0, 22.3, 21.8, 22.5, 27.6, 28.1, 21.7, 28.3, 27.9, 28.2, 22.0]
+    verdicts = decide_presence(_records(scores), ON)
+    assert verdicts[0] == OUTSIDE_RUN  # a high score far from the target's run: an isolated match
+    assert verdicts[7] == LOW_SCORE_ABSENT  # inside the run, still absent by its own score
+    assert not {5, 6, 8, 9, 10} & set(verdicts)  # one run, bridged over slice 7
+
+
+def test_an_unscored_propagated_slice_takes_its_chain_anchors_verdict():
+    records = _records([80.0, None, None, 2.0, None, 75.0, 78.0])
+    records[1].anchor = records[2].anchor = 0
+    records[4].anchor = 3  # chained from an absent key slice: absent too
+    verdicts = decide_presence(records, ON)
+    assert verdicts == {3: LOW_SCORE_ABSENT, 4: LOW_SCORE_ABSENT}
+
+
+def test_without_enough_scored_slices_nothing_is_removed():
+    assert decide_presence(_records([30.0, 20.0]), ON) == {}
+    assert decide_presence(_records([28.0, 28.2, 27.9, 28.1]), ON) == {}  # present everywhere: no drop
+
+
+class BrightnessScorer(Scorer):
+    """A label-free stand-in for CLIP: slices with the bright disk score 29, the dim ones 22."""
+
+    name = "brightness"
+
+    def score(self, image_rgb, candidates, sentences, reference=None):
+        return np.full(len(candidates), 29.0 if image_rgb.max() > 150 else 22.0)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_sam, tiny_sam_checkpoint):
+    return create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
+
+
+def _volume():
+    """Eight slices with tissue; the target (the bright disk) on slices 2 to 5 only."""
+    return np.stack([disk_image(radius=10, value=200 if 2 <= k <= 5 else 120) for k in range(8)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["every-slice", "propagate"])
+def test_the_runner_removes_the_mask_where_the_target_is_judged_absent(segmenter, mode):
+    volume = _volume()
+    settings = VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS), mode=mode,
+                              propagation=VolumeSettings().propagation)
+    before = segment_volume(volume, segmenter, BrightnessScorer(), ["x"], settings)
+    after = segment_volume(volume, segmenter, BrightnessScorer(), ["x"],
+                           VolumeSettings(**{**settings.__dict__, "presence": ON}))
+    painted = [s.index for s in before.slices if s.area]
+    assert {0, 1, 6, 7} & set(painted), "the run without presence paints where the target is not"
+    for record in after.slices:
+        if record.index in (0, 1, 6, 7) and record.index in painted:
+            assert record.absent and not after.mask[record.index].any() and not record.flags
+        else:
+            assert record.absent is None
+            assert np.array_equal(after.mask[record.index], before.mask[record.index])
+    assert after.summary()["slices_judged_absent"] == sum(1 for s in after.slices if s.absent) > 0
+
+
+def test_presence_with_the_noisy_oracle_never_needs_its_zeros(segmenter):
+    volume = _volume()
+    reference = np.zeros(volume.shape, bool)
+    reference[2:6] = volume[2:6] > 150
+    result = segment_volume(volume, segmenter, NoisyOracleScorer(), ["x"],
+                            VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS),
+                                           mode="every-slice", presence=ON), reference=reference)
+    assert all(min(s.clip_scores) > 15 for s in result.slices if s.clip_scores)  # CLIP-like: no zeros
+    assert all(s.absent is None or not result.mask[s.index].any() for s in result.slices)

@@ -94,3 +94,17 @@ def test_presence_with_the_noisy_oracle_never_needs_its_zeros(segmenter):
                                            mode="every-slice", presence=ON), reference=reference)
     assert all(min(s.clip_scores) > 15 for s in result.slices if s.clip_scores)  # CLIP-like: no zeros
     assert all(s.absent is None or not result.mask[s.index].any() for s in result.slices)
+
+
+def test_the_command_line_switches_presence_for_segment_and_evaluate():
+    from SaLIPSegmentLib.cli import build_parser
+    from SaLIPSegmentLib.pipeline import apply_profile, evaluation_settings, settings_from_args
+
+    parser = build_parser()
+    common = ["-p", "brain", "--profile", "fast", "--clip", "oracle-noisy"]
+    for flag, expected in (([], PresenceSettings.enabled), (["--presence"], True), (["--no-presence"], False)):
+        segment = settings_from_args(parser.parse_args(["segment", "in.nrrd", "-o", "o.seg.nrrd"] + common + flag))
+        assert segment.volume_settings(0, None).presence.enabled is expected
+        evaluate = parser.parse_args(["evaluate", "in.nrrd", "ref.nrrd"] + common + flag)
+        apply_profile(evaluate)
+        assert evaluation_settings(evaluate, 1).presence.enabled is expected

@@ -30,16 +30,17 @@ def test_the_target_is_one_run_of_slices_and_a_short_gap_does_not_split_it():
     scores = [28.0, 22.0, 22.3, 21.8, 22.5, 27.6, 28.1, 21.7, 28.3, 27.9, 28.2, 22.0]
     verdicts = decide_presence(_records(scores), ON)
     assert verdicts[0] == OUTSIDE_RUN  # a high score far from the target's run: an isolated match
-    assert verdicts[7] == LOW_SCORE_ABSENT  # inside the run, still absent by its own score
-    assert not {5, 6, 8, 9, 10} & set(verdicts)  # one run, bridged over slice 7
+    assert not {5, 6, 7, 8, 9, 10} & set(verdicts)  # one run, bridged over slice 7: a poor part, kept
+    assert verdicts == {0: OUTSIDE_RUN, 1: LOW_SCORE_ABSENT, 2: LOW_SCORE_ABSENT, 3: LOW_SCORE_ABSENT,
+                        4: LOW_SCORE_ABSENT, 11: LOW_SCORE_ABSENT}
 
 
 def test_an_unscored_propagated_slice_takes_its_chain_anchors_verdict():
-    records = _records([80.0, None, None, 2.0, None, 75.0, 78.0])
+    records = _records([80.0, None, None, 75.0, 78.0, 2.0, None, None])
     records[1].anchor = records[2].anchor = 0
-    records[4].anchor = 3  # chained from an absent key slice: absent too
+    records[6].anchor = records[7].anchor = 5  # chained from an absent key slice: absent too
     verdicts = decide_presence(records, ON)
-    assert verdicts == {3: LOW_SCORE_ABSENT, 4: LOW_SCORE_ABSENT}
+    assert verdicts == {5: LOW_SCORE_ABSENT, 6: LOW_SCORE_ABSENT, 7: LOW_SCORE_ABSENT}
 
 
 def test_without_enough_scored_slices_nothing_is_removed():

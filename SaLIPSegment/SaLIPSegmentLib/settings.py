@@ -103,8 +103,8 @@ class PresenceSettings:
     model and prompt. A propagated slice without a score of its own (the exact oracle's
     chains) takes its chain anchor's verdict. Geometry: the target is one contiguous run of
     slices (gaps of at most max_gap slices inside it), the run with the most present slices;
-    slices outside it are judged absent too. Slices judged absent get no mask, and the report
-    says why.
+    slices outside it are judged absent, slices inside it present whatever their score.
+    Slices judged absent get no mask, and the report says why.
     """
 
     enabled: bool = False
@@ -117,7 +117,8 @@ class PresenceSettings:
     drop_fraction: float = 0.6
     """...and must be this fraction of the way from the confident score down to the floor."""
     max_gap: int = 2
-    """Slices judged absent inside the target's run that do not split it (at most this many in a row)."""
+    """Slices scored absent that do not split the target's run (at most this many in a row); every
+    slice between the run's first and last is kept."""
     min_scored_slices: int = 3
     """With fewer scored slices there is no scale to judge by: every slice is kept."""
 

@@ -263,8 +263,11 @@ def _present_runs(positions: List[int], max_gap: int) -> List[List[int]]:
 def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, str]:
     """Slice index -> why the target is judged absent there, for painted slices only.
 
-    Records are in slice order. Label-free: only the scores (relative to the volume's own),
-    the chains' anchors and the slices' order are used (see PresenceSettings).
+    The target's run is the longest run of slices scored present (short gaps bridged); every
+    painted slice from its first to its last slice is kept, a low score inside it too (the
+    target is one object: a low slice there is a poor part, not an absent target). Records are
+    in slice order. Label-free: only the scores (relative to the volume's own), the chains'
+    anchors and the slices' order are used (see PresenceSettings).
     """
     verdicts = _verdicts_by_score(records, rules)
     order = [r.index for r in records if r.index in verdicts]
@@ -272,9 +275,10 @@ def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> 
     present = [position[i] for i in order if verdicts[i]]
     runs = _present_runs(present, rules.max_gap)
     scores = {r.index: min(r.clip_scores) for r in records if r.clip_scores}
-    kept = set(max(runs, key=lambda run: (len(run), sum(scores.get(order[k], 0.0) for k in run)), default=[]))
+    run = max(runs, key=lambda run: (len(run), sum(scores.get(order[k], 0.0) for k in run)), default=[])
+    first, last = (run[0], run[-1]) if run else (len(order), -1)
     return {index: LOW_SCORE_ABSENT if not verdicts[index] else OUTSIDE_RUN
-            for index in order if position[index] not in kept}
+            for index in order if not first <= position[index] <= last}
 
 
 @dataclass

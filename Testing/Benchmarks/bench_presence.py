@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -44,14 +45,21 @@ def with_presence(result, rules: PresenceSettings):
     return after
 
 
-def run_case(folder: Path, structure: str, clip: str, mode: str, segmenter, rules: PresenceSettings) -> dict:
+def run_case(folder: Path, structure: str, clip: str, mode: str, segmenter, rules: PresenceSettings,
+             keep: Path = None) -> dict:
+    """The case's figures without and with presence; `keep` holds the run (a pickle) to re-judge without models."""
     image = read_image(folder / "t1.nii.gz")
     reference = read_image(folder / f"{structure}.nii.gz").array > 0
-    proposal = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))
-    started = time.perf_counter()
-    result = segment_volume(image.array, segmenter, create_scorer(clip), [structure],
-                            VolumeSettings(axis=0, mode=mode, proposal=proposal), reference=reference)
-    seconds = time.perf_counter() - started
+    if keep is not None and keep.is_file():
+        result, seconds = pickle.loads(keep.read_bytes())
+    else:
+        proposal = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))
+        started = time.perf_counter()
+        result = segment_volume(image.array, segmenter, create_scorer(clip), [structure],
+                                VolumeSettings(axis=0, mode=mode, proposal=proposal), reference=reference)
+        seconds = time.perf_counter() - started
+        if keep is not None:
+            keep.write_bytes(pickle.dumps((result, seconds)))
     rows = {}
     for name, run in (("before", result), ("after", with_presence(result, rules))):
         figures = measure_run(run, reference, image.spacing_kji).to_dict()
@@ -67,13 +75,17 @@ def main() -> None:
     parser.add_argument("--clip", nargs="+", default=["oracle", "oracle-noisy"])
     parser.add_argument("--mode", default="propagate")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", type=Path, help="a folder for the runs: a second call re-judges them at once")
     args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     segmenter = create_segmenter("litemedsam", resolve_device("cpu"))
     rules = PresenceSettings(enabled=True)
     table = {}
     for structure in args.structures:
         for clip in args.clip:
-            rows = run_case(args.folder, structure, clip, args.mode, segmenter, rules)
+            keep = args.keep / f"{structure}-{clip}-{args.mode}.pickle" if args.keep else None
+            rows = run_case(args.folder, structure, clip, args.mode, segmenter, rules, keep)
             table[f"{structure}/{clip}"] = rows
             for name, row in rows.items():
                 print(f"{structure:<11} {clip:<13} {args.mode:<11} {name:<7} " + " ".join(

@@ -109,3 +109,22 @@ def test_the_command_line_switches_presence_for_segment_and_evaluate():
         evaluate = parser.parse_args(["evaluate", "in.nrrd", "ref.nrrd"] + common + flag)
         apply_profile(evaluate)
         assert evaluation_settings(evaluate, 1).presence.enabled is expected
+
+
+def test_presence_off_keeps_the_settings_fingerprint_of_before_it_existed():
+    from dataclasses import replace
+
+    from SaLIPSegmentLib.cli import build_parser
+    from SaLIPSegmentLib.pipeline import settings_from_args
+
+    args = build_parser().parse_args(["segment", "in.nrrd", "-o", "o.seg.nrrd", "-p", "brain", "--profile", "fast"])
+    settings = settings_from_args(args)
+    off, on = replace(settings, presence=False), replace(settings, presence=True)
+    assert off.fingerprint() != on.fingerprint()
+    import hashlib
+    import json
+
+    values = off.describe()
+    for key in ("device", "precision", "model_dir", "presence"):
+        values.pop(key)
+    assert off.fingerprint() == hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()

@@ -60,6 +60,8 @@ class SegmentSettings:
         values = self.describe()
         for where in ("device", "precision", "model_dir"):
             values.pop(where)
+        if not values["presence"]:  # off is how masks were made before it existed: old batch folders stay done
+            values.pop("presence")
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def volume_settings(self, axis: int, slice_range: Optional[Tuple[int, int]]) -> VolumeSettings:

@@ -108,6 +108,8 @@ class PresenceSettings:
     """
 
     enabled: bool = False
+    smooth_slices: int = 5
+    """Judge each slice by the median score of this many scored slices around it (1: its own)."""
     confident_percentile: float = 90.0
     """The volume's confident score: this percentile of the scored slices' scores."""
     floor_percentile: float = 5.0
@@ -119,8 +121,9 @@ class PresenceSettings:
     max_gap: int = 2
     """Slices scored absent that do not split the target's run (at most this many in a row); every
     slice between the run's first and last is kept."""
-    min_scored_slices: int = 3
-    """With fewer scored slices there is no scale to judge by: every slice is kept."""
+    min_scored_slices: int = 10
+    """With fewer scored slices there is no scale to judge by: every slice is kept. (The exact
+    oracle scores only the key slices in propagate mode: five on a 52-slice brain, too few.)"""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ __all__ = [  # the settings are re-exported: callers have imported them from her
 
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
-LOW_SCORE_ABSENT = "score far below the volume's confident slices"
+LOW_SCORE_ABSENT = "scores far below the volume's confident slices"
 OUTSIDE_RUN = "outside the target's run of slices"
 
 ProgressCallback = Callable[[int, int], None]
@@ -235,18 +235,28 @@ def _score_threshold(scores: np.ndarray, rules: PresenceSettings) -> float:
     return confident - max(rules.min_drop, rules.drop_fraction * (confident - floor))
 
 
-def _verdicts_by_score(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, bool]:
-    """Slice index -> present, for slices with a mask; unscored slices take their chain anchor's verdict."""
+def _smoothed_scores(scored: Sequence[SliceRecord], window: int) -> np.ndarray:
+    """Each scored slice's score as the median over `window` scored slices around it, in slice order:
+    one slice's noise (CLIP's, or a poor part's) does not decide, a stretch of slices does."""
+    scores = np.array([min(r.clip_scores) for r in scored])
+    half = max(0, window // 2)
+    return np.array([np.median(scores[max(0, k - half) : k + half + 1]) for k in range(scores.size)])
+
+
+def _verdicts_by_score(records: Sequence[SliceRecord], rules: PresenceSettings) -> Tuple[Dict[int, bool], set]:
+    """Slice index -> present (by the smoothed score), for slices with a mask, and the slices whose own
+    score is low; unscored slices take their chain anchor's verdict."""
     painted = [r for r in records if r.area > 0]
-    scores = np.array([min(r.clip_scores) for r in painted if r.clip_scores])
-    if scores.size < rules.min_scored_slices:
-        return {r.index: True for r in painted}
+    scored = [r for r in painted if r.clip_scores]
+    if len(scored) < rules.min_scored_slices:
+        return {r.index: True for r in painted}, set()
+    scores = _smoothed_scores(scored, rules.smooth_slices)
     threshold = _score_threshold(scores, rules)
-    verdicts = {r.index: min(r.clip_scores) >= threshold for r in painted if r.clip_scores}
+    verdicts = {r.index: bool(score >= threshold) for r, score in zip(scored, scores)}
     for record in painted:
         if not record.clip_scores:
             verdicts[record.index] = verdicts.get(record.anchor, True)
-    return verdicts
+    return verdicts, {r.index for r in scored if min(r.clip_scores) < threshold}
 
 
 def _present_runs(positions: List[int], max_gap: int) -> List[List[int]]:
@@ -263,13 +273,14 @@ def _present_runs(positions: List[int], max_gap: int) -> List[List[int]]:
 def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, str]:
     """Slice index -> why the target is judged absent there, for painted slices only.
 
-    The target's run is the longest run of slices scored present (short gaps bridged); every
+    The target's run is the longest run of slices whose smoothed score reads present (short
+    gaps bridged), without the slices at its ends whose own score is low; every
     painted slice from its first to its last slice is kept, a low score inside it too (the
     target is one object: a low slice there is a poor part, not an absent target). Records are
     in slice order. Label-free: only the scores (relative to the volume's own), the chains'
     anchors and the slices' order are used (see PresenceSettings).
     """
-    verdicts = _verdicts_by_score(records, rules)
+    verdicts, low = _verdicts_by_score(records, rules)
     order = [r.index for r in records if r.index in verdicts]
     position = {index: k for k, index in enumerate(order)}
     present = [position[i] for i in order if verdicts[i]]
@@ -277,7 +288,11 @@ def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> 
     scores = {r.index: min(r.clip_scores) for r in records if r.clip_scores}
     run = max(runs, key=lambda run: (len(run), sum(scores.get(order[k], 0.0) for k in run)), default=[])
     first, last = (run[0], run[-1]) if run else (len(order), -1)
-    return {index: LOW_SCORE_ABSENT if not verdicts[index] else OUTSIDE_RUN
+    while first <= last and order[first] in low:  # smoothing blurs the run's ends: its own score decides there
+        first += 1
+    while last >= first and order[last] in low:
+        last -= 1
+    return {index: LOW_SCORE_ABSENT if not verdicts[index] or index in low else OUTSIDE_RUN
             for index in order if not first <= position[index] <= last}
 
 

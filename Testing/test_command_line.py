@@ -237,6 +237,7 @@ def test_arguments_are_refused_before_any_model_loads(tmp_path, capsys, no_model
         (segment + ["--slices", "a:b"], 3, "whole numbers"),
         (segment + ["--axis", "3"], 2, "invalid choice"),
         (segment + ["--clip", "oracle"], 3, "needs --reference"),
+        (segment + ["--clip", "oracle-noisy"], 3, "needs --reference"),
         (segment + ["--reference", tmp_path / "missing.nrrd"], 3, "does not exist"),
         (segment + ["--reference", other_spacing], 3, "spacing"),
         (segment + ["--reference", other_origin], 3, "origin"),
@@ -247,6 +248,7 @@ def test_arguments_are_refused_before_any_model_loads(tmp_path, capsys, no_model
         (["segment", volume, "-o", tmp_path / "o.png", "-p", "brain"], 5, ".seg.nrrd"),
         (["evaluate", volume, other_origin, "-p", "brain"], 3, "not on the input's grid"),
         (["evaluate", volume, on_grid, "-p", "brain", "--slices", "9:2"], 3, "reversed"),
+        (["evaluate", volume, on_grid, "-p", "brain", "--modes", "propagate,everything"], 3, "everything"),
         (["batch", tmp_path / "nothing", tmp_path / "out", "-p", "lugns"], 3, "did you mean lungs?"),
     ]
     for argv, code, message in cases:
@@ -295,7 +297,7 @@ def test_models_list_without_torch_matches_the_registry(tmp_path, monkeypatch, t
     built_in = [row for row in full if row.name in {r.name for r in quick}]  # the registry also knows test models
     assert quick == built_in and tiny_sam in {row.name for row in full} - {row.name for row in quick}
     assert [row.name for row in quick] == ["vit_b", "vit_l", "vit_h", "litemedsam", "ViT-B-32:openai",
-                                           "ViT-B-16:openai", "ViT-L-14:openai", "oracle"]
+                                           "ViT-B-16:openai", "ViT-L-14:openai", "oracle", "oracle-noisy"]
     assert next(row for row in quick if row.name == "litemedsam").present  # found without importing the package
 
 

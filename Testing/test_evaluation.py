@@ -9,9 +9,10 @@ import SimpleITK as sitk
 import torch
 
 from SaLIPSegmentLib.cli import main
-from SaLIPSegmentLib.evaluation import evaluate_volume, hd95
+from SaLIPSegmentLib.evaluation import evaluate_modes, evaluate_volume, hd95, measure_run
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.settings import VolumeSettings
+from SaLIPSegmentLib.volume import SliceRecord, VolumeResult
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -68,6 +69,41 @@ def test_salip_evaluate_on_a_real_brain(tmp_path, mni152, capsys):
     assert figures["box_bound_mean"] > 0.4
     assert 0.15 < figures["dice_volume"] < figures["box_bound_mean"] + 0.1
     assert figures["hd95_mm"] > 0
+    modes = figures["modes"]
+    assert set(modes) == {"propagate", "every-slice"}
+    for mode in modes.values():
+        assert mode["slices_with_reference"] == 2 and mode["painted_without_target"] == 0
+        assert 0.15 < mode["dice_volume"] <= 1 and len(mode["slices"]) == 2
+
+
+def test_measure_run_counts_painted_missed_and_how_well_the_flags_find_poor_slices():
+    reference = np.zeros((6, 8, 8), bool)
+    reference[1:5, 2:6, 2:6] = True
+    mask = np.zeros_like(reference)
+    mask[0, 2:6, 2:6] = True  # painted where there is no target
+    mask[1, 2:6, 2:6] = True  # right
+    mask[2, 2:3, 2:4] = True  # a poor sliver (Dice 2 x 2 / (2 + 16))
+    mask[3, 2:6, 2:6] = True  # right, but flagged
+    # slice 4 missed, slice 5 rightly empty
+    flags = {0: [], 1: [], 2: ["area jump"], 3: ["low score"], 4: ["empty mask"], 5: []}
+    records = [SliceRecord(index=k, reason=None, flags=flags[k]) for k in range(6)]
+    result = VolumeResult(mask=mask, slices=records, axis=0, slice_range=(0, 6), window=(0, 1), seconds=2.0)
+    figures = measure_run(result, reference, spacing=(1, 1, 1))
+    assert (figures.painted_without_target, figures.missed_slices, figures.slices_with_reference) == (1, 1, 4)
+    assert [round(s.dice, 2) for s in figures.slices] == [0.0, 1.0, 0.22, 1.0, 0.0, 1.0]
+    assert figures.poor_slices == 3 and figures.flagged_slices == 3  # poor: 0, 2, 4; flagged: 2, 3, 4
+    assert figures.flag_recall == pytest.approx(2 / 3) and figures.flag_precision == pytest.approx(2 / 3)
+    assert figures.dice_volume == pytest.approx(2 * 34 / (50 + 64))
+    assert json.dumps(figures.to_dict(), allow_nan=False)
+
+
+def test_evaluate_modes_runs_each_mode_over_the_whole_range(segmenter):
+    volume = np.stack([disk_image(radius=6 + i) for i in range(4)]).astype(np.float32)
+    reference = volume > 100
+    rows = evaluate_modes(volume, reference, segmenter, OracleScorer(), ["x"],
+                          VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS)))
+    assert [r.mode for r in rows] == ["propagate", "every-slice"]
+    assert all(len(r.slices) == 4 and r.slices_with_reference == 4 for r in rows)
 
 
 def _case(folder, name, radius):

@@ -387,10 +387,12 @@ def run_batch(
     show_progress: bool = False,
 ) -> BatchSummary:
     """Segment every (case, path) into output_dir; skip what the manifest says is done."""
+    from .models.catalog import ORACLES
     from .models.registry import PLUGINS_ENV
 
-    if settings.clip == "oracle":
-        raise InputError("--clip oracle needs a reference mask per case; batch has none (use evaluate-dataset).")
+    if settings.clip in ORACLES:
+        raise InputError(f"--clip {settings.clip} needs a reference mask per case; batch has none "
+                         "(use evaluate-dataset).")
     _check_output_folder(output_dir)
     manifest = Manifest(output_dir)
     fingerprint = job_fingerprint(settings, output_format)

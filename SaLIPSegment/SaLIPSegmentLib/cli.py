@@ -33,7 +33,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sam", help=f"segmenter: vit_b, vit_l, vit_h or litemedsam (default {DEFAULT_SEGMENTER})")
     group.add_argument("--sam-checkpoint", type=Path, help="use this SAM weights file instead of resolving one")
     group.add_argument("--clip",
-                       help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, or oracle "
+                       help=f"CLIP as MODEL:TAG, MODEL:/path/to/checkpoint, biomedclip, oracle or oracle-noisy "
                             f"(default {DEFAULT_SCORER})")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     group.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -81,12 +81,22 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-interval", type=int, default=key_interval,
                         help=f"with --mode propagate, key slices at both ends and at most N apart "
                              f"(default {key_interval})")
+    _add_presence_option(parser)
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
     cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
     cleanup.add_argument("--fill-flagged", action="store_true",
                         help="replace flagged slices by what their two neighbours agree on")
+
+
+def _add_presence_option(parser: argparse.ArgumentParser) -> None:
+    from .settings import PresenceSettings
+
+    parser.add_argument("--presence", action=argparse.BooleanOptionalAction, default=None,
+                        help="remove the mask from slices where the target is judged absent (a score far below "
+                             "the volume's confident slices, or outside the target's one run of slices); "
+                             f"default {'on' if PresenceSettings.enabled else 'off'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +129,7 @@ def _add_segment_command(commands) -> None:
                               "labelmap, 1 = target), or a folder (existing, or ending in /) for INPUT_PROMPT.seg.nrrd")
     segment.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
-    segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle")
+    segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle and oracle-noisy")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
     _add_segment_options(segment)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
@@ -142,6 +152,13 @@ def _add_evaluate_commands(commands) -> None:
     evaluate.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded")
     evaluate.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"))
     evaluate.add_argument("--top-k", type=int)
+    evaluate.add_argument("--modes", default="propagate,every-slice",
+                          help="comma-separated modes in which to run the product as `salip segment` does and "
+                               "measure it (3D Dice, HD95, painted and missed slices, flag recall and precision); "
+                               "'none' for the stage table only (default propagate,every-slice)")
+    _add_presence_option(evaluate)
+    evaluate.add_argument("--no-stages", dest="stages", action="store_false",
+                          help="skip the stage-by-stage table (its own full cascade on every slice)")
     evaluate.add_argument("--json", type=Path, help="write the figures and the per-slice table here")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     evaluate.add_argument("-q", "--quiet", action="store_true")
@@ -276,6 +293,7 @@ def run_segment(args) -> int:
     from .arguments import check_reference, check_slicing
     from .io import ascii_segment_name, check_writable, read_image, write_json
     from .models import resolve_device
+    from .models.catalog import ORACLES
     from .outputs import default_output_name, resolve_output, write_output
     from .pipeline import load_models, precision_note, segment_image, settings_from_args
 
@@ -288,7 +306,8 @@ def run_segment(args) -> int:
         check_writable(args.report, overwrite=args.overwrite)
     image = read_image(args.input)
     check_slicing(settings.axis, settings.slices, image)
-    reference = check_reference(args.reference, image, needed_by="--clip oracle" if settings.clip == "oracle" else "")
+    needed_by = f"--clip {settings.clip}" if settings.clip in ORACLES else ""
+    reference = check_reference(args.reference, image, needed_by=needed_by)
     reference = None if reference is None else reference.array
     if profile_note:
         say(profile_note)
@@ -364,10 +383,9 @@ def run_batch(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    import math
+    import numpy as np
 
     from .arguments import check_reference, check_slicing
-    from .evaluation import evaluate_volume
     from .io import check_writable, read_image, write_json
     from .models import resolve_device
     from .pipeline import apply_profile, evaluation_settings, load_models, prompt_from_args, proposal_variants
@@ -377,46 +395,93 @@ def run_evaluate(args) -> int:
     apply_profile(args)
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
+    modes = _evaluation_modes(args.modes)
     if args.json is not None:
         check_writable(args.json, overwrite=args.overwrite)
     image = read_image(args.input)
     volume = as_volume(image.array)
-    reference = check_reference(args.reference, image).array
+    reference = check_reference(args.reference, image).array > 0
     axis, slice_range = check_slicing(args.axis, args.slices, image)
     device = resolve_device(args.device)
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
     settings = dataclasses.replace(evaluation_settings(args, top_k), axis=axis, slice_range=slice_range)
-    variants = proposal_variants(volume, reference > 0, segmenter, scorer, prompt.sentences, settings)
+    variants = proposal_variants(volume, reference, segmenter, scorer, prompt.sentences, settings)
+    with_reference = int(np.moveaxis(reference, axis, 0)[slice(*slice_range)].any(axis=(1, 2)).sum())
+    print(f"{prompt.display_name}: {with_reference} slices with reference tissue, {args.sam} + {args.clip}")
+    figures = {"input": str(args.input), "reference": str(args.reference), "prompt": prompt.to_dict(),
+               "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis, "slice_range": list(slice_range)}
+    if args.stages:
+        figures.update(_evaluate_stages(args, volume, reference, image, segmenter, scorer, prompt, variants))
+    if modes:
+        figures["modes"] = _evaluate_product(args, volume, reference, image, segmenter, scorer, prompt,
+                                             variants[-1][1], modes)
+    if args.json is not None:
+        write_json(args.json, figures)
+    return 0
+
+
+def _evaluation_modes(text: str) -> List[str]:
+    from .settings import MODES
+
+    modes = [] if text.strip() == "none" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise InputError(f"--modes takes {', '.join(MODES)} or none, not {', '.join(unknown)}.")
+    return modes
+
+
+def _show(value) -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def _evaluate_stages(args, volume, reference, image, segmenter, scorer, prompt, variants) -> dict:
+    """The stage-by-stage table (every slice, full cascade) per proposal variant; its JSON fields."""
+    from .evaluation import evaluate_volume
+
     results = []
     for name, run in variants:
         bar = _ProgressBar(args.quiet, f"evaluating ({name})")
         try:
-            results.append((name, evaluate_volume(volume, reference > 0, segmenter, scorer, prompt.sentences, run,
+            results.append((name, evaluate_volume(volume, reference, segmenter, scorer, prompt.sentences, run,
                                                   spacing=image.spacing_kji, progress=bar)))
         finally:
             bar.close()
-
-    def show(value):
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-    first = results[0][1]
-    print(f"{prompt.display_name}: {first.slices_with_reference} slices with reference tissue, "
-          f"{args.sam} + {args.clip}")
+    print("Stages (the full cascade on every slice):")
     print(f"  {'':<28}" + "".join(f"{name:>10}" for name, _ in results))
     for label, key in (("Dice (volume)", "dice_volume"), ("Dice (mean per slice)", "dice_mean_per_slice"),
                        ("HD95 (mm)", "hd95_mm"), ("proposal ceiling", "ceiling_mean"),
                        ("retrieved candidate", "retrieved_mean"), ("refined (final)", "dice_mean_per_slice"),
                        ("box upper bound", "box_bound_mean"), ("false-positive slices", "false_positive_slices"),
                        ("seconds", "seconds")):
-        print(f"  {label:<28}" + "".join(f"{show(float(getattr(r, key))):>10}" for _, r in results))
-    if args.json is not None:
-        write_json(args.json, {"input": str(args.input), "reference": str(args.reference), "prompt": prompt.to_dict(),
-                               "sam": args.sam, "clip": args.clip, "top_k": top_k, "axis": axis,
-                               "slice_range": list(slice_range), **first.to_dict(),
-                               "variants": {name: {"proposal": dataclasses.asdict(run.proposal), **r.to_dict()}
-                                            for (name, run), (_, r) in zip(variants, results)}})
-    return 0
+        print(f"  {label:<28}" + "".join(f"{_show(float(getattr(r, key))):>10}" for _, r in results))
+    return {**results[0][1].to_dict(),
+            "variants": {name: {"proposal": dataclasses.asdict(run.proposal), **r.to_dict()}
+                         for (name, run), (_, r) in zip(variants, results)}}
+
+
+def _evaluate_product(args, volume, reference, image, segmenter, scorer, prompt, run, modes) -> dict:
+    """The product's table, one column per mode (what `salip segment` would write); its JSON field."""
+    from .evaluation import evaluate_modes
+
+    bar = _ProgressBar(args.quiet, "segmenting (" + ", ".join(modes) + ")")
+    try:
+        results = evaluate_modes(volume, reference, segmenter, scorer, prompt.sentences, run, modes,
+                                 spacing=image.spacing_kji, progress=bar)
+    finally:
+        bar.close()
+    print("The product (as `salip segment` runs it):")
+    print(f"  {'':<28}" + "".join(f"{r.mode:>13}" for r in results))
+    for label, key in (("Dice (volume)", "dice_volume"), ("HD95 (mm)", "hd95_mm"),
+                       ("painted without target", "painted_without_target"), ("missed slices", "missed_slices"),
+                       ("slices with Dice < 0.5", "poor_slices"), ("flagged slices", "flagged_slices"),
+                       ("flag recall", "flag_recall"), ("flag precision", "flag_precision"), ("seconds", "seconds")):
+        print(f"  {label:<28}" + "".join(f"{_show(getattr(r, key)):>13}" for r in results))
+    return {r.mode: r.to_dict() for r in results}
 
 
 TABLE_COLUMNS = ("case", "status", "slices_with_reference", "dice_volume", "dice_mean_per_slice", "hd95_mm",

@@ -8,13 +8,17 @@ Per slice with reference tissue:
              connected part, up to top-k) on the same embedding: the best a box can do.
 Over the volume: Dice, the mean of per-slice Dice (as the paper reports it), and HD95 in mm.
 Every slice gets the full cascade here (no propagation), so each stage is measured everywhere.
+
+The product is measured apart (evaluate_modes): the volume runner as `salip segment` runs it,
+per mode, over the whole range: 3D Dice, HD95, slices painted without target, missed slices,
+and how well the per-slice flags find the slices a person would reject (Dice under 0.5).
 Numpy in, numbers out; no Slicer, no files.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +29,7 @@ from .errors import InputError
 from .imaging import dice, mask_to_box, window_to_uint8
 from .models.base import Scorer, Segmenter
 from .settings import VolumeSettings
-from .volume import as_volume, check_slice_range, choose_window
+from .volume import VolumeResult, as_volume, check_slice_range, choose_window, segment_volume
 
 
 @dataclass
@@ -189,4 +193,99 @@ def _summarise(rows: List[SliceEvaluation], prediction: np.ndarray, reference: n
         false_positive_slices=sum(1 for r in rows if r.reference_area == 0 and r.predicted_area > 0),
         seconds=seconds,
         slices=rows,
+    )
+
+
+# A slice whose Dice is under this is one a person would redo: the flags should find it.
+POOR_SLICE_DICE = 0.5
+
+
+@dataclass
+class SliceOutcome:
+    """One slice of a product run against the reference."""
+
+    index: int
+    reference_area: int
+    predicted_area: int
+    dice: float
+    """1.0 where both are empty (nothing to find, nothing drawn)."""
+    flags: List[str]
+    reason: Optional[str]
+    """The run's reason for this slice (no tissue, beyond the organ, target absent...), or None."""
+
+    @property
+    def poor(self) -> bool:
+        return self.dice < POOR_SLICE_DICE
+
+
+@dataclass
+class ModeEvaluation:
+    """The product's figures for one mode over the evaluated range."""
+
+    mode: str
+    dice_volume: float
+    hd95_mm: float
+    slices_with_reference: int
+    painted_without_target: int
+    """Slices without reference tissue where the run drew something."""
+    missed_slices: int
+    """Slices with reference tissue where the run drew nothing."""
+    poor_slices: int
+    """Slices with Dice under POOR_SLICE_DICE (painted and missed slices included)."""
+    flagged_slices: int
+    flag_recall: float
+    """Of the poor slices, the fraction flagged (NaN without poor slices)."""
+    flag_precision: float
+    """Of the flagged slices, the fraction poor (NaN when nothing is flagged)."""
+    seconds: float
+    slices: List[SliceOutcome] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return Evaluation.to_dict(self)  # the same JSON cleaning
+
+
+def evaluate_modes(
+    volume: np.ndarray,
+    reference: np.ndarray,
+    segmenter: Segmenter,
+    scorer: Scorer,
+    sentences: Sequence[str],
+    settings: Optional[VolumeSettings] = None,
+    modes: Sequence[str] = ("propagate", "every-slice"),
+    *,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> List[ModeEvaluation]:
+    """Run the volume runner once per mode, as `salip segment` would, and measure each run."""
+    settings = settings or VolumeSettings()
+    reference = as_volume(reference).astype(bool)
+    rows = []
+    for mode in modes:
+        result = segment_volume(volume, segmenter, scorer, sentences, replace(settings, mode=mode),
+                                reference=reference, progress=progress)
+        rows.append(measure_run(result, reference, spacing))
+    return rows
+
+
+def measure_run(result: VolumeResult, reference: np.ndarray, spacing: Sequence[float]) -> ModeEvaluation:
+    """A run's mask and flags against the reference, over the run's slice range."""
+    region = [slice(None)] * 3
+    region[result.axis] = slice(*result.slice_range)
+    prediction = as_volume(result.mask)[tuple(region)]
+    truth = as_volume(reference)[tuple(region)]
+    pred_slices, ref_slices = np.moveaxis(prediction, result.axis, 0), np.moveaxis(truth, result.axis, 0)
+    outcomes = [SliceOutcome(record.index, int(ref.sum()), int(pred.sum()), dice(pred, ref), list(record.flags),
+                             record.reason)
+                for record, pred, ref in zip(result.slices, pred_slices, ref_slices)]
+    poor = [o for o in outcomes if o.poor]
+    flagged = [o for o in outcomes if o.flags]
+    return ModeEvaluation(
+        mode=result.mode, dice_volume=dice(prediction, truth), hd95_mm=hd95(prediction, truth, spacing),
+        slices_with_reference=sum(1 for o in outcomes if o.reference_area),
+        painted_without_target=sum(1 for o in outcomes if o.predicted_area and not o.reference_area),
+        missed_slices=sum(1 for o in outcomes if o.reference_area and not o.predicted_area),
+        poor_slices=len(poor), flagged_slices=len(flagged),
+        flag_recall=sum(1 for o in poor if o.flags) / len(poor) if poor else float("nan"),
+        flag_precision=sum(1 for o in flagged if o.poor) / len(flagged) if flagged else float("nan"),
+        seconds=result.seconds, slices=outcomes,
     )

@@ -21,7 +21,7 @@ from .errors import InputError, MissingWeightsError
 from .io import Image3D
 from .models.base import ProposalSettings
 from .prompts import Prompt
-from .settings import CleanupSettings, PropagationSettings, VolumeSettings
+from .settings import CleanupSettings, PresenceSettings, PropagationSettings, VolumeSettings
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class SegmentSettings:
     keep_largest: bool = False
     fill_holes: bool = False
     fill_flagged: bool = False
+    presence: bool = PresenceSettings.enabled
 
     def describe(self) -> dict:
         """The settings as JSON-ready values."""
@@ -59,6 +60,8 @@ class SegmentSettings:
         values = self.describe()
         for where in ("device", "precision", "model_dir"):
             values.pop(where)
+        if not values["presence"]:  # off is how masks were made before it existed: old batch folders stay done
+            values.pop("presence")
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def volume_settings(self, axis: int, slice_range: Optional[Tuple[int, int]]) -> VolumeSettings:
@@ -66,6 +69,7 @@ class SegmentSettings:
         return VolumeSettings(
             top_k=self.top_k, axis=axis, slice_range=slice_range, window=self.window, mode=self.mode,
             propagation=PropagationSettings(key_interval=self.key_interval), proposal=self.proposal,
+            presence=PresenceSettings(enabled=self.presence),
             cleanup=CleanupSettings(self.keep_largest, self.fill_holes, self.fill_flagged), adapt=self.adapt,
         )
 
@@ -88,8 +92,13 @@ def settings_from_args(args) -> SegmentSettings:
         axis=args.axis,
         slices=args.slices, window=tuple(args.window) if args.window else None, mode=args.mode,
         key_interval=args.key_interval, adapt=args.adapt, keep_largest=args.keep_largest,
-        fill_holes=args.fill_holes, fill_flagged=args.fill_flagged,
+        fill_holes=args.fill_holes, fill_flagged=args.fill_flagged, presence=_presence(args),
     )
+
+
+def _presence(args) -> bool:
+    chosen = getattr(args, "presence", None)
+    return PresenceSettings.enabled if chosen is None else bool(chosen)
 
 
 def prompt_from_args(args) -> Prompt:
@@ -131,7 +140,8 @@ def evaluation_settings(args, top_k: int) -> VolumeSettings:
 
     window = getattr(args, "window", None)  # evaluate-dataset has no --window: each case's own
     return VolumeSettings(top_k=top_k, window=tuple(window) if window else None,
-                          proposal=proposal_settings(args, get_segmenter_spec(args.sam)), adapt=args.adapt)
+                          proposal=proposal_settings(args, get_segmenter_spec(args.sam)), adapt=args.adapt,
+                          presence=PresenceSettings(enabled=_presence(args)))
 
 
 def proposal_variants(volume: np.ndarray, reference: Optional[np.ndarray], segmenter, scorer, sentences,

@@ -94,6 +94,40 @@ class PropagationSettings:
     """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
 
 
+@dataclass
+class PresenceSettings:
+    """Whether the target is on a slice, decided after the run from what real CLIP gives too.
+
+    Scores: the volume's confident level is a high percentile of its slices' retrieval scores,
+    its floor a low one; a slice scoring more than max(min_drop, drop_fraction x (confident -
+    floor)) below the confident level is judged absent. The drop is relative, because CLIP
+    never scores 0 (100 x cosine sits around 20 to 35 for any crop) and its scale differs per
+    model and prompt. A propagated slice without a score of its own (the exact oracle's
+    chains) takes its chain anchor's verdict. Geometry: the target is one contiguous run of
+    slices (gaps of at most max_gap slices inside it), the run with the most present slices;
+    slices outside it are judged absent, slices inside it present whatever their score.
+    Slices judged absent get no mask, and the report says why.
+    """
+
+    enabled: bool = False
+    smooth_slices: int = 5
+    """Judge each slice by the median score of this many scored slices around it (1: its own)."""
+    confident_percentile: float = 90.0
+    """The volume's confident score: this percentile of the scored slices' scores."""
+    floor_percentile: float = 5.0
+    """The volume's floor: this percentile, so one outlier does not set the scale."""
+    min_drop: float = 3.0
+    """A slice at least this many points below the confident score may be absent..."""
+    drop_fraction: float = 0.6
+    """...and must be this fraction of the way from the confident score down to the floor."""
+    max_gap: int = 2
+    """Slices scored absent that do not split the target's run (at most this many in a row); every
+    slice between the run's first and last is kept."""
+    min_scored_slices: int = 10
+    """With fewer scored slices there is no scale to judge by: every slice is kept. (The exact
+    oracle scores only the key slices in propagate mode: five on a 52-slice brain, too few.)"""
+
+
 @dataclass(frozen=True)
 class CleanupSettings:
     """Optional 3D clean-up after the run (cleanup.py); all off by default."""
@@ -126,6 +160,8 @@ class VolumeSettings:
     """propagate: the full cascade on key slices, neighbours' boxes elsewhere; every-slice: the paper's."""
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
     proposal: ProposalSettings = field(default_factory=ProposalSettings)
+    presence: PresenceSettings = field(default_factory=PresenceSettings)
+    """After the run: slices where the target is judged absent lose their mask (volume.decide_presence)."""
     cleanup: CleanupSettings = field(default_factory=CleanupSettings)
     """Applied after the run by pipeline.segment_image; segment_volume's mask is the raw one."""
     adapt: bool = False

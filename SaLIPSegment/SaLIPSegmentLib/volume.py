@@ -30,6 +30,7 @@ from .models.device import MemoryFallback
 from .settings import (
     MAX_SLICE_SIDE,
     MODES,
+    PresenceSettings,
     PropagationSettings,
     VolumeSettings,
     check_slice_range,
@@ -37,13 +38,16 @@ from .settings import (
 )
 
 __all__ = [  # the settings are re-exported: callers have imported them from here
-    "BEYOND_ORGAN", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "PropagationSettings", "SliceRecord", "VolumeResult",
+    "BEYOND_ORGAN", "LOW_SCORE_ABSENT", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "OUTSIDE_RUN", "PresenceSettings",
+    "PropagationSettings", "SliceRecord", "VolumeResult",
     "VolumeRunner", "VolumeSettings", "acquisition_axis", "as_volume", "check_slice_range", "choose_window",
-    "flag_slices", "key_positions", "parse_slice_range", "segment_volume",
+    "decide_presence", "flag_slices", "key_positions", "parse_slice_range", "segment_volume",
 ]
 
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
+LOW_SCORE_ABSENT = "scores far below the volume's confident slices"
+OUTSIDE_RUN = "outside the target's run of slices"
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -66,6 +70,10 @@ class SliceRecord:
     """Why a person should look at this slice (see flag_slices); empty when nothing is odd."""
     fallback: Optional[str] = None
     """Why a neighbour's boxes were refused here (area, predicted IoU, score), so the full cascade ran."""
+    anchor: Optional[int] = None
+    """The slice whose full cascade started this slice's chain (itself for a full cascade)."""
+    absent: Optional[str] = None
+    """Why the target was judged absent here and the mask removed (decide_presence), or None."""
 
     @property
     def skipped(self) -> bool:
@@ -105,6 +113,7 @@ class VolumeResult:
             "slices_propagated": sum(1 for s in self.slices if s.method == "propagated"),
             "slices_flagged": sum(1 for s in self.slices if s.flags),
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
+            "slices_judged_absent": sum(1 for s in self.slices if s.absent),
             "voxels": int(self.mask.sum()),
             "working_shape": list(self.working_shape),
             "notices": list(self.notices),
@@ -170,7 +179,8 @@ AREA_JUMP_RATIO = 2.0
 def flag_slices(records: Sequence[SliceRecord]) -> None:
     """Mark slices worth a look: no candidate, an empty mask, a low score, an area jump.
 
-    Slices skipped before any model ran (air, or beyond the organ) are never flagged.
+    Slices skipped before any model ran (air, or beyond the organ) and slices where the target
+    was judged absent (decide_presence) are never flagged.
     Records are in slice order; flags are written into them.
     """
     segmented = [r for r in records if r.area > 0 and r.clip_scores]
@@ -183,7 +193,7 @@ def flag_slices(records: Sequence[SliceRecord]) -> None:
         low_score = -np.inf
     for position, record in enumerate(records):
         record.flags = []
-        if record.skipped:
+        if record.skipped or record.absent:
             continue
         if record.reason == NO_CANDIDATE:
             record.flags.append("no candidate")
@@ -201,6 +211,74 @@ def flag_slices(records: Sequence[SliceRecord]) -> None:
                 record.flags.append("area jump")
 
 
+def _score_threshold(scores: np.ndarray, rules: PresenceSettings) -> float:
+    """Scores below this read as "not the target": a drop relative to the volume's confident slices."""
+    confident = float(np.percentile(scores, rules.confident_percentile))
+    floor = float(np.percentile(scores, rules.floor_percentile))
+    return confident - max(rules.min_drop, rules.drop_fraction * (confident - floor))
+
+
+def _smoothed_scores(scored: Sequence[SliceRecord], window: int) -> np.ndarray:
+    """Each scored slice's score as the median over `window` scored slices around it, in slice order:
+    one slice's noise (CLIP's, or a poor part's) does not decide, a stretch of slices does."""
+    scores = np.array([min(r.clip_scores) for r in scored])
+    half = max(0, window // 2)
+    return np.array([np.median(scores[max(0, k - half) : k + half + 1]) for k in range(scores.size)])
+
+
+def _verdicts_by_score(records: Sequence[SliceRecord], rules: PresenceSettings) -> Tuple[Dict[int, bool], set]:
+    """Slice index -> present (by the smoothed score), for slices with a mask, and the slices whose own
+    score is low; unscored slices take their chain anchor's verdict."""
+    painted = [r for r in records if r.area > 0]
+    scored = [r for r in painted if r.clip_scores]
+    if len(scored) < rules.min_scored_slices:
+        return {r.index: True for r in painted}, set()
+    scores = _smoothed_scores(scored, rules.smooth_slices)
+    threshold = _score_threshold(scores, rules)
+    verdicts = {r.index: bool(score >= threshold) for r, score in zip(scored, scores)}
+    for record in painted:
+        if not record.clip_scores:
+            verdicts[record.index] = verdicts.get(record.anchor, True)
+    return verdicts, {r.index for r in scored if min(r.clip_scores) < threshold}
+
+
+def _present_runs(positions: List[int], max_gap: int) -> List[List[int]]:
+    """Positions (sorted) grouped into runs whose gaps are at most max_gap missing positions."""
+    runs: List[List[int]] = []
+    for position in positions:
+        if runs and position - runs[-1][-1] - 1 <= max_gap:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    return runs
+
+
+def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, str]:
+    """Slice index -> why the target is judged absent there, for painted slices only.
+
+    The target's run is the longest run of slices whose smoothed score reads present (short
+    gaps bridged), without the slices at its ends whose own score is low; every
+    painted slice from its first to its last slice is kept, a low score inside it too (the
+    target is one object: a low slice there is a poor part, not an absent target). Records are
+    in slice order. Label-free: only the scores (relative to the volume's own), the chains'
+    anchors and the slices' order are used (see PresenceSettings).
+    """
+    verdicts, low = _verdicts_by_score(records, rules)
+    order = [r.index for r in records if r.index in verdicts]
+    position = {index: k for k, index in enumerate(order)}
+    present = [position[i] for i in order if verdicts[i]]
+    runs = _present_runs(present, rules.max_gap)
+    scores = {r.index: min(r.clip_scores) for r in records if r.clip_scores}
+    run = max(runs, key=lambda run: (len(run), sum(scores.get(order[k], 0.0) for k in run)), default=[])
+    first, last = (run[0], run[-1]) if run else (len(order), -1)
+    while first <= last and order[first] in low:  # smoothing blurs the run's ends: its own score decides there
+        first += 1
+    while last >= first and order[last] in low:
+        last -= 1
+    return {index: LOW_SCORE_ABSENT if not verdicts[index] or index in low else OUTSIDE_RUN
+            for index in order if not first <= position[index] <= last}
+
+
 @dataclass
 class _Found:
     """What a segmented slice hands to its neighbours.
@@ -213,6 +291,8 @@ class _Found:
     parts: List[np.ndarray]
     anchor_scores: List[float]
     anchor_ious: List[float]
+    anchor: Optional[int] = None
+    """The anchor's slice index."""
 
 
 @dataclass
@@ -276,7 +356,9 @@ class VolumeRunner:
       run_propagate    the full cascade on key slices (key_positions), then between each two
                        (fill_between: a chain from each end, each slice keeping the better
                        scored result), then outwards past the first and last (fill_gaps),
-                       until the organ ends (see PropagationSettings).
+                       until the organ ends (see PropagationSettings);
+      judge_presence   slices where the target is judged absent lose their mask (decide_presence,
+                       PresenceSettings).
     Underneath them: embed (the slice's encoding, a few upcoming ones in the same call on a
     GPU), cascade (one full cascade), attempt and judge (one propagation attempt, measured
     against the chain's anchor), chain and walk (a run of attempts), and the memory fallback
@@ -330,6 +412,7 @@ class VolumeRunner:
         else:
             self.run_propagate()
         ordered = [self.records[index] for index in range(self.start, self.stop)]
+        self.judge_presence(ordered)
         flag_slices(ordered)
         return VolumeResult(
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
@@ -337,6 +420,16 @@ class VolumeRunner:
             mode=self.settings.mode, working_shape=self.shape, notices=self.memory.notices,
             encoder_runtime=self.segmenter.encoder_runtime, decoder_runtime=self.segmenter.decoder_runtime,
         )
+
+    def judge_presence(self, ordered: List[SliceRecord]) -> None:
+        """Remove the mask where the target is judged absent (decide_presence), saying why in the record."""
+        if not self.settings.presence.enabled:
+            return
+        for index, why in decide_presence(ordered, self.settings.presence).items():
+            record = self.records[index]
+            self.mask_slices[index] = False
+            record.area, record.absent, record.reason = 0, why, "target absent"
+            self.found.pop(index, None)
 
     def find_tissue(self) -> None:
         """Record uniform slices as skipped; the others, in order, are `tissue`."""
@@ -412,7 +505,7 @@ class VolumeRunner:
             return options[0]
         clock = time.perf_counter()
         reference = self._reference(self.tissue[position])
-        rank = [self._score_parts(o.pixels, o.parts, o.ious, reference) if self.scorer.needs_reference else o.scores
+        rank = [o.scores if self.scorer.scores_like_clip else self._score_parts(o.pixels, o.parts, o.ious, reference)
                 for o in options]
         best = max(range(2), key=lambda k: min(rank[k], default=-np.inf))
         options[best].seconds["score"] = options[best].seconds.get("score", 0.0) + time.perf_counter() - clock
@@ -471,26 +564,26 @@ class VolumeRunner:
         seconds["refine"] = time.perf_counter() - clock
         parts = [r.mask for r in refined]
         ious = [r.predicted_iou for r in refined]
-        fallback, scores = self.judge(pixels, parts, ious, source, seconds)
+        fallback, scores = self.judge(pixels, parts, ious, source, seconds, self._reference(index))
         return _Attempt(pixels, parts, ious, scores, fallback, seconds,
-                        _Found(parts, source.anchor_scores, source.anchor_ious))
+                        _Found(parts, source.anchor_scores, source.anchor_ious, source.anchor))
 
     def judge(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], source: _Found,
-              seconds: Dict[str, float]) -> Tuple[Optional[str], List[float]]:
+              seconds: Dict[str, float], reference: Optional[np.ndarray] = None) -> Tuple[Optional[str], List[float]]:
         """Why a propagated result cannot be kept (area, predicted IoU, score) or None, and its scores.
 
-        Scores are measured only with a label-free scorer and never inherited: the oracle would
-        judge with the reference, and acceptance stays label-free.
+        Scores are measured only with a CLIP-like scorer (CLIP, the noisy oracle) and never
+        inherited: the exact oracle's zeros would give the answer away.
         """
         rules = self.settings.propagation
         if not all(p.sum() >= rules.min_area_ratio * s.sum() for p, s in zip(parts, source.parts)):
             return "area", []
         if not all(iou >= src - rules.max_iou_drop for iou, src in zip(ious, source.anchor_ious)):
             return "predicted IoU", []
-        if self.scorer.needs_reference:
+        if not self.scorer.scores_like_clip:
             return None, []
         clock = time.perf_counter()
-        scores = self._score_parts(pixels, parts, ious)
+        scores = self._score_parts(pixels, parts, ious, reference)
         seconds["score"] = time.perf_counter() - clock
         if len(scores) != len(parts) or min(scores) < min(source.anchor_scores) - rules.max_score_drop:
             return "score", scores
@@ -517,9 +610,9 @@ class VolumeRunner:
             timing[stage] = round(timing.get(stage, 0.0) + value, 4)
         self._finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
                                  predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                                 seconds=timing, fallback=fallback), result.mask)
+                                 seconds=timing, fallback=fallback, anchor=index), result.mask)
         if result.mask.any():
-            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious)
+            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index)
             return True
         return False
 
@@ -550,7 +643,7 @@ class VolumeRunner:
 
     def _accept(self, index: int, result: _Attempt) -> None:
         self._finish(SliceRecord(index=index, reason=None, method="propagated", clip_scores=result.scores,
-                                 predicted_ious=result.ious,
+                                 predicted_ious=result.ious, anchor=result.found.anchor,
                                  seconds={k: round(v, 4) for k, v in result.seconds.items()}),
                      np.logical_or.reduce(result.parts))
         self.found[index] = result.found

@@ -99,8 +99,10 @@ def _segmenter(profile: str, device):
 
 
 def _scorer(clip: str, device):
-    if clip == "oracle":
-        return __import__("SaLIPSegmentLib.models", fromlist=["OracleScorer"]).OracleScorer(), "oracle"
+    if clip in ("oracle", "oracle-noisy"):
+        from SaLIPSegmentLib.models import create_scorer
+
+        return create_scorer(clip), clip
     import open_clip
 
     from SaLIPSegmentLib.models.clip import ClipScorer
@@ -231,8 +233,9 @@ def main(argv=None) -> int:
                              "its figures to the whole range (default 4; 0: every slice)")
     parser.add_argument("--profile", default="litemedsam", help="litemedsam, sam-vit_b, sam-vit_l, sam-vit_h")
     parser.add_argument("--clip", default="auto",
-                        help="oracle, or an open_clip architecture (ViT-B-32); auto (default) = the oracle "
-                             "where there is a reference (the sample, or --reference), else ViT-B-32")
+                        help="oracle, oracle-noisy (CLIP-like: 22 + 8 x Dice + noise), or an open_clip "
+                             "architecture (ViT-B-32); auto (default) = the oracle where there is a reference "
+                             "(the sample, or --reference), else ViT-B-32")
     parser.add_argument("--prompt", default="brain")
     parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (default: torch's own choice)")
     parser.add_argument("--device", default="auto",
@@ -244,10 +247,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.clip == "auto":
         args.clip = "oracle" if args.reference or not args.input else "ViT-B-32"
-    elif args.clip == "oracle" and args.input and not args.reference:
-        parser.error("the oracle scorer needs --reference for a volume other than the sample")
+    elif args.clip in ("oracle", "oracle-noisy") and args.input and not args.reference:
+        parser.error(f"the {args.clip} scorer needs --reference for a volume other than the sample")
     print(f"retrieval: {args.clip}" + (" (random weights: the cost is real, the ranking is not)"
-                                       if args.clip != "oracle" else ""), file=sys.stderr)
+                                       if not args.clip.startswith("oracle") else ""), file=sys.stderr)
 
     context = multiprocessing.get_context("spawn")  # each variant's peak memory is its own
     # A stopped benchmark must not leave a variant computing in the background.

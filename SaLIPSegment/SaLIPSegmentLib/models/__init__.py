@@ -7,7 +7,8 @@ without importing torch: `salip --help` and `salip models list` stay quick.
 import importlib
 
 _HOMES = {
-    "Candidate": "base", "OracleScorer": "base", "ProposalSettings": "base", "RefinedMask": "base",
+    "Candidate": "base", "NoisyOracleScorer": "base", "OracleScorer": "base", "ProposalSettings": "base",
+    "RefinedMask": "base",
     "Scorer": "base", "Segmenter": "base", "resolve_device": "device",
     "DEFAULT_SCORER": "catalog", "DEFAULT_SEGMENTER": "catalog",
     "SEGMENTERS": "registry", "SegmenterSpec": "registry", "create_scorer": "registry",

@@ -25,6 +25,9 @@ PROFILES = {
     "quality": ("vit_h", "ViT-L-14:openai"),
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Evaluation-only scorers that rank by the reference mask (--reference): exact Dice, and a
+# CLIP-like version (22 + 8 x Dice + noise) that never scores 0.
+ORACLES = ("oracle", "oracle-noisy")
 # CLIP weights we list in `salip models list`; any other open_clip MODEL:TAG works too.
 LISTED_CLIP = ("ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai")
 PLUGINS_ENV = "SALIP_PLUGINS"
@@ -103,6 +106,8 @@ def list_models(model_dir: Optional[os.PathLike] = None, clip_files: Optional[Di
         spec = (clip_files or {}).get(name) or CLIP_FILES[name]
         rows.append(_row(name, "clip", "", spec, model_dir, spec.url))
     rows.append(ModelRow("oracle", "clip", "0", True, None, "evaluation only: Dice with --reference"))
+    rows.append(ModelRow("oracle-noisy", "clip", "0", True, None,
+                         "evaluation only: 22 + 8 x Dice + noise, CLIP-like (never 0)"))
     return rows
 
 

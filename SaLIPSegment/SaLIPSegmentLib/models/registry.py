@@ -21,7 +21,7 @@ import torch
 
 from ..errors import MissingWeightsError, ModelError
 from . import weights
-from .base import OracleScorer, Scorer, Segmenter
+from .base import NoisyOracleScorer, OracleScorer, Scorer, Segmenter
 from .catalog import (  # noqa: F401  (re-exported: the registry is where callers look)
     DEFAULT_SCORER,
     DEFAULT_SEGMENTER,
@@ -247,10 +247,12 @@ def create_scorer(
     download: bool = True,
     progress: bool = True,
 ) -> Scorer:
-    """`oracle`, an open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or hf-hub:/local-dir:."""
+    """`oracle`, `oracle-noisy`, an open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or hf-hub:/local-dir:."""
     load_plugins()
     if value == "oracle":
         return OracleScorer()
+    if value == "oracle-noisy":
+        return NoisyOracleScorer()
     from .clip import build_clip
 
     device = device or torch.device("cpu")

@@ -1,0 +1,88 @@
+"""Whole volumes with references for evaluating the product: the MNI152 template and structures from it.
+
+    python Testing/Benchmarks/make_eval_volumes.py DIR [--step 3]
+
+Writes NIfTI files on the template's grid (or, with --step N, on every N-th axial slice of it,
+N mm thick, like a clinical series with thick slices), each over the whole range, empty slices
+included:
+  t1.nii.gz            nilearn's MNI152 T1 template (skull-stripped)
+  brain.nii.gz         nilearn's brain mask (the template rescaled to 0..1, above 0.2)
+  ventricles.nii.gz    the lateral ventricles: CSF-like voxels (neither grey nor white matter in
+                       nilearn's probability maps, under 0.3 each) at least 8 mm inside the brain,
+                       the large connected components off the midline (one each side)
+  deep_grey.nii.gz     deep grey matter (basal ganglia and thalami): grey matter over 0.5 at least
+                       20 mm inside the brain, the largest component
+A smaller structure than the brain, and one that is absent from most slices, is what the
+presence step has to handle. Prints each structure's slice count.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from SaLIPSegmentLib.sample_data import mni152_brain_mask, mni152_t1_path
+
+GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
+WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float64)
+
+
+def ventricles(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """CSF-like voxels deep in the brain; the large components whose centre lies off the midline."""
+    depth = ndimage.distance_transform_edt(brain)
+    csf = brain & (gm < 0.3) & (wm < 0.3) & (depth > 8)
+    labels, count = ndimage.label(csf)
+    sizes = ndimage.sum(csf, labels, index=np.arange(1, count + 1))
+    centres = ndimage.center_of_mass(csf, labels, index=np.arange(1, count + 1))
+    midline = t1.shape[2] / 2
+    keep = [k + 1 for k in range(count) if sizes[k] >= 3000 and abs(centres[k][2] - midline) > 8]
+    return np.isin(labels, keep)
+
+
+def deep_grey(gm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    deep = brain & (gm > 0.5) & (ndimage.distance_transform_edt(brain) > 20)
+    labels, count = ndimage.label(deep)
+    sizes = ndimage.sum(deep, labels, index=np.arange(1, count + 1))
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def _write(array: np.ndarray, like: sitk.Image, step: int, path: Path) -> None:
+    image = sitk.GetImageFromArray(array[::step])
+    image.SetOrigin(like.GetOrigin())
+    image.SetDirection(like.GetDirection())
+    spacing = list(like.GetSpacing())
+    spacing[2] *= step  # numpy axis 0 is the image's third axis
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--step", type=int, default=1, help="keep every N-th axial slice (N mm thick)")
+    args = parser.parse_args()
+    args.folder.mkdir(parents=True, exist_ok=True)
+    template = sitk.ReadImage(str(mni152_t1_path()))
+    t1 = sitk.GetArrayFromImage(template)
+    data = mni152_t1_path().parent
+    gm, wm = _read(data / GM_FILE) / 255.0, _read(data / WM_FILE) / 255.0  # stored as 0..255
+    brain = mni152_brain_mask(t1)
+    _write(t1, template, args.step, args.folder / "t1.nii.gz")
+    for name, mask in (("brain", brain), ("ventricles", ventricles(t1, gm, wm, brain)),
+                       ("deep_grey", deep_grey(gm, brain))):
+        _write(mask.astype(np.uint8), template, args.step, args.folder / f"{name}.nii.gz")
+        present = mask[:: args.step].any(axis=(1, 2))
+        print(f"{name}: {int(mask[:: args.step].sum())} voxels on {int(present.sum())} of {present.size} axial "
+              f"slices ({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
+
+
+if __name__ == "__main__":
+    main()

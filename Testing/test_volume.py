@@ -32,8 +32,8 @@ from conftest import TINY_SAM_PROPOSALS, disk_image
 PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
 
 
-class CountingSegmenter(Segmenter):
-    """Wraps a real segmenter and counts image encodings (one slice per encoder call, no job size)."""
+class ThreeRolesOnly(Segmenter):
+    """A segmenter with nothing but the abstract methods: no embeddings to hand back, one image per call."""
 
     def __init__(self, inner):
         self.inner, self.encodings = inner, 0
@@ -47,6 +47,10 @@ class CountingSegmenter(Segmenter):
 
     def refine(self, boxes):
         return self.inner.refine(boxes)
+
+
+class CountingSegmenter(ThreeRolesOnly):
+    """Wraps a real segmenter and counts image encodings (one slice per encoder call, no job size)."""
 
     @property
     def embedding(self):  # what the runner keeps so that two chains share a slice's encoding
@@ -562,23 +566,6 @@ def test_a_propagated_result_is_judged_on_area_then_predicted_iou_and_never_scor
     seconds = {}
     assert runner.judge(pixels, [large], [0.85], source, seconds) == (None, [])
     assert seconds == {}  # the oracle would judge with the reference: nothing was scored
-
-
-class ThreeRolesOnly(Segmenter):
-    """A segmenter with nothing but the abstract methods: no embeddings to hand back, one image per call."""
-
-    def __init__(self, inner):
-        self.inner, self.encodings = inner, 0
-
-    def set_image(self, image):
-        self.encodings += 1
-        self.inner.set_image(image)
-
-    def propose(self, settings):
-        return self.inner.propose(settings)
-
-    def refine(self, boxes):
-        return self.inner.refine(boxes)
 
 
 def test_the_interfaces_defaults_are_enough_for_a_propagated_run(segmenter):

@@ -54,6 +54,7 @@ def test_files_land_in_the_cache_checked_with_bytes_progress_per_file(server):
     events = follow(download)
     assert download.job.state == jobs.DONE, download.job.error
     assert download.process.pid != os.getpid() and not download.process.alive  # a child, gone when done
+    assert not os.path.exists(os.path.dirname(download.process.log_path))  # and so is its log folder
     progress = [event for event in events if event["event"] == "progress"]
     assert {(event["file"], event["files"], event["filename"]) for event in progress} == {
         (0, 2, "first.pth"), (1, 2, "second.pth")}
@@ -117,3 +118,4 @@ def test_a_child_that_dies_mid_download_is_an_error_and_leaves_no_partial_file(s
     follow(download)
     assert download.job.state == jobs.FAILED and download.job.error.kind == "Crashed"
     assert "exit code -9" in download.job.error.message and cache_files() == []
+    assert not os.path.exists(os.path.dirname(download.process.log_path))  # its tail is in the error

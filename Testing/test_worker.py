@@ -129,11 +129,12 @@ def test_cancel_kills_the_child_and_leaves_the_scene_as_it_was(mri, tmp_path, ti
                               model_dir=str(tiny_sam_checkpoint.parent), mode="every-slice")
         folder = tempfile.mkdtemp(dir=tmp_path)
         session.begin(engine.submit(request, folder), {"volume": node.GetID()})
-        pid = engine.process.pid
+        pid, log = engine.process.pid, engine.process.log_path
         wait(engine, session.job, until=lambda job: job.done >= 1)  # mid-run, after the first slice
         job, preview = session.end()
         engine.kill()
         assert job.state == jobs.CANCELLED and preview is None and not os.path.exists(folder)
+        assert not os.path.exists(os.path.dirname(log))  # a cancelled child's log is not needed
         assert node_ids(scene) == before_nodes
         assert_same(before, snapshot(target, node))
         # The next Preview starts a fresh child.
@@ -156,8 +157,15 @@ def test_a_child_that_dies_is_an_error_with_the_reason(mri, tmp_path, tiny_sam_c
         assert job.state == jobs.FAILED and job.error.kind == "Crashed"
         assert "exit code 137" in job.error.message and "out of memory" in job.error.message
         assert not engine.process.alive
+        # The log stays until its tail has been shown; the next start (or the end) removes it.
+        log = engine.process.log_path
+        assert os.path.isfile(log)
+        engine.ensure_started()
+        assert not os.path.exists(os.path.dirname(log)) and os.path.isfile(engine.process.log_path)
+        log = engine.process.log_path
     finally:
         engine.stop()
+    assert not os.path.exists(os.path.dirname(log))
 
 
 def test_engine_errors_come_back_as_events_and_the_worker_lives_on(worker, tmp_path, tiny_clip_option):

@@ -93,7 +93,10 @@ class WorkerProcess:
     def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None, log_path: Optional[str] = None):
         self.command = list(command)
         self.env = env
-        self.log_path = log_path or os.path.join(tempfile.mkdtemp(prefix="salip-worker-"), "worker.log")
+        # A log folder of our own is removed once the log is no longer needed (discard_log); a
+        # caller's log_path is the caller's to keep.
+        self._log_folder = None if log_path else tempfile.mkdtemp(prefix="salip-worker-")
+        self.log_path = log_path or os.path.join(self._log_folder, "worker.log")
         self._process: Optional[subprocess.Popen] = None
         self._buffer = LineBuffer()
         self.ready: Optional[dict] = None
@@ -157,6 +160,12 @@ class WorkerProcess:
                 return log.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def discard_log(self) -> None:
+        """Remove the log folder this process made, once its tail has been shown or was not needed."""
+        if self._log_folder is not None and not self.alive:
+            shutil.rmtree(self._log_folder, ignore_errors=True)
+            self._log_folder = None
 
     def describe_exit(self) -> str:
         code = self.returncode
@@ -287,8 +296,9 @@ class EngineWorker:
 
     def ensure_started(self) -> WorkerProcess:
         if self.process is None or not self.process.alive:
-            if self.process is not None:
+            if self.process is not None:  # a crash's log tail was shown when its job failed
                 self.process.kill()
+                self.process.discard_log()
             self.process = WorkerProcess(self._command_factory(), self._env_factory()).start()
             self.starts += 1
         return self.process
@@ -309,11 +319,13 @@ class EngineWorker:
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
+            self.process.discard_log()
             self.process = None
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+            self.process.discard_log()
             self.process = None
 
 
@@ -388,6 +400,8 @@ class WeightsDownload:
             self.process.stop(timeout=5.0)  # it was told to exit after the download: a moment at most
         elif self.job.finished:
             self._end()
+        if self.job.finished:  # a failure's log tail is in the job by now
+            self.process.discard_log()
         return events
 
     def cancel(self) -> None:
@@ -402,6 +416,7 @@ class WeightsDownload:
         if self.process.pid is not None:
             for item in self.files:
                 self.removed += [str(path) for path in weights.remove_partials(str(item["filename"]), self.process.pid)]
+        self.process.discard_log()
 
 
 @dataclass

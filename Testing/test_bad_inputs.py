@@ -127,20 +127,22 @@ def test_ctrl_c_at_any_point_leaves_the_old_output_exactly(tmp_path, tiny_sam, t
 
     from conftest import TINY_MODELS_PLUGIN
 
-    volume = _write(np.stack([disk_image(size=48, radius=6 + i % 9) for i in range(12)]).astype(np.int16),
+    volume = _write(np.stack([disk_image(size=48, radius=6 + i % 9) for i in range(20)]).astype(np.int16),
                     tmp_path / "v.nrrd")
     output, report = tmp_path / "o.seg.nrrd", tmp_path / "o.json"
     models = [m for m in _models(tiny_sam, tiny_sam_checkpoint, tiny_clip_option) if m != "-q"]
     assert main(["segment", volume, "-p", "brain", "-o", str(output), "--report", str(report), "-q"] + models) == 0
     old_output, old_report = output.read_bytes(), report.read_bytes()
 
-    for at_slice in (0, 5, 10):  # before the first slice, midway, and with one slice to go after this one
+    # Before the first slice, midway, and late: four slices to go leave the signal time to land on a
+    # loaded machine (the watcher thread can lag the bar by a slice or two).
+    for at_slice in (0, 8, 15):
         process = subprocess.Popen(
             [sys.executable, "-m", "SaLIPSegmentLib.cli", "segment", volume, "-p", "lungs", "-o", str(output),
              "--report", str(report), "--overwrite"] + models,
             stderr=subprocess.PIPE, env=dict(os.environ, SALIP_PLUGINS=str(TINY_MODELS_PLUGIN)))
         seen, reached = bytearray(), threading.Event()
-        pattern = re.compile(rb"segmenting:.*\b%d/12\b" % at_slice)
+        pattern = re.compile(rb"segmenting:.*\b%d/20\b" % at_slice)
         threading.Thread(target=_watch, args=(process.stderr, seen, pattern, reached), daemon=True).start()
         assert reached.wait(120)
         process.send_signal(signal.SIGINT)

@@ -204,3 +204,18 @@ def test_verdict_says_when_nothing_was_segmented():
     assert verdict([SliceRecord(index=0, reason=NO_TISSUE, method="skipped")]) == "no slice was segmented"
     one = [SliceRecord(index=0, reason="no candidate", area=0, flags=["no candidate"])]
     assert verdict(one) == "1 of 1 slice needs a look"
+
+
+def test_a_chain_from_a_flagged_key_slice_is_flagged_and_one_from_a_clean_key_slice_is_not():
+    masks = clean_masks(8)
+    records = run_of(masks, s0={"candidate_agreement": 0.1})  # key slice 0 refined onto something else
+    for k in (1, 2, 3):
+        records[k].method, records[k].anchor, records[k].candidate_agreement = "propagated", 0, None
+    for k in (5, 6):
+        records[k].method, records[k].anchor, records[k].candidate_agreement = "propagated", 4, None
+    flag_slices(records, masks)
+    assert {r.index for r in records if r.flags} == {0, 1, 2, 3}
+    assert records[2].flags == ["propagated from flagged slice 0"]
+    assert records[2].confidence <= records[0].confidence < 0.5
+    flag_records(records, masks, QualityRules(inherit=False))
+    assert {r.index for r in records if r.flags} == {0}

@@ -56,6 +56,9 @@ class QualityRules:
     """Fewer scored slices than this give no score signal (nothing to compare with)."""
     score_floor: float = 0.5
     """The smallest spread a score's z is measured in (a very uniform volume flags nothing)."""
+    inherit: bool = True
+    """A propagated slice whose chain's anchor (the full cascade it came from) is flagged is flagged
+    too: its box came from there, so a wrong part there is wrong all along the chain."""
 
     def limits(self) -> Dict[str, Tuple[float, float, str]]:
         """signal -> (limit, scale, direction): 'above' flags values over the limit, 'below' under it."""
@@ -207,6 +210,18 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
     for record in records:
         judged = judge_slice(record, rules)
         record.confidence, record.flags = judged.confidence, judged.flags
+    if rules.inherit:
+        inherit_from_anchors(records)
+
+
+def inherit_from_anchors(records: Sequence) -> None:
+    """Flag the propagated slices whose anchor (a full cascade) was flagged by its own signals; their
+    confidence is at most the anchor's."""
+    flagged = {r.index: r.confidence for r in records if r.flags and r.method == "cascade"}
+    for record in records:
+        if record.method == "propagated" and record.area > 0 and not record.absent and record.anchor in flagged:
+            record.flags = record.flags + [f"propagated from flagged slice {record.anchor}"]
+            record.confidence = min(record.confidence, flagged[record.anchor] or 0.0)
 
 
 def verdict(records: Sequence) -> str:

@@ -317,6 +317,8 @@ def test_the_last_line_names_flagged_slices_and_the_report(tmp_path, capsys, mod
     assert f"report: {report}" in last
     verdict = f"{len(flagged)} of {len(looked)} slice" if flagged else "no slice needs a look"
     assert verdict in last and saved["summary"]["verdict"].startswith(verdict)
+    painted = [row for row in saved["slices"] if row["area"]]
+    assert all(0.0 <= row["confidence"] <= 1.0 and "solidity" in row["quality"] for row in painted)
     code, said = _run(capsys, ["segment", volume, "-p", "brain", "-o", tmp_path / "p.seg.nrrd"] + models)
     assert "no report (--report FILE writes one)" in said.strip().splitlines()[-1]
 

@@ -219,3 +219,37 @@ def test_a_chain_from_a_flagged_key_slice_is_flagged_and_one_from_a_clean_key_sl
     assert records[2].confidence <= records[0].confidence < 0.5
     flag_records(records, masks)  # off by default (see QualityRules.inherit)
     assert {r.index for r in records if r.flags} == {0}
+
+
+# -- the runner and the evaluation see the same flags ------------------------------------------------
+
+
+def test_a_run_flags_its_slices_from_the_masks_it_wrote_and_evaluate_counts_those_flags(tiny_sam,
+                                                                                        tiny_sam_checkpoint):
+    import copy
+
+    import torch
+
+    from SaLIPSegmentLib.evaluation import measure_run
+    from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+    from SaLIPSegmentLib.settings import VolumeSettings
+    from SaLIPSegmentLib.volume import segment_volume
+
+    from conftest import TINY_SAM_PROPOSALS, disk_image
+
+    segmenter = create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
+    volume = np.stack([disk_image(radius=6 + k % 3) for k in range(4)]).astype(np.float32)
+    reference = volume > volume.mean()
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"], reference=reference,
+                            settings=VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS),
+                                                    mode="every-slice"))
+    masked = [r for r in result.slices if r.area]
+    assert masked and all({"solidity", "fragments"} <= set(r.quality) for r in masked)
+    assert all(r.candidate_agreement is not None for r in masked)  # every slice ran the full cascade
+    again = copy.deepcopy(result.slices)
+    flag_slices(again, result.mask)
+    assert [(r.flags, r.confidence) for r in again] == [(r.flags, r.confidence) for r in result.slices]
+    assert result.summary()["verdict"] == verdict(result.slices)
+    figures = measure_run(result, reference, (1.0, 1.0, 1.0))
+    assert [o.flags for o in figures.slices] == [r.flags for r in result.slices]
+    assert figures.flagged_slices == result.summary()["slices_flagged"]

@@ -310,10 +310,15 @@ def test_the_last_line_names_flagged_slices_and_the_report(tmp_path, capsys, mod
     code, said = _run(capsys, ["segment", volume, "-p", "brain", "-o", tmp_path / "o.nii.gz", "--report", report]
                       + models)
     last = said.strip().splitlines()[-1]
-    flagged = [row["index"] for row in json.loads(report.read_text())["slices"] if row["flags"]]
+    saved = json.loads(report.read_text())
+    flagged = [row["index"] for row in saved["slices"] if row["flags"]]
+    looked = [row for row in saved["slices"] if row["method"] != "skipped" and not row["absent"]]
     assert code == 0 and last.startswith(f"Wrote {tmp_path / 'o.nii.gz'} (labelmap)")
     assert f"report: {report}" in last
-    assert (f"{len(flagged)} slices flagged for review" in last) if flagged else ("no slice flagged" in last)
+    verdict = f"{len(flagged)} of {len(looked)} slice" if flagged else "no slice needs a look"
+    assert verdict in last and saved["summary"]["verdict"].startswith(verdict)
+    painted = [row for row in saved["slices"] if row["area"]]
+    assert all(0.0 <= row["confidence"] <= 1.0 and "solidity" in row["quality"] for row in painted)
     code, said = _run(capsys, ["segment", volume, "-p", "brain", "-o", tmp_path / "p.seg.nrrd"] + models)
     assert "no report (--report FILE writes one)" in said.strip().splitlines()[-1]
 
@@ -338,6 +343,8 @@ def test_the_qa_picture_names_the_plane_explains_the_score_and_marks_slice_kinds
     methods = {row["method"] for row in saved["slices"]}
     assert {"cascade", "propagated", "skipped"} <= methods, methods
     saved["slices"][1]["flags"] = ["area jump"]  # a flagged slice, to see how it is drawn
+    saved["slices"][1]["confidence"] = 0.25
+    saved["summary"]["verdict"] = "1 of 5 slices need a look"
     report.write_text(json.dumps(saved))
 
     figure = draw_qa(report)
@@ -347,6 +354,7 @@ def test_the_qa_picture_names_the_plane_explains_the_score_and_marks_slice_kinds
         labels = [t.get_text() for t in scores.get_legend().get_texts()]
         markers = {line.get_label(): (line.get_marker(), line.get_fillstyle()) for line in scores.get_lines()}
         bars = [t.get_text() for t in areas.get_legend().get_texts()]
+        title, panels = scores.get_title(), [a.get_title() for a in figure.axes[3:]]
     finally:
         plt.close(figure)
     assert areas.get_xlabel().startswith("axial slice")
@@ -355,6 +363,8 @@ def test_the_qa_picture_names_the_plane_explains_the_score_and_marks_slice_kinds
         labels)
     assert len({markers["full cascade (key slice)"], markers["propagated from a neighbour"], markers["flagged"]}) == 3
     assert bars == ["full cascade", "propagated", "skipped", "flagged"]  # the area bars' colours say it too
+    assert title.endswith("1 of 5 slices need a look")
+    assert "axial slice 1, confidence 0.25\narea jump" in panels
 
 
 # -- the README, as written -------------------------------------------------------------------------

@@ -99,8 +99,16 @@ def test_flagged_slices_list_what_the_engine_flagged():
     ]
     flag_slices(records)
     flagged = eo.flagged_slices(records)
-    assert [(f.index, f.reason) for f in flagged] == [(1, "no candidate"), (3, "empty mask")]
-    assert flagged[0].label == "Slice 1: no candidate"
+    assert [(f.index, f.reason, f.confidence) for f in flagged] == [(1, "no candidate", 0.0), (3, "empty mask", 0.0)]
+    assert flagged[0].label == "Slice 1 (confidence 0.00): no candidate"
+
+
+def test_the_status_line_says_the_volumes_verdict():
+    summary = {"slices_with_mask": 40, "slices_in_range": 63, "verdict": "12 of 52 slices need a look"}
+    assert eo.result_text(summary, 61.2) == (
+        "40 of 63 slices have a mask (61 s); 12 of 52 slices need a look. Apply to keep it.")
+    old = {"slices_with_mask": 3, "slices_in_range": 5}  # a worker from before the verdict
+    assert eo.result_text(old, 2) == "3 of 5 slices have a mask (2 s). Apply to keep it."
 
 
 def test_slice_center_ras_follows_the_ijk_to_ras_matrix():
@@ -251,6 +259,9 @@ def test_worker_settings_carry_what_the_child_needs():
 def test_flagged_slices_from_a_worker_report():
     report = {"slices": [{"index": 4, "flags": []}, {"index": 5, "flags": ["no candidate", "area jump"]}]}
     assert [item.label for item in eo.flagged_from_report(report)] == ["Slice 5: no candidate, area jump"]
+    report["slices"][1]["confidence"] = 0.125
+    assert [item.label for item in eo.flagged_from_report(report)] == [
+        "Slice 5 (confidence 0.12): no candidate, area jump"]
 
 
 def test_supported_slicer_versions():

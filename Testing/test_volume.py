@@ -356,7 +356,8 @@ def test_flags_mark_no_candidate_empty_low_score_and_area_jumps_but_not_skipped_
     ]
     flag_slices(records)
     assert {r.index: r.flags for r in records if r.flags} == {
-        3: ["area jump"], 5: ["low score"], 6: ["no candidate"], 7: ["empty mask"]}
+        3: ["area jump (3.9x its neighbours)"], 5: ["low score for this volume"], 6: ["no candidate"],
+        7: ["empty mask"]}
 
 
 def test_a_volume_result_carries_flags_into_its_summary(segmenter):
@@ -365,6 +366,7 @@ def test_a_volume_result_carries_flags_into_its_summary(segmenter):
                             VolumeSettings(proposal=strict, mode="every-slice"), reference=_stack(3) > 100)
     assert [s.flags for s in result.slices] == [["no candidate"]] * 3
     assert result.summary()["slices_flagged"] == 3
+    assert result.summary()["verdict"] == "3 of 3 slices need a look"
 
 
 # -- a GPU that runs out of memory ----------------------------------------------------------------

@@ -350,7 +350,8 @@ def _final_line(output, kind, name, voxels, report, report_path) -> str:
     flagged = [row["index"] for row in report["slices"] if row.get("flags")]
     shown = ", ".join(str(i) for i in flagged[:8]) + (", ..." if len(flagged) > 8 else "")
     what = "labelmap" if kind == "labelmap" else "segmentation"
-    looks = f"{len(flagged)} slices flagged for review ({shown})" if flagged else "no slice flagged"
+    verdict = summary.get("verdict") or f"{len(flagged)} slices flagged"  # reports written before the verdict
+    looks = f"{verdict} ({shown})" if flagged else verdict
     details = f"report: {report_path}" if report_path is not None else "no report (--report FILE writes one)"
     return (f"Wrote {output} ({what}): '{name}', {voxels} voxels on {summary['slices_with_mask']} of "
             f"{summary['slices_in_range']} slices in {summary['seconds']:.1f} s; {looks}; {details}.")

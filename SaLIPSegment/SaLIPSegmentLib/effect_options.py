@@ -144,14 +144,16 @@ def worker_settings(
 
 
 def flagged_from_report(report: dict) -> List[FlaggedSlice]:
-    """The flagged slices of a worker's report (its per-slice table)."""
-    return [FlaggedSlice(int(row["index"]), ", ".join(row["flags"])) for row in report.get("slices", [])
-            if row.get("flags")]
+    """The flagged slices of a worker's report (its per-slice table), with their confidence where it has one."""
+    return [FlaggedSlice(int(row["index"]), ", ".join(row["flags"]), row.get("confidence"))
+            for row in report.get("slices", []) if row.get("flags")]
 
 
 def result_text(summary: dict, seconds: float) -> str:
+    """The status line after a run: how much has a mask, the volume's verdict (quality.verdict), what next."""
+    verdict = summary.get("verdict")
     return (f"{summary.get('slices_with_mask', 0)} of {summary.get('slices_in_range', 0)} slices have a mask "
-            f"({seconds:.0f} s). Apply to keep it.")
+            f"({seconds:.0f} s){'; ' + verdict if verdict else ''}. Apply to keep it.")
 
 
 def slice_count(shape: Sequence[int], axis: int, slice_range: Optional[Tuple[int, int]]) -> int:
@@ -194,15 +196,18 @@ def progress_text(done: int, total: int) -> str:
 class FlaggedSlice:
     index: int
     reason: str
+    confidence: Optional[float] = None
+    """The engine's confidence in the slice's mask (quality.py), 0-1; None for an empty mask's reports."""
 
     @property
     def label(self) -> str:
-        return f"Slice {self.index}: {self.reason}"
+        trust = f" (confidence {self.confidence:.2f})" if self.confidence is not None else ""
+        return f"Slice {self.index}{trust}: {self.reason}"
 
 
 def flagged_slices(records) -> List[FlaggedSlice]:
     """The slices the engine flagged (volume.flag_slices), for the user to check by eye."""
-    return [FlaggedSlice(int(r.index), ", ".join(r.flags)) for r in records if r.flags]
+    return [FlaggedSlice(int(r.index), ", ".join(r.flags), r.confidence) for r in records if r.flags]
 
 
 def slice_center_ras(ijk_to_ras, shape_kji: Sequence[int], axis: int, index: int) -> Tuple[float, float, float]:

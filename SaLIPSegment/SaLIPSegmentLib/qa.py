@@ -1,8 +1,10 @@
 """A QA picture from a `salip segment --report`: scores by slice, and the slices to look at.
 
 Top: each slice's retrieval score and SAM's predicted IoU, the mask area, flagged slices
-marked. Bottom: a montage of the flagged slices (or, when none is, a few segmented ones)
-with the mask outline over the windowed image.
+marked, and the volume's verdict ("12 of 52 slices need a look") in the title. Bottom: a
+montage of the flagged slices the engine trusts least (or, when none is flagged, a few
+segmented ones) with the mask outline over the windowed image, each with its confidence
+and the reasons it was flagged.
 """
 
 from __future__ import annotations
@@ -98,14 +100,22 @@ def _load_mask(path: Path, shape) -> np.ndarray:
 
 
 def _montage_slices(rows: List[dict]) -> List[dict]:
-    flagged = [r for r in rows if r.get("flags")]
+    """The flagged slices the engine trusts least (lowest confidence first), or a few segmented ones."""
+    flagged = sorted((r for r in rows if r.get("flags")), key=lambda r: (r.get("confidence") or 0.0, r["index"]))
     if flagged:
-        return flagged[:MONTAGE_SLICES]
+        return sorted(flagged[:MONTAGE_SLICES], key=lambda r: r["index"])
     segmented = [r for r in rows if r.get("area", 0) > 0]
     if not segmented:
         return []
     picks = np.linspace(0, len(segmented) - 1, min(MONTAGE_SLICES, len(segmented))).round().astype(int)
     return [segmented[i] for i in sorted(set(picks))]
+
+
+def _panel_title(plane: str, row: dict) -> str:
+    """The slice, its confidence (reports before it had none) and its flags, one per line."""
+    confidence = row.get("confidence")
+    head = f"{plane} slice {row['index']}" + (f", confidence {confidence:.2f}" if confidence is not None else "")
+    return "\n".join([head] + list(row.get("flags") or ["ok"]))
 
 
 def render_qa(report_path: Path, output: Path) -> Path:
@@ -147,8 +157,9 @@ def draw_qa(report_path: Path):
     middle = figure.add_subplot(grid[1, :], sharex=top)
     oracle = report.get("clip") == "oracle"
     flagged = _plot_scores(top, rows, oracle)
+    verdict = report.get("summary", {}).get("verdict") or f"{int(flagged.sum())} flagged"
     top.set_title(f"{report['prompt']['display_name']}: {Path(report['input']).name}, "
-                  f"{report['sam']} + {report['clip']}, {int(flagged.sum())} flagged of {len(rows)} {plane} slices")
+                  f"{report['sam']} + {report['clip']}, {len(rows)} {plane} slices: {verdict}")
     _plot_areas(middle, rows, flagged)
     middle.set_xlabel(f"{plane} slice (index along numpy axis {axis} of the input)")
     figure.text(0.01, 0.005, ORACLE_NOTE if oracle else SCORE_NOTE, fontsize=7, va="bottom", ha="left", wrap=True)
@@ -159,7 +170,7 @@ def draw_qa(report_path: Path):
         panel.imshow(volume[k], cmap="gray", vmin=low, vmax=high)
         outline = mask[k] & ~ndimage.binary_erosion(mask[k])
         panel.imshow(np.ma.masked_where(~outline, outline), cmap="autumn", interpolation="nearest")
-        panel.set_title(f"{plane} slice {k}: {', '.join(row.get('flags') or []) or 'ok'}", fontsize=9)
+        panel.set_title(_panel_title(plane, row), fontsize=8)
         panel.axis("off")
     if not shown:
         middle.text(0.5, 0.5, "nothing segmented", transform=middle.transAxes, ha="center")

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cascade import NO_CANDIDATE, SliceResult, segment_slice
+from .cascade import SliceResult, segment_slice
 from .errors import Cancelled, InputError
 from .imaging import (
     gray_to_rgb,
@@ -27,6 +27,7 @@ from .imaging import (
 )
 from .models.base import Candidate, Scorer, Segmenter
 from .models.device import MemoryFallback
+from .quality import QualityRules, candidate_agreement, flag_records, verdict
 from .settings import (
     MAX_SLICE_SIDE,
     MODES,
@@ -74,6 +75,12 @@ class SliceRecord:
     """The slice whose full cascade started this slice's chain (itself for a full cascade)."""
     absent: Optional[str] = None
     """Why the target was judged absent here and the mask removed (decide_presence), or None."""
+    candidate_agreement: Optional[float] = None
+    """Dice of the retrieved candidate with its refined mask (the lowest over parts), full cascade only."""
+    quality: Dict[str, float] = field(default_factory=dict)
+    """The label-free quality signals of the slice's mask (quality.py), measured when flags are set."""
+    confidence: Optional[float] = None
+    """0-1: how far the slice's signals are from anything that flags it (quality.py); None without a mask."""
 
     @property
     def skipped(self) -> bool:
@@ -114,6 +121,7 @@ class VolumeResult:
             "slices_flagged": sum(1 for s in self.slices if s.flags),
             "slices_with_mask": sum(1 for s in self.slices if s.area > 0),
             "slices_judged_absent": sum(1 for s in self.slices if s.absent),
+            "verdict": verdict(self.slices),
             "voxels": int(self.mask.sum()),
             "working_shape": list(self.working_shape),
             "notices": list(self.notices),
@@ -168,47 +176,19 @@ def choose_window(volume: np.ndarray, window: Optional[Tuple[float, float]]) -> 
     return found
 
 
-# A slice's score is low when it sits this many median absolute deviations below the median
-# of the volume's segmented slices (with a floor, so a very uniform volume flags nothing).
-LOW_SCORE_MADS = 3.0
-LOW_SCORE_MIN_MARGIN = 2.0
-# An area jump: the mask is under half or over twice the median of its neighbours' areas.
-AREA_JUMP_RATIO = 2.0
+def flag_slices(records: Sequence[SliceRecord], masks: Optional[Sequence[np.ndarray]] = None,
+                rules: Optional[QualityRules] = None) -> None:
+    """Mark slices worth a look, with reasons and a confidence (quality.flag_records): no candidate,
+    an empty mask, and masks whose label-free signals (fragments, solidity, agreement with the
+    retrieved part and with the neighbouring slices, area change, predicted IoU, relative score)
+    pass their limits.
 
-
-def flag_slices(records: Sequence[SliceRecord]) -> None:
-    """Mark slices worth a look: no candidate, an empty mask, a low score, an area jump.
-
-    Slices skipped before any model ran (air, or beyond the organ) and slices where the target
-    was judged absent (decide_presence) are never flagged.
+    `masks` are the slices' masks in the records' order (without them, the mask signals measured
+    before are kept). Slices skipped before any model ran (air, or beyond the organ) and slices
+    where the target was judged absent (decide_presence) are never flagged.
     Records are in slice order; flags are written into them.
     """
-    segmented = [r for r in records if r.area > 0 and r.clip_scores]
-    scores = np.array([min(r.clip_scores) for r in segmented]) if segmented else np.zeros(0)
-    if scores.size >= 3:
-        median = float(np.median(scores))
-        margin = max(LOW_SCORE_MIN_MARGIN, LOW_SCORE_MADS * float(np.median(np.abs(scores - median))))
-        low_score = median - margin
-    else:
-        low_score = -np.inf
-    for position, record in enumerate(records):
-        record.flags = []
-        if record.skipped or record.absent:
-            continue
-        if record.reason == NO_CANDIDATE:
-            record.flags.append("no candidate")
-        elif record.area == 0:
-            record.flags.append("empty mask")
-        if record.area > 0 and record.clip_scores and min(record.clip_scores) < low_score:
-            record.flags.append("low score")
-        # The median of up to two segmented slices on each side, so one outlier does not
-        # make its neighbours look odd too.
-        around = records[max(0, position - 2) : position] + records[position + 1 : position + 3]
-        neighbour_areas = [n.area for n in around if n.area > 0]
-        if record.area > 0 and len(neighbour_areas) >= 3:
-            expected = float(np.median(neighbour_areas))
-            if not expected / AREA_JUMP_RATIO <= record.area <= expected * AREA_JUMP_RATIO:
-                record.flags.append("area jump")
+    flag_records(records, masks, rules)
 
 
 def _score_threshold(scores: np.ndarray, rules: PresenceSettings) -> float:
@@ -413,7 +393,7 @@ class VolumeRunner:
             self.run_propagate()
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         self.judge_presence(ordered)
-        flag_slices(ordered)
+        flag_slices(ordered, self.mask_slices[self.start : self.stop])
         return VolumeResult(
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
             slice_range=(self.start, self.stop), window=self.window, seconds=time.perf_counter() - started,
@@ -604,13 +584,15 @@ class VolumeRunner:
             pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
             proposal=self.memory.proposal, reference=self._reference(index),
             reencode_for_refine=self.settings.reencode_for_refine, already_embedded=already_embedded,
+            keep_candidates=True,  # only for the agreement below; dropped with the result
         )
         timing = dict(seconds or {})
         for stage, value in result.seconds.items():
             timing[stage] = round(timing.get(stage, 0.0) + value, 4)
         self._finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
                                  predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                                 seconds=timing, fallback=fallback, anchor=index), result.mask)
+                                 seconds=timing, fallback=fallback, anchor=index,
+                                 candidate_agreement=candidate_agreement(result)), result.mask)
         if result.mask.any():
             self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index)
             return True

@@ -188,7 +188,9 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
         self.flaggedListWidget = qt.QListWidget()
-        self.flaggedListWidget.setToolTip(_("Slices where no part matched the prompt. Click one to show it."))
+        self.flaggedListWidget.setToolTip(_("Slices whose mask needs a look (no part matched, fragments, a shape "
+                                            "unlike its neighbours...), with the engine's confidence. "
+                                            "Click one to show it."))
         self.flaggedListWidget.connect("itemClicked(QListWidgetItem*)", self.onFlaggedSliceClicked)
         self.flaggedLabel = self.scriptedEffect.addLabeledOptionsWidget(_("Check:"), self.flaggedListWidget)
         self.flaggedListWidget.visible = False

@@ -41,7 +41,7 @@ def with_presence(result, rules: PresenceSettings):
         record = next(r for r in after.slices if r.index == index)
         slices[index] = False
         record.area, record.absent, record.reason = 0, why, "target absent"
-    flag_slices(after.slices)
+    flag_slices(after.slices, slices[slice(*after.slice_range)])  # the masks as presence left them
     return after
 
 

@@ -99,23 +99,25 @@ class PresenceSettings:
     """Whether the target is on a slice, decided after the run from what real CLIP gives too (presence.py).
 
     Each painted slice's final mask is scored once more with the run's scorer (one call per
-    slice; with CLIP, as the margin of the prompt's sentences over negative ones: background and
-    the other presets). The scores, in slice order and smoothed by a running median, are split
-    into a low and a high group (Otsu); the target's run is the contiguous run of slices with the
-    most score above that level. Only when the run's scores sit at least min_separation pooled
-    spreads above the others' (two groups, present and absent) do the slices outside it lose
-    their mask; a volume whose scores form one group (the target on every slice, some of them
-    poorly segmented) keeps every slice. Every slice inside the run is kept whatever its score.
-    The rule is relative: CLIP never scores 0, and its scale differs per model and prompt.
-    Slices judged absent get no mask, and the report says why.
+    slice, so propagated slices get a score too; with CLIP, as the margin of the prompt's
+    sentences over negative ones: background and the other presets). The scores, in slice order
+    and smoothed by a running median, are split into a low and a high group (Otsu); the target's
+    run is the contiguous run of slices with the most score above that level. The slices outside
+    it lose their mask only when the scores show two groups: the run's median at least
+    min_separation pooled spreads above the others', and (for a plain score) the others at the
+    volume's floor, the median score of the full cascades' candidates (what is not the target),
+    rather than part of the way up to the run. A volume whose every slice holds the target (the
+    brain), poorly segmented slices included, keeps every slice; so does every slice inside the
+    run, whatever its score. The rule is relative: CLIP never scores 0, and its scale differs per
+    model and prompt. Slices judged absent get no mask, and the report says why.
     """
 
     enabled: bool = False
     smooth_slices: int = 3
     """The run is found on the median of this many slices around each (1: each slice's own score)."""
-    min_separation: float = 3.0
+    min_separation: float = 1.5
     """The run's median score must sit this many pooled robust spreads above the others' median."""
-    max_height_outside: float = 0.25
+    max_height_outside: float = 0.15
     """With a plain score, the slices outside the run must sit at most this fraction of the way from the
     floor (the volume's median candidate score: what is not the target) up to the run's median."""
     min_scored_slices: int = 6

@@ -31,6 +31,9 @@ class SliceResult:
     predicted_ious: List[float] = field(default_factory=list)
     """SAM's predicted IoU of each refined mask."""
     candidate_count: int = 0
+    candidates_median_score: Optional[float] = None
+    """The median score of all the slice's candidates: what the scorer gives what mostly is not the
+    target (presence's floor)."""
     reason: Optional[str] = None
     """Why the mask is empty, when it is."""
     seconds: Dict[str, float] = field(default_factory=dict)
@@ -106,6 +109,7 @@ def segment_slice(
         clip_scores=[float(scores[i]) for i in best],
         predicted_ious=[part.predicted_iou for part in refined],
         candidate_count=len(candidates),
+        candidates_median_score=float(np.median(scores)),
         reason=None if mask.any() else "refined mask is empty",
         seconds=seconds,
         candidates=kept,

@@ -94,8 +94,9 @@ def _add_presence_option(parser: argparse.ArgumentParser) -> None:
     from .settings import PresenceSettings
 
     parser.add_argument("--presence", action=argparse.BooleanOptionalAction, default=None,
-                        help="remove the mask from slices where the target is judged absent (a score far below "
-                             "the volume's confident slices, or outside the target's one run of slices); "
+                        help="remove the mask from slices where the target is judged absent: each painted "
+                             "slice's mask is scored once more, and where the scores form two groups the slices "
+                             "outside the target's one run lose their mask; "
                              f"default {'on' if PresenceSettings.enabled else 'off'}")
 
 

@@ -96,36 +96,34 @@ class PropagationSettings:
 
 @dataclass
 class PresenceSettings:
-    """Whether the target is on a slice, decided after the run from what real CLIP gives too.
+    """Whether the target is on a slice, decided after the run from what real CLIP gives too (presence.py).
 
-    Scores: the volume's confident level is a high percentile of its slices' retrieval scores,
-    its floor a low one; a slice scoring more than max(min_drop, drop_fraction x (confident -
-    floor)) below the confident level is judged absent. The drop is relative, because CLIP
-    never scores 0 (100 x cosine sits around 20 to 35 for any crop) and its scale differs per
-    model and prompt. A propagated slice without a score of its own (the exact oracle's
-    chains) takes its chain anchor's verdict. Geometry: the target is one contiguous run of
-    slices (gaps of at most max_gap slices inside it), the run with the most present slices;
-    slices outside it are judged absent, slices inside it present whatever their score.
-    Slices judged absent get no mask, and the report says why.
+    Each painted slice's final mask is scored once more with the run's scorer (one call per
+    slice, so propagated slices get a score too; with CLIP, as the margin of the prompt's
+    sentences over negative ones: background and the other presets). The scores, in slice order
+    and smoothed by a running median, are split into a low and a high group (Otsu); the target's
+    run is the contiguous run of slices with the most score above that level. The slices outside
+    it lose their mask only when the scores show two groups: the run's median at least
+    min_separation pooled spreads above the others', and (for a plain score) the others at the
+    volume's floor, the median score of the full cascades' candidates (what is not the target),
+    rather than part of the way up to the run. A volume whose every slice holds the target (the
+    brain), poorly segmented slices included, keeps every slice; so does every slice inside the
+    run, whatever its score. The rule is relative: CLIP never scores 0, and its scale differs per
+    model and prompt. Slices judged absent get no mask, and the report says why.
     """
 
     enabled: bool = False
-    smooth_slices: int = 5
-    """Judge each slice by the median score of this many scored slices around it (1: its own)."""
-    confident_percentile: float = 90.0
-    """The volume's confident score: this percentile of the scored slices' scores."""
-    floor_percentile: float = 5.0
-    """The volume's floor: this percentile, so one outlier does not set the scale."""
-    min_drop: float = 3.0
-    """A slice at least this many points below the confident score may be absent..."""
-    drop_fraction: float = 0.6
-    """...and must be this fraction of the way from the confident score down to the floor."""
-    max_gap: int = 2
-    """Slices scored absent that do not split the target's run (at most this many in a row); every
-    slice between the run's first and last is kept."""
-    min_scored_slices: int = 10
-    """With fewer scored slices there is no scale to judge by: every slice is kept. (The exact
-    oracle scores only the key slices in propagate mode: five on a 52-slice brain, too few.)"""
+    smooth_slices: int = 3
+    """The run is found on the median of this many slices around each (1: each slice's own score)."""
+    min_separation: float = 1.5
+    """The run's median score must sit this many pooled robust spreads above the others' median."""
+    max_height_outside: float = 0.15
+    """With a plain score, the slices outside the run must sit at most this fraction of the way from the
+    floor (the volume's median candidate score: what is not the target) up to the run's median."""
+    min_scored_slices: int = 6
+    """With fewer painted slices there is no second group to judge by: every slice is kept."""
+    negatives: bool = True
+    """With a scorer that reads text (CLIP), score against negative sentences too and use the margin."""
 
 
 @dataclass(frozen=True)

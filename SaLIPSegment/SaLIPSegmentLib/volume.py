@@ -27,6 +27,14 @@ from .imaging import (
 )
 from .models.base import Candidate, Scorer, Segmenter
 from .models.device import MemoryFallback
+from .presence import (
+    LOW_SCORE_ABSENT,
+    OUTSIDE_RUN,
+    candidate_floor,
+    decide_presence,
+    negative_ensembles,
+    presence_signal,
+)
 from .quality import QualityRules, candidate_agreement, flag_records, verdict
 from .settings import (
     MAX_SLICE_SIDE,
@@ -47,8 +55,6 @@ __all__ = [  # the settings are re-exported: callers have imported them from her
 
 NO_TISSUE = "no tissue"
 BEYOND_ORGAN = "beyond the organ (propagation stopped)"
-LOW_SCORE_ABSENT = "scores far below the volume's confident slices"
-OUTSIDE_RUN = "outside the target's run of slices"
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -81,6 +87,10 @@ class SliceRecord:
     """The label-free quality signals of the slice's mask (quality.py), measured when flags are set."""
     confidence: Optional[float] = None
     """0-1: how far the slice's signals are from anything that flags it (quality.py); None without a mask."""
+    presence_score: Optional[float] = None
+    """The final mask's score for presence (presence.presence_signal), when presence ran."""
+    candidates_median_score: Optional[float] = None
+    """A full cascade's median score over all its candidates (presence's floor: mostly not the target)."""
 
     @property
     def skipped(self) -> bool:
@@ -189,74 +199,6 @@ def flag_slices(records: Sequence[SliceRecord], masks: Optional[Sequence[np.ndar
     Records are in slice order; flags are written into them.
     """
     flag_records(records, masks, rules)
-
-
-def _score_threshold(scores: np.ndarray, rules: PresenceSettings) -> float:
-    """Scores below this read as "not the target": a drop relative to the volume's confident slices."""
-    confident = float(np.percentile(scores, rules.confident_percentile))
-    floor = float(np.percentile(scores, rules.floor_percentile))
-    return confident - max(rules.min_drop, rules.drop_fraction * (confident - floor))
-
-
-def _smoothed_scores(scored: Sequence[SliceRecord], window: int) -> np.ndarray:
-    """Each scored slice's score as the median over `window` scored slices around it, in slice order:
-    one slice's noise (CLIP's, or a poor part's) does not decide, a stretch of slices does."""
-    scores = np.array([min(r.clip_scores) for r in scored])
-    half = max(0, window // 2)
-    return np.array([np.median(scores[max(0, k - half) : k + half + 1]) for k in range(scores.size)])
-
-
-def _verdicts_by_score(records: Sequence[SliceRecord], rules: PresenceSettings) -> Tuple[Dict[int, bool], set]:
-    """Slice index -> present (by the smoothed score), for slices with a mask, and the slices whose own
-    score is low; unscored slices take their chain anchor's verdict."""
-    painted = [r for r in records if r.area > 0]
-    scored = [r for r in painted if r.clip_scores]
-    if len(scored) < rules.min_scored_slices:
-        return {r.index: True for r in painted}, set()
-    scores = _smoothed_scores(scored, rules.smooth_slices)
-    threshold = _score_threshold(scores, rules)
-    verdicts = {r.index: bool(score >= threshold) for r, score in zip(scored, scores)}
-    for record in painted:
-        if not record.clip_scores:
-            verdicts[record.index] = verdicts.get(record.anchor, True)
-    return verdicts, {r.index for r in scored if min(r.clip_scores) < threshold}
-
-
-def _present_runs(positions: List[int], max_gap: int) -> List[List[int]]:
-    """Positions (sorted) grouped into runs whose gaps are at most max_gap missing positions."""
-    runs: List[List[int]] = []
-    for position in positions:
-        if runs and position - runs[-1][-1] - 1 <= max_gap:
-            runs[-1].append(position)
-        else:
-            runs.append([position])
-    return runs
-
-
-def decide_presence(records: Sequence[SliceRecord], rules: PresenceSettings) -> Dict[int, str]:
-    """Slice index -> why the target is judged absent there, for painted slices only.
-
-    The target's run is the longest run of slices whose smoothed score reads present (short
-    gaps bridged), without the slices at its ends whose own score is low; every
-    painted slice from its first to its last slice is kept, a low score inside it too (the
-    target is one object: a low slice there is a poor part, not an absent target). Records are
-    in slice order. Label-free: only the scores (relative to the volume's own), the chains'
-    anchors and the slices' order are used (see PresenceSettings).
-    """
-    verdicts, low = _verdicts_by_score(records, rules)
-    order = [r.index for r in records if r.index in verdicts]
-    position = {index: k for k, index in enumerate(order)}
-    present = [position[i] for i in order if verdicts[i]]
-    runs = _present_runs(present, rules.max_gap)
-    scores = {r.index: min(r.clip_scores) for r in records if r.clip_scores}
-    run = max(runs, key=lambda run: (len(run), sum(scores.get(order[k], 0.0) for k in run)), default=[])
-    first, last = (run[0], run[-1]) if run else (len(order), -1)
-    while first <= last and order[first] in low:  # smoothing blurs the run's ends: its own score decides there
-        first += 1
-    while last >= first and order[last] in low:
-        last -= 1
-    return {index: LOW_SCORE_ABSENT if not verdicts[index] or index in low else OUTSIDE_RUN
-            for index in order if not first <= position[index] <= last}
 
 
 @dataclass
@@ -402,14 +344,34 @@ class VolumeRunner:
         )
 
     def judge_presence(self, ordered: List[SliceRecord]) -> None:
-        """Remove the mask where the target is judged absent (decide_presence), saying why in the record."""
+        """Score each painted slice's final mask, then remove the mask where the target is judged absent
+        (presence.decide_presence), saying why in the record."""
         if not self.settings.presence.enabled:
             return
-        for index, why in decide_presence(ordered, self.settings.presence).items():
+        margins = self.score_presence(ordered)
+        floor = None if margins else candidate_floor(ordered)  # a margin over negatives has its own zero
+        for index, why in decide_presence(ordered, self.settings.presence, floor).items():
             record = self.records[index]
             self.mask_slices[index] = False
             record.area, record.absent, record.reason = 0, why, "target absent"
             self.found.pop(index, None)
+
+    def score_presence(self, ordered: List[SliceRecord]) -> bool:
+        """One scorer call per painted slice on its final mask: a score even where propagation gave none.
+        True when the scores are margins over negative sentences."""
+        rules = self.settings.presence
+        negatives = negative_ensembles(self.sentences) if rules.negatives and self.scorer.reads_sentences else []
+        for record in ordered:
+            if record.area <= 0:
+                continue
+            self._check_cancel()
+            clock = time.perf_counter()
+            image = gray_to_rgb(self._image(record.index))
+            mask = resize_mask(self.mask_slices[record.index], self.shape)
+            record.presence_score = self.memory.run(presence_signal, self.scorer, image, mask, self.sentences,
+                                                    negatives, self._reference(record.index))
+            record.seconds["presence"] = round(time.perf_counter() - clock, 4)
+        return bool(negatives)
 
     def find_tissue(self) -> None:
         """Record uniform slices as skipped; the others, in order, are `tissue`."""
@@ -591,7 +553,8 @@ class VolumeRunner:
             timing[stage] = round(timing.get(stage, 0.0) + value, 4)
         self._finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
                                  predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                                 seconds=timing, fallback=fallback, anchor=index,
+                                 candidates_median_score=result.candidates_median_score, seconds=timing,
+                                 fallback=fallback, anchor=index,
                                  candidate_agreement=candidate_agreement(result)), result.mask)
         if result.mask.any():
             self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index)

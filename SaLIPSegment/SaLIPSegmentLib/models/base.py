@@ -441,6 +441,20 @@ class Scorer(ABC):
     ) -> np.ndarray:
         """One score per candidate."""
 
+    reads_sentences = True
+    """Whether the sentences change the scores (CLIP); the oracles score by overlap with a reference alone."""
+
+    def score_sets(
+        self,
+        image_rgb: np.ndarray,
+        candidates: Sequence[Candidate],
+        sentence_sets: Sequence[Sequence[str]],
+        reference: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """The candidates' scores against each sentence set: sets x candidates (presence's negatives)."""
+        return np.stack([np.asarray(self.score(image_rgb, candidates, s, reference=reference), dtype=np.float64)
+                         for s in sentence_sets])
+
     max_batch: Optional[int] = None
     """At most this many candidates per forward pass (None: all of a slice at once)."""
 
@@ -463,6 +477,7 @@ class OracleScorer(Scorer):
     name = "oracle"
     needs_reference = True
     scores_like_clip = False
+    reads_sentences = False
 
     def score(self, image_rgb, candidates, sentences, reference=None) -> np.ndarray:
         if reference is None:

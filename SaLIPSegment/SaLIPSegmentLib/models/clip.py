@@ -45,21 +45,27 @@ class ClipScorer(Scorer):
         return self._text_cache[key]
 
     def score(self, image_rgb, candidates, sentences, reference=None) -> np.ndarray:
+        return self.score_sets(image_rgb, candidates, [sentences], reference)[0]
+
+    def score_sets(self, image_rgb, candidates, sentence_sets, reference=None) -> np.ndarray:
+        """Sets x candidates; the crops go through the image encoder once, whatever the number of sets."""
         if not candidates:
-            return np.zeros(0)
-        text = self.text_embedding(sentences)
+            return np.zeros((len(sentence_sets), 0))
+        texts = torch.stack([self.text_embedding(s) for s in sentence_sets])
+        return np.concatenate([(100.0 * texts @ features.T).cpu().numpy().astype(np.float64)
+                               for features in self._crop_features(image_rgb, candidates)], axis=1)
+
+    def _crop_features(self, image_rgb, candidates):
+        """The candidates' masked crops, L2-normalised image embeddings, max_batch at a time."""
         crops = [Image.fromarray(masked_crop(image_rgb, c.mask, c.box)) for c in candidates]
         step = self.max_batch or len(crops)
-        scores = []
         with torch.inference_mode():
             for start in range(0, len(crops), step):
                 batch = torch.stack([self.preprocess(crop) for crop in crops[start : start + step]]).to(self.device)
                 with autocast(self.device, self.precision):
                     features = self.model.encode_image(batch)
                 features = features.float()  # the cosine in fp32, outside autocast
-                features = features / features.norm(dim=-1, keepdim=True)
-                scores.append((100.0 * features @ text).cpu().numpy().astype(np.float64))
-        return np.concatenate(scores)
+                yield features / features.norm(dim=-1, keepdim=True)
 
     def to_device(self, device: torch.device) -> None:
         self.model = self.model.to(device)

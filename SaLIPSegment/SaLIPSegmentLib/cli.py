@@ -131,6 +131,9 @@ def _add_segment_command(commands) -> None:
     segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
     segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle and oracle-noisy")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
+    segment.add_argument("--hints", type=Path, metavar="HINTS.json",
+                         help="fixes for some slices (a box, points, or no target; schema in README): each hinted "
+                              "slice is segmented from its hint and propagation re-runs around it")
     _add_segment_options(segment)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_model_options(segment)
@@ -304,6 +307,7 @@ def run_segment(args) -> int:
     target = resolve_output(args.output, default_output_name(args.input, prompt.name), args.overwrite)
     if args.report is not None:
         check_writable(args.report, overwrite=args.overwrite)
+    hints = _read_hints(args.hints)
     image = read_image(args.input)
     check_slicing(settings.axis, settings.slices, image)
     needed_by = f"--clip {settings.clip}" if settings.clip in ORACLES else ""
@@ -324,7 +328,7 @@ def run_segment(args) -> int:
     progress = _ProgressBar(args.quiet, "segmenting")
     try:
         mask, report = segment_image(image, settings, segmenter, scorer, reference=reference,
-                                     progress=progress, say=say)
+                                     progress=progress, say=say, hints=hints)
     except KeyboardInterrupt:
         raise Cancelled("Cancelled; nothing was written.") from None
     finally:
@@ -342,6 +346,20 @@ def run_segment(args) -> int:
         say(notice)
     say(_final_line(output, target.kind, prompt.display_name, int(mask.sum()), report, args.report))
     return 0
+
+
+def _read_hints(path: Optional[Path]):
+    """The --hints file's JSON (checked against the run later, before any model runs), or None."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"Hints file {path} does not exist.") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"Hints file {path} is not readable JSON: {error}") from None
 
 
 def _final_line(output, kind, name, voxels, report, report_path) -> str:

@@ -221,8 +221,13 @@ def segment_image(
     progress: Optional[Callable[[int, int], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     say: Callable[[str], None] = lambda text: None,
+    hints=None,
 ) -> Tuple[np.ndarray, dict]:
-    """The cleaned-up mask on the image's own shape, and the report (per-slice table included)."""
+    """The cleaned-up mask on the image's own shape, and the report (per-slice table included).
+
+    `hints` (JSON-ready data in hints.py's schema) correct the automatic pass: each hinted
+    slice is segmented from its hint and propagation re-runs around it (corrections.py).
+    """
     from .volume import as_volume, parse_slice_range, segment_volume
 
     volume = as_volume(image.array)
@@ -240,8 +245,15 @@ def segment_image(
         say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
             f"stability >= {proposal.stability_score_thresh:.2f}")
     started = time.perf_counter()
-    result = segment_volume(volume, segmenter, scorer, settings.prompt.sentences, run, reference=reference,
-                            progress=progress, should_cancel=should_cancel)
+    if hints is None:
+        result = segment_volume(volume, segmenter, scorer, settings.prompt.sentences, run, reference=reference,
+                                progress=progress, should_cancel=should_cancel)
+        applied = None
+    else:
+        result, applied = run_with_hints(image, volume, segmenter, scorer, settings.prompt.sentences, run, hints,
+                                         reference=reference, progress=progress, should_cancel=should_cancel)
+        say(f"Hints: {len(applied)} slices ({', '.join(str(h['slice']) for h in applied)}) segmented from "
+            "their hint and propagated.")
     mask, side = keep_prompted_side(clean_up(result, run), image, settings.prompt, say)
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,
@@ -254,7 +266,32 @@ def segment_image(
         "seconds": round(time.perf_counter() - started, 3),
         "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
     }
+    if applied is not None:
+        report["hints"] = applied
+        report["summary"]["slices_hinted"] = len(applied)
     return mask.reshape(image.array.shape), report
+
+
+def run_with_hints(image: Image3D, volume: np.ndarray, segmenter, scorer, sentences, run: VolumeSettings, hints,
+                   *, reference=None, progress=None, should_cancel=None):
+    """(VolumeResult, the hints applied as JSON): the automatic pass, then the hints' correction.
+
+    The hints are checked against the run (slices, slice size, the segmenter's prompts) before any
+    model runs, so a bad hints file costs nothing.
+    """
+    from .corrections import CorrectionSession
+    from .hints import parse_hints
+    from .io import RAS_TO_LPS
+
+    session = CorrectionSession(volume, segmenter, scorer, sentences, run, reference=reference,
+                                progress=progress, should_cancel=should_cancel)
+    parsed = parse_hints(hints, session.geometry(RAS_TO_LPS @ image.ijk_to_lps))
+    automatic = session.run()
+    if not parsed:
+        return automatic, []
+    result, correction = session.correct(parsed)
+    result.seconds += automatic.seconds
+    return result, [h.to_dict() for h in parsed]
 
 
 def clean_up(result, settings: VolumeSettings) -> np.ndarray:

@@ -252,3 +252,40 @@ def test_hints_file_round_trips_through_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(InputError, match="not readable JSON"):
         load_hints(path, GEOMETRY)
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_segment_with_a_hints_file_applies_them_and_marks_them_in_the_report(tmp_path, capsys, tiny_sam,
+                                                                              tiny_sam_checkpoint):
+    import SimpleITK as sitk
+
+    from SaLIPSegmentLib.cli import main
+    from SaLIPSegmentLib.io import read_image
+
+    volume = _volume(8).astype(np.int16)
+    t1, ref = tmp_path / "t1.nrrd", tmp_path / "ref.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(t1))
+    sitk.WriteImage(sitk.GetImageFromArray((volume > 100).astype(np.uint8)), str(ref))
+    hints = tmp_path / "hints.json"
+    hints.write_text(json.dumps({"hints": [{"slice": 3, "box": [20, 14, 45, 44]}, {"slice": 6, "absent": True}]}))
+    base = ["segment", str(t1), "-p", "disk", "--free-text", "--sam", tiny_sam, "--sam-checkpoint",
+            str(tiny_sam_checkpoint), "--clip", "oracle", "--reference", str(ref), "--device", "cpu", "--axis", "0",
+            "--key-interval", "4", "-q", "--points-per-side", str(TINY_SAM_PROPOSALS["points_per_side"])]
+    output, report = tmp_path / "out.nii.gz", tmp_path / "report.json"
+    assert main(base + ["-o", str(output), "--report", str(report), "--hints", str(hints)]) == 0
+    written = json.loads(report.read_text())
+    assert written["hints"] == [{"slice": 3, "box": [20, 14, 45, 44]}, {"slice": 6, "absent": True}]
+    assert [row["index"] for row in written["slices"] if row["method"] == "hint"] == [3, 6]
+    assert written["summary"]["slices_hinted"] == 2
+    mask = read_image(output).array > 0
+    assert mask[3].any() and not mask[6].any()
+
+    hints.write_text(json.dumps([{"slice": 8, "box": [0, 0, 5, 5]}]))
+    bad = tmp_path / "bad.nii.gz"
+    assert main(base + ["-o", str(bad), "--hints", str(hints)]) == 3
+    assert "Hint 1: slice 8 is outside the run's slices 0:8" in capsys.readouterr().err
+    assert not bad.exists()
+    assert main(base + ["-o", str(bad), "--hints", str(tmp_path / "none.json")]) == 3
+    assert "does not exist" in capsys.readouterr().err

@@ -289,3 +289,41 @@ def test_segment_with_a_hints_file_applies_them_and_marks_them_in_the_report(tmp
     assert not bad.exists()
     assert main(base + ["-o", str(bad), "--hints", str(tmp_path / "none.json")]) == 3
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_simulates_corrections_and_keeps_honest_books(tmp_path, capsys, tiny_sam, tiny_sam_checkpoint):
+    import SimpleITK as sitk
+
+    from SaLIPSegmentLib.cli import main
+
+    volume = _volume(12).astype(np.int16)
+    volume[9:] = 20
+    volume[9:, :6, :6] = 90  # tissue without the target: slices the run may paint wrongly
+    t1, ref = tmp_path / "t1.nrrd", tmp_path / "ref.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(t1))
+    sitk.WriteImage(sitk.GetImageFromArray((volume > 100).astype(np.uint8)), str(ref))
+    out = tmp_path / "figures.json"
+    assert main(["evaluate", str(t1), str(ref), "-p", "disk", "--free-text", "--sam", tiny_sam, "--sam-checkpoint",
+                 str(tiny_sam_checkpoint), "--clip", "oracle", "--device", "cpu", "--axis", "0", "-q",
+                 "--points-per-side", str(TINY_SAM_PROPOSALS["points_per_side"]), "--no-stages", "--modes", "none",
+                 "--simulate-corrections", "3", "--json", str(out)]) == 0
+    assert "Simulated corrections" in capsys.readouterr().out
+    found = json.loads(out.read_text())["corrections"]
+    assert set(found["curves"]) == {"qa", "worst-dice"} and found["slice_range"] == [0, 12]
+    assert len(found["box_bound_per_slice"]) == 12 and 0 < found["box_bound_dice_volume"] <= 1
+    truth = volume > 100
+    for steps in found["curves"].values():
+        assert steps[0]["step"] == 0 and steps[0]["slice"] is None
+        assert [s["step"] for s in steps] == list(range(len(steps))) and 1 < len(steps) <= 4
+        fixed = [s["slice"] for s in steps[1:]]
+        assert len(set(fixed)) == len(fixed)  # a hinted slice is never offered again
+        for before, after in zip(steps, steps[1:]):
+            assert after["slice"] in after["changed"] and after["encodings"] == 0 and after["seconds"] > 0
+            assert after["hint"] == reference_hint(truth[after["slice"]], after["slice"]).to_dict()
+            kept = [k for k in range(12) if k not in after["changed"]]
+            assert [after["dice_per_slice"][k] for k in kept] == [before["dice_per_slice"][k] for k in kept]
+            if "absent" in after["hint"]:
+                assert after["dice_per_slice"][after["slice"]] == 1.0
+    worst = found["curves"]["worst-dice"]
+    first = worst[1]["slice"]
+    assert worst[0]["dice_per_slice"][first] == min(worst[0]["dice_per_slice"])

@@ -162,6 +162,10 @@ def _add_evaluate_commands(commands) -> None:
     _add_presence_option(evaluate)
     evaluate.add_argument("--no-stages", dest="stages", action="store_false",
                           help="skip the stage-by-stage table (its own full cascade on every slice)")
+    evaluate.add_argument("--simulate-corrections", type=int, metavar="N", default=0,
+                          help="after the automatic pass (propagate mode), a simulated user fixes N slices one at a "
+                               "time with the reference's box (or 'no target'): the slice the QA ranks worst, and, "
+                               "for a second curve, the slice worst by Dice; reports Dice and seconds per correction")
     evaluate.add_argument("--json", type=Path, help="write the figures and the per-slice table here")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     evaluate.add_argument("-q", "--quiet", action="store_true")
@@ -414,6 +418,8 @@ def run_evaluate(args) -> int:
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
     modes = _evaluation_modes(args.modes)
+    if args.simulate_corrections < 0:
+        raise InputError("--simulate-corrections takes a number of corrections, 0 or more.")
     if args.json is not None:
         check_writable(args.json, overwrite=args.overwrite)
     image = read_image(args.input)
@@ -434,6 +440,9 @@ def run_evaluate(args) -> int:
     if modes:
         figures["modes"] = _evaluate_product(args, volume, reference, image, segmenter, scorer, prompt,
                                              variants[-1][1], modes)
+    if args.simulate_corrections:
+        figures["corrections"] = _simulate_corrections(args, volume, reference, segmenter, scorer, prompt,
+                                                       variants[-1][1])
     if args.json is not None:
         write_json(args.json, figures)
     return 0
@@ -500,6 +509,30 @@ def _evaluate_product(args, volume, reference, image, segmenter, scorer, prompt,
                        ("flag recall", "flag_recall"), ("flag precision", "flag_precision"), ("seconds", "seconds")):
         print(f"  {label:<28}" + "".join(f"{_show(getattr(r, key)):>13}" for r in results))
     return {r.mode: r.to_dict() for r in results}
+
+
+def _simulate_corrections(args, volume, reference, segmenter, scorer, prompt, run) -> dict:
+    """The two correction curves (simulation.py), printed as a table; their JSON field."""
+    from .simulation import simulate_corrections
+
+    bar = _ProgressBar(args.quiet, "segmenting, then correcting")
+    try:
+        found = simulate_corrections(volume, reference, segmenter, scorer, prompt.sentences,
+                                     dataclasses.replace(run, mode="propagate"), args.simulate_corrections,
+                                     progress=bar)
+    finally:
+        bar.close()
+    print(f"Simulated corrections (reference box or 'no target' on one slice each; box bound "
+          f"{found.box_bound_dice_volume:.3f}, embeddings kept: {found.embedding_mib:.0f} MiB):")
+    print(f"  {'':<10}" + "".join(f"{name + ': slice':>18}{'Dice':>8}{'s':>7}" for name in found.curves))
+    for step in range(max(len(c) for c in found.curves.values())):
+        cells = []
+        for curve in found.curves.values():
+            row = curve[step] if step < len(curve) else None
+            cells.append(f"{'':>18}{'':>8}{'':>7}" if row is None else
+                         f"{'auto' if row.slice is None else row.slice:>18}{row.dice_volume:>8.3f}{row.seconds:>7.2f}")
+        print(f"  {'#' + str(step):<10}" + "".join(cells))
+    return found.to_dict()
 
 
 TABLE_COLUMNS = ("case", "status", "slices_with_reference", "dice_volume", "dice_mean_per_slice", "hd95_mm",

@@ -19,8 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import InputError
 from .hints import Hint, HintGeometry
-from .imaging import mask_to_box
+from .imaging import mask_to_box, resize_mask
 from .volume import (
     BEYOND_ORGAN,
     NO_TISSUE,
@@ -142,8 +143,6 @@ class CorrectionSession(VolumeRunner):
         return self.result(seconds), correction
 
     def _check_hint(self, hint: Hint) -> None:
-        from .errors import InputError
-
         if not self.start <= hint.slice < self.stop:
             raise InputError(f"Slice {hint.slice} is outside the run's slices {self.start}:{self.stop}.")
         if hint.kind != "absent" and hint.slice not in self.tissue:
@@ -163,13 +162,7 @@ class CorrectionSession(VolumeRunner):
         pixels = self._image(index)
         seconds = {"encode": round(self.embed(index, pixels, ()), 4)}
         clock = time.perf_counter()
-        scale = np.array(self.shape[::-1], dtype=float) / np.array(self.full_shape[::-1], dtype=float)
-        if hint.kind == "box":
-            x0, y0, x1, y1 = hint.box
-            box = (int(x0 * scale[0]), int(y0 * scale[1]), int(x1 * scale[0]), int(y1 * scale[1]))
-            refined = self.segmenter.refine([box])
-        else:
-            refined = [self.segmenter.refine_points([tuple(np.asarray(p) * scale) for p in hint.points], hint.labels)]
+        refined = self.refine_hint(hint)
         seconds["refine"] = round(time.perf_counter() - clock, 4)
         parts, ious = [r.mask for r in refined], [r.predicted_iou for r in refined]
         scores = self._score_parts(pixels, parts, ious, self._reference(index)) if any(p.any() for p in parts) else []
@@ -179,6 +172,22 @@ class CorrectionSession(VolumeRunner):
                                  seconds=seconds), mask)
         if mask.any() and (scores or not self.scorer.scores_like_clip):
             self.found[index] = _Found(parts, scores, ious, index)
+
+    def refine_hint(self, hint: Hint) -> list:
+        """The segmenter's masks (at the models' size) for a box or clicks on the current image."""
+        scale = np.array(self.shape[::-1], dtype=float) / np.array(self.full_shape[::-1], dtype=float)
+        if hint.kind == "box":
+            x0, y0, x1, y1 = hint.box
+            return self.segmenter.refine([(int(x0 * scale[0]), int(y0 * scale[1]),
+                                           int(x1 * scale[0]), int(y1 * scale[1]))])
+        return [self.segmenter.refine_points([tuple(np.asarray(p) * scale) for p in hint.points], hint.labels)]
+
+    def hint_mask(self, hint: Hint) -> np.ndarray:
+        """What a hint alone gives on its slice, at full size, without changing the session's result."""
+        if hint.kind == "absent":
+            return np.zeros(self.full_shape, dtype=bool)
+        self.embed(hint.slice, self._image(hint.slice), ())
+        return resize_mask(np.logical_or.reduce([r.mask for r in self.refine_hint(hint)]), self.full_shape)
 
     def _gaps_around(self, hinted: Sequence[int]) -> List[Tuple[Optional[int], Optional[int]]]:
         """(low, high) tissue positions around each hinted slice: the boundaries next to it, None past the ends."""

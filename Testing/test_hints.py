@@ -327,3 +327,16 @@ def test_evaluate_simulates_corrections_and_keeps_honest_books(tmp_path, capsys,
     worst = found["curves"]["worst-dice"]
     first = worst[1]["slice"]
     assert worst[0]["dice_per_slice"][first] == min(worst[0]["dice_per_slice"])
+
+
+def test_qa_draws_the_correction_curves(tmp_path):
+    from SaLIPSegmentLib.cli import main
+
+    steps = [{"step": k, "dice_volume": 0.4 + 0.1 * k, "seconds": 1.0 + k, "slice": None if k == 0 else k}
+             for k in range(4)]
+    figures = tmp_path / "f.json"
+    figures.write_text(json.dumps({"corrections": {"curves": {"qa": steps, "worst-dice": steps},
+                                                   "box_bound_dice_volume": 0.8}}))
+    picture = tmp_path / "curve.png"
+    assert main(["qa", str(figures), "-o", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000

@@ -224,8 +224,9 @@ def _add_batch_command(commands) -> None:
 
 def _add_tool_commands(commands) -> None:
     """qa, prompts and models: no model runs."""
-    qa = commands.add_parser("qa", help="draw a QA picture from a segment --report")
-    qa.add_argument("report", type=Path, help="the JSON written by salip segment --report")
+    qa = commands.add_parser("qa", help="draw a QA picture from a segment --report (or the correction curves "
+                                        "from an evaluate --simulate-corrections --json file)")
+    qa.add_argument("report", type=Path, help="the JSON written by salip segment --report or salip evaluate --json")
     qa.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     qa.add_argument("--overwrite", action="store_true")
     qa.set_defaults(run=run_qa)

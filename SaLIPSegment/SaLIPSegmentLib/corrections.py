@@ -76,7 +76,8 @@ class CorrectionSession(VolumeRunner):
         self.hints: Dict[int, Hint] = {}
         self.key_slices: set = set()
         self.encodings = 0
-        self._started: Optional[float] = None
+        self.automatic_state: Optional[_SavedState] = None
+        """The result of the automatic pass, to come back to when a hint is taken away."""
 
     # -- the automatic pass, remembered ----------------------------------------------------
 
@@ -87,6 +88,7 @@ class CorrectionSession(VolumeRunner):
         else:
             interval = self.settings.propagation.key_interval
             self.key_slices = {self.tissue[k] for k in key_positions(len(self.tissue), interval)}
+        self.automatic_state = self.save_state()
         return result
 
     def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:

@@ -131,7 +131,7 @@ def simulate_corrections(volume: np.ndarray, reference: np.ndarray, segmenter: S
     session = CorrectionSession(volume, segmenter, scorer, sentences, settings, reference=reference,
                                 progress=progress)
     automatic = session.run()
-    automatic_state = session.save_state()
+    automatic_state = session.automatic_state
     curves = {}
     for chooser in choosers:
         session.restore_state(automatic_state)

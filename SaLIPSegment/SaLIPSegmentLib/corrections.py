@@ -20,11 +20,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
-from .hints import Hint, HintGeometry
+from .hints import HINT_METHOD, Hint, HintGeometry, rank_slices_to_fix  # noqa: F401 (re-exported)
 from .imaging import mask_to_box, resize_mask
 from .volume import (
     BEYOND_ORGAN,
-    NO_TISSUE,
     SliceRecord,
     VolumeResult,
     VolumeRunner,
@@ -33,7 +32,6 @@ from .volume import (
     key_positions,
 )
 
-HINT_METHOD = "hint"
 ABSENT_BY_HINT = "no target (hint)"
 
 
@@ -251,27 +249,6 @@ class CorrectionSession(VolumeRunner):
         self.found = dict(state.found)
         self.mask[...] = state.mask
         self.hints = dict(state.hints)
-
-
-def is_hinted(record: SliceRecord) -> bool:
-    return record.method == HINT_METHOD
-
-
-def rank_slices_to_fix(records: Sequence[SliceRecord]) -> List[int]:
-    """Slice indices, the one a person should fix first first, from what the run shows (no labels).
-
-    Flagged slices first (more flags first), then the lowest retrieval score; slices already hinted,
-    skipped before any model ran, or judged absent are not offered. The one place the ranking lives:
-    a better QA (flags, a confidence) changes only this function.
-    """
-    offered = [r for r in records if not is_hinted(r) and not r.absent and r.reason != NO_TISSUE
-               and not (r.skipped and not r.flags)]
-
-    def urgency(record: SliceRecord):
-        score = min(record.clip_scores) if record.clip_scores else np.inf
-        return (-len(record.flags), score, record.index)
-
-    return [r.index for r in sorted(offered, key=urgency)]
 
 
 def reference_hint(reference_slice: np.ndarray, index: int) -> Hint:

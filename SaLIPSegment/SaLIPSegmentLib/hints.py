@@ -34,6 +34,8 @@ import numpy as np
 from .errors import InputError
 
 KINDS = ("box", "points", "absent")
+HINT_METHOD = "hint"
+"""A hinted slice's `method` in the per-slice table."""
 HINT_KEYS = {"slice", "box", "points", "labels", "absent", "ras_box", "ras_points", "note"}
 
 
@@ -204,3 +206,27 @@ def _ras_hint(item: dict, kind: str, geometry: HintGeometry) -> Hint:
 def hints_to_json(hints: Sequence[Hint]) -> dict:
     """The hints as the schema's JSON object (pixel form)."""
     return {"hints": [h.to_dict() for h in hints]}
+
+
+def _field(row, name, default=None):
+    """A per-slice row's field, whether it is a SliceRecord or its JSON (the report's, in the effect)."""
+    return row.get(name, default) if isinstance(row, dict) else getattr(row, name, default)
+
+
+def rank_slices_to_fix(rows: Sequence) -> List[int]:
+    """Slice indices, the one a person should fix first first, from what the run shows (no labels).
+
+    Flagged slices first (more flags first), then the lowest retrieval score; slices already hinted,
+    skipped without a flag, or judged absent are not offered. `rows` are SliceRecords or the report's
+    rows. The one place the ranking lives: a better QA (flags, a confidence) changes only this function.
+    """
+    def offered(row) -> bool:
+        skipped = _field(row, "method") == "skipped"
+        return (_field(row, "method") != HINT_METHOD and not _field(row, "absent")
+                and not (skipped and not _field(row, "flags")))
+
+    def urgency(row):
+        scores = _field(row, "clip_scores") or []
+        return (-len(_field(row, "flags") or []), min(scores) if scores else float("inf"), _field(row, "index"))
+
+    return [int(_field(row, "index")) for row in sorted(filter(offered, rows), key=urgency)]

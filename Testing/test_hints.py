@@ -31,7 +31,7 @@ class Counting(Segmenter):
     """A real segmenter that counts encodings and hands embeddings back (what a session keeps)."""
 
     def __init__(self, inner):
-        self.inner, self.encodings, self.name = inner, 0, inner.name
+        self.inner, self.encodings, self.proposals, self.name = inner, 0, 0, inner.name
         self.takes_points = inner.takes_points
 
     def set_image(self, image):
@@ -39,6 +39,7 @@ class Counting(Segmenter):
         self.inner.set_image(image)
 
     def propose(self, settings):
+        self.proposals += 1
         return self.inner.propose(settings)
 
     def refine(self, boxes):
@@ -141,10 +142,11 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     assert keys == [0, 4, 8, 11, 15, 19]
     old_mask, old_records = before.mask.copy(), {r.index: r.to_dict() for r in before.slices}
 
-    segmenter.encodings = 0
+    segmenter.encodings = segmenter.proposals = 0
     box = (20, 14, 45, 44)
     after, correction = session.correct([Hint(6, "box", box=box)])
     assert segmenter.encodings == 0 and correction.encodings == 0  # every slice's embedding was kept
+    assert segmenter.proposals == 0  # no retrieval in a correction: the hint's box, then propagation
     assert correction.hinted == [6] and correction.changed == [5, 6, 7]
     untouched = [k for k in range(20) if k not in (5, 6, 7)]
     np.testing.assert_array_equal(after.mask[untouched], old_mask[untouched])
@@ -153,7 +155,7 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     assert hinted.method == "hint" and hinted.anchor == 6 and not hinted.flags
     session.segmenter.use_embedding(session.embeddings[6])
     np.testing.assert_array_equal(after.mask[6], segmenter.inner.refine([box])[0].mask)
-    assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "cascade"}
+    assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "skipped"}
 
 
 def test_no_target_clears_the_slice_and_stops_the_walk_there(segmenter):

@@ -76,6 +76,7 @@ class CorrectionSession(VolumeRunner):
         self.encodings = 0
         self.automatic_state: Optional[_SavedState] = None
         """The result of the automatic pass, to come back to when a hint is taken away."""
+        self._correcting = False
 
     # -- the automatic pass, remembered ----------------------------------------------------
 
@@ -134,9 +135,13 @@ class CorrectionSession(VolumeRunner):
             self._check_cancel()
             self.memory.run(self.segment_hint, hint)
         changed = {h.slice for h in fresh}
-        for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue]):
-            changed.update(self.refill(low, high))
-        self.kept.clear()
+        self._correcting = True
+        try:
+            for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue]):
+                changed.update(self.refill(low, high))
+        finally:
+            self._correcting = False
+            self.kept.clear()
         seconds = time.perf_counter() - started
         correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
                                 encodings=self.encodings - encoded, seconds=seconds)
@@ -189,6 +194,18 @@ class CorrectionSession(VolumeRunner):
         self.embed(hint.slice, self._image(hint.slice), ())
         return resize_mask(np.logical_or.reduce([r.mask for r in self.refine_hint(hint)]), self.full_shape)
 
+    def _propagate(self, index: int, source: _Found, upcoming: Sequence[int]) -> bool:
+        """A walk's step. In a correction there is no retrieval: where the neighbour's boxes are refused
+        the walk stops (the target ends there, as the hint's chain sees it) instead of running the full
+        cascade, which would cost seconds per slice and could pick another structure than the user's."""
+        if not self._correcting:
+            return super()._propagate(index, source, upcoming)
+        result = self.attempt(index, source, upcoming)
+        if result.fallback is None:
+            self._accept(index, result)
+            return True
+        return False
+
     def _gaps_around(self, hinted: Sequence[int]) -> List[Tuple[Optional[int], Optional[int]]]:
         """(low, high) tissue positions around each hinted slice: the boundaries next to it, None past the ends."""
         position = {index: p for p, index in enumerate(self.tissue)}
@@ -207,6 +224,7 @@ class CorrectionSession(VolumeRunner):
 
         Between two boundaries a chain runs from each end (fill_between); past the last one a single
         walk goes outwards until the target ends (fill_gaps); what no chain reaches is beyond the organ.
+        No slice gets the full cascade here (see _propagate).
         """
         first = 0 if low is None else low + 1
         stop = len(self.tissue) if high is None else high

@@ -8,6 +8,7 @@ import torch
 
 from SaLIPSegmentLib.corrections import (
     ABSENT_BY_HINT,
+    BEYOND_ABSENT_HINT,
     CorrectionSession,
     rank_slices_to_fix,
     reference_hint,
@@ -158,22 +159,27 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "skipped"}
 
 
-def test_no_target_clears_the_slice_and_stops_the_walk_there(segmenter):
+def test_no_target_clears_the_slice_and_the_far_side_and_a_later_box_brings_a_slice_back(segmenter):
     volume = _volume(12)
     reference = volume > 100
     session = _session(segmenter, volume, reference, interval=8)  # keys 0, 6, 11
     session.run()
     old = session.mask.copy()
+    assert old[9:].any()
     after, correction = session.correct([Hint(9, "absent")])
-    assert correction.changed == [7, 8, 9, 10]
+    # The chain from key slice 6 re-runs up to 9; the target is one object, and most of the mask lies
+    # below 9, so the slices above it (key slice 11 too) have no target either.
+    assert correction.changed == [7, 8, 9, 10, 11]
     record = after.slices[9]
-    assert record.absent == ABSENT_BY_HINT and record.area == 0 and not after.mask[9].any()
+    assert record.absent == ABSENT_BY_HINT and record.area == 0 and not after.mask[9:].any()
+    assert after.slices[11].reason == BEYOND_ABSENT_HINT and not after.slices[11].flags
     np.testing.assert_array_equal(after.mask[:7], old[:7])
-    np.testing.assert_array_equal(after.mask[11], old[11])
-    # Beyond the last key slice nothing walks past a "no target": the slices after it end there.
-    after, correction = session.correct([Hint(9, "absent"), Hint(11, "absent")])
-    assert correction.hinted == [11] and correction.changed == [10, 11]
-    assert not after.mask[9:].any()
+    # The user disagrees on slice 10 after all: a box there; 9 and 11 are boundaries, only 10 changes.
+    after, correction = session.correct([Hint(9, "absent"), Hint(10, "box", box=(20, 14, 45, 44))])
+    assert correction.hinted == [10] and correction.changed == [10]
+    assert after.mask[10].any() and not after.mask[11].any() and not after.mask[9].any()
+    # With a box below it, a "no target" clears upwards; with one above it, downwards.
+    assert session.side_without_target(11) == 1 and session.side_without_target(3) == -1
 
 
 def test_a_hint_outside_the_key_slices_walks_outwards_until_the_target_ends(segmenter):

@@ -33,6 +33,7 @@ from .volume import (
 )
 
 ABSENT_BY_HINT = "no target (hint)"
+BEYOND_ABSENT_HINT = "beyond a 'no target' hint"
 
 
 @dataclass
@@ -135,9 +136,12 @@ class CorrectionSession(VolumeRunner):
             self._check_cancel()
             self.memory.run(self.segment_hint, hint)
         changed = {h.slice for h in fresh}
+        away = {h.slice: self.side_without_target(h.slice) for h in fresh if h.kind == "absent"}
+        for index, side in away.items():
+            changed.update(self.clear_beyond(index, side))
         self._correcting = True
         try:
-            for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue]):
+            for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue], away):
                 changed.update(self.refill(low, high))
         finally:
             self._correcting = False
@@ -206,8 +210,40 @@ class CorrectionSession(VolumeRunner):
             return True
         return False
 
-    def _gaps_around(self, hinted: Sequence[int]) -> List[Tuple[Optional[int], Optional[int]]]:
-        """(low, high) tissue positions around each hinted slice: the boundaries next to it, None past the ends."""
+    def side_without_target(self, index: int) -> Optional[int]:
+        """Which side of a "no target" slice the target is not on either (+1: above, -1: below), or None.
+
+        The target is one object along the axis: it lies on the side of a boxed or clicked slice, and,
+        without one on either side, on the side holding more of the current mask.
+        """
+        positive = [k for k, hint in self.hints.items() if hint.kind != "absent"]
+        below, above = any(k < index for k in positive), any(k > index for k in positive)
+        if below or above:
+            return None if below and above else (1 if below else -1)
+        painted_below = sum(r.area for k, r in self.records.items() if k < index)
+        painted_above = sum(r.area for k, r in self.records.items() if k > index)
+        if painted_below == painted_above:
+            return None
+        return -1 if painted_below < painted_above else 1
+
+    def clear_beyond(self, index: int, side: Optional[int]) -> List[int]:
+        """Remove the mask from every slice past a "no target" slice on the side without the target."""
+        if side is None:
+            return []
+        beyond = range(index + 1, self.stop) if side > 0 else range(self.start, index)
+        cleared = [k for k in beyond if k not in self.hints]
+        for k in cleared:
+            self.found.pop(k, None)
+            self.mask_slices[k] = False
+            self.records[k] = SliceRecord(index=k, reason=BEYOND_ABSENT_HINT, method="skipped",
+                                          absent=BEYOND_ABSENT_HINT)
+        return cleared
+
+    def _gaps_around(self, hinted: Sequence[int], away: Optional[Dict[int, Optional[int]]] = None
+                     ) -> List[Tuple[Optional[int], Optional[int]]]:
+        """(low, high) tissue positions around each hinted slice: the boundaries next to it, None past the ends;
+        not on the side a "no target" hint cleared (`away`: slice -> side)."""
+        away = away or {}
         position = {index: p for p, index in enumerate(self.tissue)}
         boundaries = sorted(position[i] for i in self.key_slices | set(self.hints) if i in position)
         gaps = set()
@@ -215,8 +251,10 @@ class CorrectionSession(VolumeRunner):
             p = position[index]
             below = [b for b in boundaries if b < p]
             above = [b for b in boundaries if b > p]
-            gaps.add((below[-1] if below else None, p))
-            gaps.add((p, above[0] if above else None))
+            if away.get(index) != -1:
+                gaps.add((below[-1] if below else None, p))
+            if away.get(index) != 1:
+                gaps.add((p, above[0] if above else None))
         return sorted(gaps, key=lambda gap: (gap[0] if gap[0] is not None else -1, gap[1] or 0))
 
     def refill(self, low: Optional[int], high: Optional[int]) -> List[int]:

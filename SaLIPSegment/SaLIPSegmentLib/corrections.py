@@ -77,7 +77,6 @@ class CorrectionSession(VolumeRunner):
         self.encodings = 0
         self.automatic_state: Optional[_SavedState] = None
         """The result of the automatic pass, to come back to when a hint is taken away."""
-        self._correcting = False
 
     # -- the automatic pass, remembered ----------------------------------------------------
 
@@ -139,12 +138,10 @@ class CorrectionSession(VolumeRunner):
         away = {h.slice: self.side_without_target(h.slice) for h in fresh if h.kind == "absent"}
         for index, side in away.items():
             changed.update(self.clear_beyond(index, side))
-        self._correcting = True
         try:
             for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue], away):
                 changed.update(self.refill(low, high))
         finally:
-            self._correcting = False
             self.kept.clear()
         seconds = time.perf_counter() - started
         correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
@@ -198,18 +195,6 @@ class CorrectionSession(VolumeRunner):
         self.embed(hint.slice, self._image(hint.slice), ())
         return resize_mask(np.logical_or.reduce([r.mask for r in self.refine_hint(hint)]), self.full_shape)
 
-    def _propagate(self, index: int, source: _Found, upcoming: Sequence[int]) -> bool:
-        """A walk's step. In a correction there is no retrieval: where the neighbour's boxes are refused
-        the walk stops (the target ends there, as the hint's chain sees it) instead of running the full
-        cascade, which would cost seconds per slice and could pick another structure than the user's."""
-        if not self._correcting:
-            return super()._propagate(index, source, upcoming)
-        result = self.attempt(index, source, upcoming)
-        if result.fallback is None:
-            self._accept(index, result)
-            return True
-        return False
-
     def side_without_target(self, index: int) -> Optional[int]:
         """Which side of a "no target" slice the target is not on either (+1: above, -1: below), or None.
 
@@ -262,7 +247,8 @@ class CorrectionSession(VolumeRunner):
 
         Between two boundaries a chain runs from each end (fill_between); past the last one a single
         walk goes outwards until the target ends (fill_gaps); what no chain reaches is beyond the organ.
-        No slice gets the full cascade here (see _propagate).
+        As in the automatic pass, a slice where both chains are refused gets the full cascade (measured:
+        without it, the brain's Dice after 3 corrections was 0.50 instead of 0.58, at no lower cost).
         """
         first = 0 if low is None else low + 1
         stop = len(self.tissue) if high is None else high

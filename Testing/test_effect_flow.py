@@ -295,3 +295,67 @@ def test_a_failing_run_is_a_message_and_leaves_no_preview(editor, tmp_path, tiny
     assert effect.session().job is None and effect.previewNode() is None
     assert effect.statusLabel.text.startswith("Failed")
     assert ("module", "SaLIPSegment") in editor.messages  # it offers the SaLIP module to fetch weights
+
+
+def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_one_undo_step(editor, monkeypatch):
+    from test_slicer_bridge import _roi, ras_of, set_slice_plane
+
+    effect, scene = editor.effect, editor.scene
+    for name in ("hintsCollapsibleButton", "boxHintButton", "absentHintButton", "nextSliceButton",
+                 "removeHintButton", "updateButton", "hintListWidget"):
+        setattr(effect, name, Widget())
+    effect.hintListWidget.currentItem = lambda: None
+    # One real slice view (Red) across the volume's k axis, as Slicer's layout manager hands it out.
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    layout = types.SimpleNamespace(sliceViewNames=lambda: ["Red"],
+                                   sliceWidget=lambda name: types.SimpleNamespace(mrmlSliceNode=lambda: red))
+    monkeypatch.setattr(slicer.app, "layoutManager", lambda: layout)
+    normal = OBLIQUE[:3, 2] / np.linalg.norm(OBLIQUE[:3, 2])
+
+    def show_slice(k):
+        set_slice_plane(red, normal, ras_of(OBLIQUE, (21, 18, k)))
+
+    effect.onPreview()
+    session = effect.session()
+    drive(effect, lambda: not session.running)
+    automatic = np.load(session.job.result["mask"]).astype(bool)
+    first_preview = effect.previewNode()
+    assert automatic[3].any() and session.hints is not None and not effect.updateButton.enabled, editor.messages
+
+    show_slice(3)
+    effect.onAbsentHint()
+    show_slice(1)
+    directions = OBLIQUE[:3, :3] / np.linalg.norm(OBLIQUE[:3, :3], axis=0)
+    roi = _roi(scene, ras_of(OBLIQUE, (21, 18, 1)), (12 * 0.8, 12 * 1.1, 3.0), directions)
+    effect.hintRoiSelector = types.SimpleNamespace(currentNode=lambda: roi)
+    effect.onBoxHint()
+    assert session.hints.hints == {1: {"slice": 1, "box": [15, 12, 27, 24]}, 3: {"slice": 3, "absent": True}}
+    assert effect.updateButton.enabled and [item.label for item in effect.hintListWidget.items] == [
+        "Slice 1: box 13 x 13 px (new)", "Slice 3: no target (new)"], editor.messages
+
+    effect.onUpdate()
+    assert session.running and session.correcting
+    drive(effect, lambda: not session.running)
+    assert session.job.state == jobs.DONE, editor.messages
+    correction = session.job.result["correction"]
+    assert correction["encodings"] == 0 and correction["hinted"] == [1, 3]
+    corrected = np.load(session.job.result["mask"]).astype(bool)
+    assert not corrected[3].any()
+    kept = [k for k in range(6) if k not in correction["changed"]]
+    np.testing.assert_array_equal(corrected[kept], automatic[kept])
+    preview = effect.previewNode()
+    assert preview is not first_preview and scene.GetNodeByID(first_preview.GetID()) is None
+    assert not effect.updateButton.enabled and not session.hints.pending
+    assert [item.label for item in effect.hintListWidget.items] == ["Slice 1: box 13 x 13 px", "Slice 3: no target"]
+    effect.onNextSliceToFix()  # jumps to the worst slice not fixed yet (or says there is none)
+    assert not [m for m in editor.messages if m[0] == "error"], editor.messages
+
+    before = snapshot(editor.segmentation, editor.node)
+    undo_states = effect.scriptedEffect.undo_states
+    effect.onApply()
+    after = snapshot(editor.segmentation, editor.node)
+    assert effect.scriptedEffect.undo_states == undo_states + 1
+    [new] = [sid for sid in after if sid not in before]
+    np.testing.assert_array_equal(after[new][2].astype(bool), corrected)
+    editor.logic.Undo()
+    assert list(snapshot(editor.segmentation, editor.node)) == list(before)

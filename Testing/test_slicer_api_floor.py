@@ -55,6 +55,14 @@ SLICER_APP_5_10 = {"slicerHome", "cachePath", "temporaryPath", "majorVersion", "
                    "processEvents", "connect"}
 # Libs/MRML/Widgets/qMRMLLayoutManager.h: sliceViewNames, sliceWidget; qMRMLSliceWidget.h: mrmlSliceNode
 LAYOUT_5_10 = {"sliceViewNames", "sliceWidget", "mrmlSliceNode"}
+# Libs/MRML/Widgets/qMRMLNodeComboBox.h (v5.10.0): the Q_PROPERTY names, Q_INVOKABLE methods and public
+# slots the effect's node selectors use (the slice range's ROI, the box ROI of a fix); setToolTip is QWidget's.
+NODE_COMBOBOX_5_10 = {
+    "nodeTypes", "noneEnabled", "addEnabled", "removeEnabled", "editEnabled", "renameEnabled", "showHidden",
+    "selectNodeUponCreation", "baseName", "noneDisplay", "mrmlScene", "currentNode", "currentNodeId",
+    "nodeCount", "setMRMLScene", "setCurrentNode", "setCurrentNodeID", "setCurrentNodeIndex",
+    "connect", "setToolTip", "enabled", "visible",
+}
 # Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.h (v5.10.0), the self-test's calls
 SEGMENT_EDITOR_WIDGET_5_10 = {
     "setMaximumNumberOfUndoStates", "setMRMLScene", "setMRMLSegmentEditorNode", "setSegmentationNode",
@@ -113,3 +121,11 @@ def test_segment_editor_widget_and_pytorch_calls_exist():
     for call in calls:
         assert "PyTorchUtilsLogic()" in ast.unparse(call.func.value)
         assert {keyword.arg for keyword in call.keywords} <= PYTORCH_UTILS["installTorch"]
+
+
+def test_node_selector_calls_exist_in_slicer_5_10():
+    effect = tree(EFFECT)
+    for selector in ("self.roiSelector", "self.hintRoiSelector"):
+        used = attributes_of(effect, selector)
+        assert used, f"{selector} is not used any more: update this test"
+        assert used <= NODE_COMBOBOX_5_10, sorted(used - NODE_COMBOBOX_5_10)

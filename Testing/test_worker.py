@@ -243,3 +243,38 @@ def test_the_child_sees_the_volume_on_its_own_oblique_grid(mri, tmp_path):
     request["ijkToRas"] = np.zeros((4, 4)).tolist()
     with pytest.raises(InputError, match="degenerate"):
         image_from_request(request)
+
+
+def test_a_correction_reuses_the_kept_preview_and_taking_a_hint_away_brings_the_automatic_pass_back(
+        worker, mri, tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+    scene, node, target = mri
+    early = wait(worker, worker.submit({"type": "correct", "hints": []}, str(tmp_path / "none")))
+    assert early.state == jobs.FAILED and early.error.kind == "InputError" and "Preview first" in early.error.message
+
+    request = dict(request_for(node, str(tmp_path), tiny_sam, tiny_clip_option,
+                               model_dir=str(tiny_sam_checkpoint.parent)), keep_session=True)
+    preview = wait(worker, worker.submit(request, str(tmp_path / "preview")))
+    assert preview.state == jobs.DONE, preview.error
+    automatic = np.load(preview.result["mask"])
+    assert automatic[3].any()
+
+    fixed = wait(worker, worker.submit({"type": "correct", "hints": [{"slice": 3, "absent": True}]},
+                                       str(tmp_path / "fix1")))
+    assert fixed.state == jobs.DONE, fixed.error
+    correction = fixed.result["correction"]
+    assert correction["hinted"] == [3] and correction["encodings"] == 0  # every slice's encoding was kept
+    mask = np.load(fixed.result["mask"])
+    assert not mask[3].any()
+    untouched = [k for k in range(6) if k not in correction["changed"]]
+    np.testing.assert_array_equal(mask[untouched], automatic[untouched])
+    report = json.loads(Path(fixed.result["report"]).read_text())
+    assert report["hints"] == [{"slice": 3, "absent": True}] and report["slices"][3]["method"] == "hint"
+
+    bad = wait(worker, worker.submit({"type": "correct", "hints": [{"slice": 9, "absent": True}]},
+                                     str(tmp_path / "bad")))
+    assert bad.state == jobs.FAILED and "outside the run's slices 0:6" in bad.error.message
+
+    undone = wait(worker, worker.submit({"type": "correct", "hints": []}, str(tmp_path / "fix2")))
+    assert undone.state == jobs.DONE and undone.result["correction"]["encodings"] == 0
+    np.testing.assert_array_equal(np.load(undone.result["mask"]), automatic)
+    assert undone.result["model_loads"] == preview.result["model_loads"]

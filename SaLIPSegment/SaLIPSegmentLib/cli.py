@@ -132,6 +132,9 @@ def _add_segment_command(commands) -> None:
     segment.add_argument("--slices", metavar="A:B", help="slice range along the axis, B excluded (default all)")
     segment.add_argument("--reference", type=Path, help="reference mask, required by --clip oracle and oracle-noisy")
     segment.add_argument("--report", type=Path, help="write per-slice scores and timings to this JSON file")
+    segment.add_argument("--hints", type=Path, metavar="HINTS.json",
+                         help="fixes for some slices (a box, points, or no target; schema in README): each hinted "
+                              "slice is segmented from its hint and propagation re-runs around it")
     _add_segment_options(segment)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_model_options(segment)
@@ -160,6 +163,10 @@ def _add_evaluate_commands(commands) -> None:
     _add_presence_option(evaluate)
     evaluate.add_argument("--no-stages", dest="stages", action="store_false",
                           help="skip the stage-by-stage table (its own full cascade on every slice)")
+    evaluate.add_argument("--simulate-corrections", type=int, metavar="N", default=0,
+                          help="after the automatic pass (propagate mode), a simulated user fixes N slices one at a "
+                               "time with the reference's box (or 'no target'): the slice the QA ranks worst, and, "
+                               "for a second curve, the slice worst by Dice; reports Dice and seconds per correction")
     evaluate.add_argument("--json", type=Path, help="write the figures and the per-slice table here")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     evaluate.add_argument("-q", "--quiet", action="store_true")
@@ -218,8 +225,9 @@ def _add_batch_command(commands) -> None:
 
 def _add_tool_commands(commands) -> None:
     """qa, prompts and models: no model runs."""
-    qa = commands.add_parser("qa", help="draw a QA picture from a segment --report")
-    qa.add_argument("report", type=Path, help="the JSON written by salip segment --report")
+    qa = commands.add_parser("qa", help="draw a QA picture from a segment --report (or the correction curves "
+                                        "from an evaluate --simulate-corrections --json file)")
+    qa.add_argument("report", type=Path, help="the JSON written by salip segment --report or salip evaluate --json")
     qa.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     qa.add_argument("--overwrite", action="store_true")
     qa.set_defaults(run=run_qa)
@@ -305,6 +313,7 @@ def run_segment(args) -> int:
     target = resolve_output(args.output, default_output_name(args.input, prompt.name), args.overwrite)
     if args.report is not None:
         check_writable(args.report, overwrite=args.overwrite)
+    hints = _read_hints(args.hints)
     image = read_image(args.input)
     check_slicing(settings.axis, settings.slices, image)
     needed_by = f"--clip {settings.clip}" if settings.clip in ORACLES else ""
@@ -325,7 +334,7 @@ def run_segment(args) -> int:
     progress = _ProgressBar(args.quiet, "segmenting")
     try:
         mask, report = segment_image(image, settings, segmenter, scorer, reference=reference,
-                                     progress=progress, say=say)
+                                     progress=progress, say=say, hints=hints)
     except KeyboardInterrupt:
         raise Cancelled("Cancelled; nothing was written.") from None
     finally:
@@ -343,6 +352,20 @@ def run_segment(args) -> int:
         say(notice)
     say(_final_line(output, target.kind, prompt.display_name, int(mask.sum()), report, args.report))
     return 0
+
+
+def _read_hints(path: Optional[Path]):
+    """The --hints file's JSON (checked against the run later, before any model runs), or None."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"Hints file {path} does not exist.") from None
+    except (OSError, ValueError) as error:
+        raise InputError(f"Hints file {path} is not readable JSON: {error}") from None
 
 
 def _final_line(output, kind, name, voxels, report, report_path) -> str:
@@ -398,6 +421,8 @@ def run_evaluate(args) -> int:
     prompt = prompt_from_args(args)
     top_k = args.top_k if args.top_k is not None else prompt.top_k
     modes = _evaluation_modes(args.modes)
+    if args.simulate_corrections < 0:
+        raise InputError("--simulate-corrections takes a number of corrections, 0 or more.")
     if args.json is not None:
         check_writable(args.json, overwrite=args.overwrite)
     image = read_image(args.input)
@@ -418,6 +443,9 @@ def run_evaluate(args) -> int:
     if modes:
         figures["modes"] = _evaluate_product(args, volume, reference, image, segmenter, scorer, prompt,
                                              variants[-1][1], modes)
+    if args.simulate_corrections:
+        figures["corrections"] = _simulate_corrections(args, volume, reference, segmenter, scorer, prompt,
+                                                       variants[-1][1])
     if args.json is not None:
         write_json(args.json, figures)
     return 0
@@ -484,6 +512,30 @@ def _evaluate_product(args, volume, reference, image, segmenter, scorer, prompt,
                        ("flag recall", "flag_recall"), ("flag precision", "flag_precision"), ("seconds", "seconds")):
         print(f"  {label:<28}" + "".join(f"{_show(getattr(r, key)):>13}" for r in results))
     return {r.mode: r.to_dict() for r in results}
+
+
+def _simulate_corrections(args, volume, reference, segmenter, scorer, prompt, run) -> dict:
+    """The two correction curves (simulation.py), printed as a table; their JSON field."""
+    from .simulation import simulate_corrections
+
+    bar = _ProgressBar(args.quiet, "segmenting, then correcting")
+    try:
+        found = simulate_corrections(volume, reference, segmenter, scorer, prompt.sentences,
+                                     dataclasses.replace(run, mode="propagate"), args.simulate_corrections,
+                                     progress=bar)
+    finally:
+        bar.close()
+    print(f"Simulated corrections (reference box or 'no target' on one slice each; box bound "
+          f"{found.box_bound_dice_volume:.3f}, embeddings kept: {found.embedding_mib:.0f} MiB):")
+    print(f"  {'':<10}" + "".join(f"{name + ': slice':>18}{'Dice':>8}{'s':>7}" for name in found.curves))
+    for step in range(max(len(c) for c in found.curves.values())):
+        cells = []
+        for curve in found.curves.values():
+            row = curve[step] if step < len(curve) else None
+            cells.append(f"{'':>18}{'':>8}{'':>7}" if row is None else
+                         f"{'auto' if row.slice is None else row.slice:>18}{row.dice_volume:>8.3f}{row.seconds:>7.2f}")
+        print(f"  {'#' + str(step):<10}" + "".join(cells))
+    return found.to_dict()
 
 
 TABLE_COLUMNS = ("case", "status", "slices_with_reference", "dice_volume", "dice_mean_per_slice", "hd95_mm",

@@ -434,6 +434,14 @@ class PreviewSession:
     """What the effect needs to turn the job's result into a preview (node IDs, prompt, geometry)."""
     preview_node_id: Optional[str] = None
     status: str = ""
+    report: Optional[dict] = None
+    """The last result's report (per-slice table, flags): the next slice to fix comes from it."""
+    hints: Optional[object] = None
+    """effect_hints.HintList of this preview, from its first result on."""
+    correcting: bool = False
+    """Whether `job` is an Update (a correct request on the engine's kept run) rather than a Preview."""
+    corrections: int = 0
+    _sent: Dict[int, dict] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -441,6 +449,23 @@ class PreviewSession:
 
     def begin(self, job: PreviewJob, run: dict) -> None:
         self.job, self.run, self.preview_node_id, self.status = job, run, None, ""
+        self.report, self.hints, self.correcting, self.corrections = None, None, False, 0
+
+    def begin_correction(self, job: PreviewJob) -> None:
+        """An Update: the run and the preview stay; what it sent is what the result will have applied."""
+        self.job, self.correcting, self.corrections = job, True, self.corrections + 1
+        self._sent = {k: dict(v) for k, v in self.hints.hints.items()}
+
+    def finish_correction(self, report: dict, applied: bool) -> None:
+        """A result came back (a Preview's or an Update's): keep its report; start or update the hint list."""
+        from .effect_hints import HintList
+
+        self.report, self.correcting = report, False
+        if self.hints is None:
+            self.hints = HintList(axis=int(report["axis"]), slice_range=tuple(report["slice_range"]),
+                                  shape_kji=tuple((self.run or {}).get("shape") or ()))
+        elif applied:
+            self.hints.applied = self._sent
 
     def end(self) -> Tuple[Optional[PreviewJob], Optional[str]]:
         """Forget the job and the preview; returns them so that the caller can kill and remove them."""
@@ -450,6 +475,7 @@ class PreviewSession:
             remove_folder(job.folder)
         remove_folder((self.run or {}).get("folder"))
         self.job, self.run, self.preview_node_id = None, None, None
+        self.report, self.hints, self.correcting = None, None, False
         return job, preview
 
 

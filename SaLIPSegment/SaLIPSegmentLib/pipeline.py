@@ -221,8 +221,15 @@ def segment_image(
     progress: Optional[Callable[[int, int], None]] = None,
     should_cancel: Optional[Callable[[], bool]] = None,
     say: Callable[[str], None] = lambda text: None,
+    hints=None,
+    keep: Optional[Callable[[KeptRun], None]] = None,
 ) -> Tuple[np.ndarray, dict]:
-    """The cleaned-up mask on the image's own shape, and the report (per-slice table included)."""
+    """The cleaned-up mask on the image's own shape, and the report (per-slice table included).
+
+    `hints` (JSON-ready data in hints.py's schema) correct the automatic pass: each hinted
+    slice is segmented from its hint and propagation re-runs around it (corrections.py).
+    `keep` receives the run (a KeptRun) so that correct_kept can correct it later.
+    """
     from .volume import as_volume, parse_slice_range, segment_volume
 
     volume = as_volume(image.array)
@@ -240,8 +247,25 @@ def segment_image(
         say(f"Adapted proposal settings: IoU >= {proposal.pred_iou_thresh:.2f}, "
             f"stability >= {proposal.stability_score_thresh:.2f}")
     started = time.perf_counter()
-    result = segment_volume(volume, segmenter, scorer, settings.prompt.sentences, run, reference=reference,
-                            progress=progress, should_cancel=should_cancel)
+    if hints is None and keep is None:
+        result = segment_volume(volume, segmenter, scorer, settings.prompt.sentences, run, reference=reference,
+                                progress=progress, should_cancel=should_cancel)
+        applied = None
+    else:
+        session, result, applied = run_with_hints(image, volume, segmenter, scorer, settings.prompt.sentences, run,
+                                                  hints or [], reference=reference, progress=progress,
+                                                  should_cancel=should_cancel)
+        if applied:
+            say(f"Hints: {len(applied)} slices ({', '.join(str(h['slice']) for h in applied)}) segmented from "
+                "their hint and propagated.")
+        if keep is not None:
+            keep(KeptRun(session, image, settings, run, adaptation))
+    return finish_run(image, settings, run, result, adaptation, started, say, applied)
+
+
+def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, result, adaptation, started: float,
+               say: Callable[[str], None], applied=None) -> Tuple[np.ndarray, dict]:
+    """The run's mask after clean-up and laterality, and the report (the hints applied, when there are any)."""
     mask, side = keep_prompted_side(clean_up(result, run), image, settings.prompt, say)
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,
@@ -254,7 +278,70 @@ def segment_image(
         "seconds": round(time.perf_counter() - started, 3),
         "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
     }
+    if applied is not None:
+        report["hints"] = applied
+        report["summary"]["slices_hinted"] = len(applied)
     return mask.reshape(image.array.shape), report
+
+
+def run_with_hints(image: Image3D, volume: np.ndarray, segmenter, scorer, sentences, run: VolumeSettings, hints,
+                   *, reference=None, progress=None, should_cancel=None):
+    """(the CorrectionSession, its VolumeResult, the hints applied as JSON): the automatic pass, then the hints.
+
+    The hints are checked against the run (slices, slice size, the segmenter's prompts) before any
+    model runs, so a bad hints file costs nothing.
+    """
+    from .corrections import CorrectionSession
+    from .hints import parse_hints
+    from .io import RAS_TO_LPS
+
+    session = CorrectionSession(volume, segmenter, scorer, sentences, run, reference=reference,
+                                progress=progress, should_cancel=should_cancel)
+    parsed = parse_hints(hints, session.geometry(RAS_TO_LPS @ image.ijk_to_lps))
+    automatic = session.run()
+    if not parsed:
+        return session, automatic, []
+    result, _ = session.correct(parsed)
+    result.seconds += automatic.seconds
+    return session, result, [h.to_dict() for h in parsed]
+
+
+@dataclass
+class KeptRun:
+    """A run kept after Preview so that Update corrects it (the Slicer worker): the session and what
+    its report needs."""
+
+    session: object
+    """corrections.CorrectionSession, with the automatic pass's state saved (automatic_state)."""
+    image: Image3D
+    settings: SegmentSettings
+    run: VolumeSettings
+    adaptation: Optional[list] = None
+
+
+def correct_kept(kept: KeptRun, hints, *, progress=None, should_cancel=None,
+                 say: Callable[[str], None] = lambda text: None) -> Tuple[np.ndarray, dict]:
+    """The kept run with `hints` (the whole list now in force, in hints.py's schema): mask and report.
+
+    Hints new or changed since the last call are applied incrementally; when one was removed, the
+    automatic pass's state comes back first and every hint is applied again (no slice is encoded
+    again either way). The report's `correction` says what was redone and what it took.
+    """
+    from .hints import parse_hints
+    from .io import RAS_TO_LPS
+
+    session = kept.session
+    parsed = parse_hints(hints, session.geometry(RAS_TO_LPS @ kept.image.ijk_to_lps))
+    session.progress, session.should_cancel = progress, should_cancel
+    if set(session.hints) - {h.slice for h in parsed}:
+        session.restore_state(session.automatic_state)
+    started = time.perf_counter()
+    result, correction = session.correct(parsed)
+    applied = [h.to_dict() for h in session.hints.values()]
+    mask, report = finish_run(kept.image, kept.settings, kept.run, result, kept.adaptation, started, say,
+                              sorted(applied, key=lambda h: h["slice"]))
+    report["correction"] = correction.to_dict()
+    return mask, report
 
 
 def clean_up(result, settings: VolumeSettings) -> np.ndarray:

@@ -1,5 +1,7 @@
 """A QA picture from a `salip segment --report`: scores by slice, and the slices to look at.
 
+From a `salip evaluate --simulate-corrections N --json` file it draws the correction curves instead.
+
 Top: each slice's retrieval score and SAM's predicted IoU, the mask area, flagged slices
 marked, and the volume's verdict ("12 of 52 slices need a look") in the title. Bottom: a
 montage of the flagged slices the engine trusts least (or, when none is flagged, a few
@@ -122,12 +124,46 @@ def render_qa(report_path: Path, output: Path) -> Path:
     """Draw the QA picture for a report (its input and output files must still exist) into a PNG."""
     import matplotlib.pyplot as plt
 
-    figure = draw_qa(report_path)
+    corrections = _corrections_in(report_path)
+    figure = draw_qa(report_path) if corrections is None else draw_corrections(corrections, Path(report_path).name)
     try:
         write_atomically(output, lambda tmp: figure.savefig(tmp, dpi=90, format="png"))
     finally:
         plt.close(figure)
     return Path(output)
+
+
+def _corrections_in(path: Path):
+    """The `corrections` field of an evaluate --json file, or None for anything else (a segment report)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # draw_qa says what is wrong with it
+    return data.get("corrections") if isinstance(data, dict) else None
+
+
+def draw_corrections(found: dict, title: str):
+    """3D Dice after each simulated correction, one line per way of choosing the slice, and the box bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (dice_axes, time_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = {"qa": "slice the QA ranks worst (label-free)", "worst-dice": "slice worst by Dice (needs labels)"}
+    for name, steps in found["curves"].items():
+        xs = [s["step"] for s in steps]
+        dice_axes.plot(xs, [s["dice_volume"] for s in steps], marker="o", label=labels.get(name, name))
+        time_axes.plot(xs[1:], [s["seconds"] for s in steps[1:]], marker="o", label=labels.get(name, name))
+    dice_axes.axhline(found["box_bound_dice_volume"], color="0.5", linestyle="--",
+                      label="box bound (the reference's box on every slice)")
+    dice_axes.set(xlabel="corrections (0: the automatic pass)", ylabel="3D Dice", ylim=(0, 1),
+                  title=f"{title}: Dice after each correction")
+    time_axes.set(xlabel="correction", ylabel="seconds", title="seconds per correction")
+    dice_axes.legend(fontsize=8, loc="lower right")
+    time_axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
 
 
 def draw_qa(report_path: Path):

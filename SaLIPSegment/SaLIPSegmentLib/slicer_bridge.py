@@ -214,6 +214,14 @@ def _roi_corners_world(roi_node) -> np.ndarray:
     return np.array([[x, y, z] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]], dtype=float)
 
 
+def hint_box_from_roi(volume_node, roi_node, axis: int, index: int):
+    """[x0, y0, x1, y1] (pixels of slice `index` along numpy `axis`): an ROI's extent as a hint's box."""
+    from .effect_hints import slice_box_from_world
+
+    geometry = volume_geometry(volume_node)
+    return slice_box_from_world(_roi_corners_world(roi_node), geometry.ijk_to_world, geometry.shape, axis, index)
+
+
 def slice_range_from_roi(volume_node, roi_node, axis: int) -> Tuple[int, int]:
     """(start, stop) of the slices along ``axis`` whose centres lie inside the ROI.
 

@@ -9,6 +9,9 @@ Line protocol, one JSON object per line:
 
 * requests on stdin: ``{"type": "segment", "id": 1, "volume": "/tmp/v.npy", "ijkToRas": [[..] x 4],
   "output": "/tmp/out", "settings": {...}}`` (see :func:`settings_from_request`),
+  ``{"type": "correct", "id": 3, "hints": [...], "output": "/tmp/out2"}`` (the hints now in force, in
+  hints.py's schema: the last segment request that said ``"keep_session": true`` is corrected, its
+  slices' embeddings reused; see pipeline.correct_kept),
   ``{"type": "download", "id": 2, "files": [{"name", "filename", "url", "sha256", "size_bytes"}],
   "model_dir": ...}`` (the settings panel's weights, into the cache) or ``{"type": "exit"}``;
 * events on stdout: ``ready``, then per request ``loading``, ``progress`` (``done``, ``total``;
@@ -140,6 +143,8 @@ class Worker:
 
     emit: Callable[[dict], None]
     models: LoadedModels = field(default_factory=LoadedModels)
+    kept: Optional[object] = None
+    """pipeline.KeptRun of the last segment request that asked to keep its session (for correct requests)."""
 
     def handle(self, request: dict) -> bool:
         """Run one request; False when the worker should exit."""
@@ -148,6 +153,8 @@ class Worker:
             return False
         if kind == "segment":
             self.segment(request)
+        elif kind == "correct":
+            self.correct(request)
         elif kind == "download":
             self.download(request)
         else:
@@ -168,7 +175,9 @@ class Worker:
             def progress(done: int, total: int) -> None:
                 self.emit({"event": "progress", "id": request_id, "done": int(done), "total": int(total)})
 
-            mask, report = self._run(image, settings, segmenter, scorer, progress)
+            self.kept = None  # a new run: the old one's embeddings go before new ones are made
+            keep = self._keep if request.get("keep_session") else None
+            mask, report = self._run(image, settings, segmenter, scorer, progress, keep)
             paths = write_outputs(Path(request["output"]), mask, report)
             self.emit({"event": "done", "id": request_id, **paths, "summary": report.get("summary", {}),
                        "model_loads": self.models.loads, "load_seconds": round(loaded - started, 3),
@@ -176,6 +185,37 @@ class Worker:
         except BaseException as error:  # reported to the effect, which shows it; the worker lives on
             self.emit(error_event(request_id, error))
             if is_out_of_memory(error):
+                self.models.clear()
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+
+    def _keep(self, kept) -> None:
+        self.kept = kept
+
+    def correct(self, request: dict) -> None:
+        """Correct the kept run with the request's hints; only the slices they change are recomputed."""
+        from .pipeline import correct_kept
+
+        request_id = request.get("id")
+        started = time.perf_counter()
+        try:
+            if self.kept is None:
+                raise InputError("There is no kept preview to correct: run Preview first (the engine keeps one "
+                                 "preview's slices at a time).")
+
+            def progress(done: int, total: int) -> None:
+                self.emit({"event": "progress", "id": request_id, "done": int(done), "total": int(total)})
+
+            mask, report = correct_kept(self.kept, request.get("hints") or [], progress=progress,
+                                        say=lambda text: self.emit({"event": "notice", "text": str(text)}))
+            paths = write_outputs(Path(request["output"]), mask, report)
+            self.emit({"event": "done", "id": request_id, **paths, "summary": report.get("summary", {}),
+                       "correction": report["correction"], "model_loads": self.models.loads,
+                       "seconds": round(time.perf_counter() - started, 3)})
+        except BaseException as error:  # reported to the effect; the kept run stays for another try
+            self.emit(error_event(request_id, error))
+            if is_out_of_memory(error):
+                self.kept = None
                 self.models.clear()
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -204,13 +244,14 @@ class Worker:
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
 
-    def _run(self, image, settings, segmenter, scorer, progress):
+    def _run(self, image, settings, segmenter, scorer, progress, keep=None):
         from .pipeline import segment_image
 
         mask, report = segment_image(image, settings, segmenter, scorer, progress=progress,
-                                     say=lambda text: self.emit({"event": "notice", "text": str(text)}))
+                                     say=lambda text: self.emit({"event": "notice", "text": str(text)}), keep=keep)
         if report.get("summary", {}).get("notices"):
             self.models.clear()  # they may have moved to the CPU: the next request loads them afresh
+            self.kept = None
         return mask, report
 
 

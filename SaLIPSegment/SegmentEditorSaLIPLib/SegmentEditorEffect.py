@@ -70,6 +70,9 @@ On every slice, SAM proposes parts, CLIP picks the part that matches the prompt,
 its preview stay when you leave the effect); the result is shown as a separate preview segmentation.</li>
 <li><b>Apply:</b> writes the preview into a new segment (or the selected one), within the editable area,
 intensity range and "modify other segments" setting of the Masking section. Undo reverts it.</li>
+<li><b>Fix slices</b> (after Preview): on the slice a view shows, take the box of a markups ROI or say
+"no target on this slice"; <b>Update</b> re-runs only the slices between that slice and the next key slice or
+fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li>
 <li><b>Cancel:</b> stops a running preview (nothing is changed), or discards the preview.</li>
 </ul><p>Models, device and weights are chosen in the <b>SaLIP</b> module.""")
 
@@ -196,7 +199,50 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         self.flaggedListWidget.visible = False
         self.flaggedLabel.visible = False
 
+        self.setupHintsSection()
         self.updateButtons()
+
+    def setupHintsSection(self):
+        """After Preview: hints on the viewed slice, Update, and the next slice to fix (effect_hints)."""
+        self.hintsCollapsibleButton = ctk.ctkCollapsibleButton()
+        self.hintsCollapsibleButton.text = _("Fix slices")
+        hintsLayout = qt.QFormLayout(self.hintsCollapsibleButton)
+        self.hintRoiSelector = slicer.qMRMLNodeComboBox()
+        self.hintRoiSelector.nodeTypes = ["vtkMRMLMarkupsROINode"]
+        self.hintRoiSelector.noneEnabled = True
+        self.hintRoiSelector.addEnabled = True
+        self.hintRoiSelector.removeEnabled = False
+        self.hintRoiSelector.setMRMLScene(slicer.mrmlScene)
+        self.hintRoiSelector.setToolTip(_("Draw an ROI around the target on the slice to fix."))
+        hintsLayout.addRow(_("Box ROI:"), self.hintRoiSelector)
+        self.boxHintButton = qt.QPushButton(_("Box from ROI on this slice"))
+        self.boxHintButton.setToolTip(_("The ROI's extent becomes the box of the slice shown in the view."))
+        self.boxHintButton.connect("clicked()", self.onBoxHint)
+        self.absentHintButton = qt.QPushButton(_("No target on this slice"))
+        self.absentHintButton.setToolTip(_("The slice shown gets no mask, and propagation stops there."))
+        self.absentHintButton.connect("clicked()", self.onAbsentHint)
+        hintButtons = qt.QHBoxLayout()
+        hintButtons.addWidget(self.boxHintButton)
+        hintButtons.addWidget(self.absentHintButton)
+        hintsLayout.addRow(hintButtons)
+        self.hintListWidget = qt.QListWidget()
+        self.hintListWidget.setToolTip(_("The fixes of this preview. Click one to show its slice."))
+        self.hintListWidget.connect("itemClicked(QListWidgetItem*)", self.onFlaggedSliceClicked)
+        hintsLayout.addRow(_("Fixes:"), self.hintListWidget)
+        self.removeHintButton = qt.QPushButton(_("Remove fix"))
+        self.removeHintButton.connect("clicked()", self.onRemoveHint)
+        self.updateButton = qt.QPushButton(_("Update"))
+        self.updateButton.setToolTip(_("Re-run around the fixed slices and refresh the preview."))
+        self.updateButton.connect("clicked()", self.onUpdate)
+        self.nextSliceButton = qt.QPushButton(_("Next slice to fix"))
+        self.nextSliceButton.setToolTip(_("Show the slice the checks rank worst among those not fixed yet."))
+        self.nextSliceButton.connect("clicked()", self.onNextSliceToFix)
+        updateButtons = qt.QHBoxLayout()
+        updateButtons.addWidget(self.removeHintButton)
+        updateButtons.addWidget(self.updateButton)
+        updateButtons.addWidget(self.nextSliceButton)
+        hintsLayout.addRow(updateButtons)
+        self.scriptedEffect.addOptionsWidget(self.hintsCollapsibleButton)
 
     def setupAdvancedSection(self):
         self.advancedCollapsibleButton = ctk.ctkCollapsibleButton()
@@ -430,6 +476,17 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         self.progressBar.visible = running
         if not running and not hasPreview:
             self.showFlaggedSlices([])
+        if hasattr(self, "hintListWidget"):
+            hints = session.hints
+            self.hintsCollapsibleButton.visible = hasPreview or running
+            for button in (self.boxHintButton, self.absentHintButton, self.nextSliceButton, self.removeHintButton):
+                button.enabled = hasPreview and not running
+            self.updateButton.enabled = hasPreview and not running and hints is not None and hints.pending
+            self.hintListWidget.clear()
+            for index, label in (hints.labels() if hints is not None else []):
+                listItem = qt.QListWidgetItem(label)
+                listItem.setData(qt.Qt.UserRole, index)
+                self.hintListWidget.addItem(listItem)
 
     def showFlaggedSlices(self, flagged):
         self.flaggedListWidget.clear()
@@ -500,7 +557,8 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         if not self.confirmModels(models, effect_options.slice_count(geometry.shape, axis, sliceRange)):
             return None
         # The whole IJK-to-world matrix, not only spacing: a left/right preset keeps the patient's side.
-        request = {"type": "segment", "ijkToRas": geometry.ijk_to_world.tolist(),
+        # keep_session: the engine keeps the slices' encodings so that Update re-runs only what fixes change.
+        request = {"type": "segment", "keep_session": True, "ijkToRas": geometry.ijk_to_world.tolist(),
                    "settings": effect_options.worker_settings(options, prompt.top_k, models, axis, sliceRange,
                                                               window)}
         run = {"volumeNodeId": volumeNode.GetID(), "shape": list(geometry.shape), "axis": axis,
@@ -573,21 +631,28 @@ intensity range and "modify other segments" setting of the Masking section. Undo
 
         from SaLIPSegmentLib import jobs, slicer_bridge
 
+        correcting = session.correcting
         if job.state != jobs.DONE:
             self.reportError(job.error)
-            self.endSession()
+            session.correcting = False
+            if not correcting:  # a failed Update keeps the preview it started from
+                self.endSession()
             return
         run = session.run
         volumeNode = slicer.mrmlScene.GetNodeByID(run["volumeNodeId"])
         if volumeNode is None:
             raise ValueError(_("The source volume was removed while SaLIP ran."))
         mask = slicer_bridge.load_result_mask(job.result["mask"], volumeNode, run["shape"])
+        oldPreview = self.previewNode()
         previewNode = slicer_bridge.create_preview(slicer.mrmlScene, volumeNode, mask, run["promptName"],
                                                    run["color"])
+        if oldPreview is not None:
+            slicer_bridge.discard_preview(oldPreview)
         session.preview_node_id = previewNode.GetID()
         run["mask"] = job.result["mask"]
         with open(job.result["report"], encoding="utf-8") as reportFile:
             report = json.load(reportFile)
+        session.finish_correction(report, applied=correcting)
         summary = job.result.get("summary", {})
         self.setStatus(effect_options.result_text(summary, job.seconds))
         self.showFlaggedSlices(effect_options.flagged_from_report(report))
@@ -645,6 +710,73 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         self.scriptedEffect.modifySegmentByLabelmap(
             segmentationNode, segmentId, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
+    # -- fixing slices after Preview ---------------------------------------------------
+
+    def currentSliceIndex(self):
+        """(run, index of the slice the view across the run's axis shows), or None after saying what is missing."""
+        from SaLIPSegmentLib import slicer_bridge
+
+        run = self.session().run
+        volumeNode = slicer.mrmlScene.GetNodeByID(run["volumeNodeId"]) if run else None
+        sliceNode = self.sliceNodeForAxis(volumeNode, run["axis"]) if volumeNode is not None else None
+        if sliceNode is None:
+            slicer.util.errorDisplay(_("Preview first, with a slice view open across the previewed slices."))
+            return None
+        return volumeNode, slicer_bridge.slice_index_at(volumeNode, sliceNode, run["axis"])
+
+    def onBoxHint(self):
+        from SaLIPSegmentLib import slicer_bridge
+
+        roiNode = self.hintRoiSelector.currentNode()
+        if roiNode is None:
+            slicer.util.errorDisplay(_("Select or draw an ROI around the target first."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("The ROI cannot fix this slice."), waitCursor=True):
+            found = self.currentSliceIndex()
+            if found is not None:
+                volumeNode, index = found
+                box = slicer_bridge.hint_box_from_roi(volumeNode, roiNode, self.session().run["axis"], index)
+                self.session().hints.set_box(index, box)
+        self.updateButtons()
+
+    def onAbsentHint(self):
+        with slicer.util.tryWithErrorDisplay(_("This slice cannot be marked."), waitCursor=True):
+            found = self.currentSliceIndex()
+            if found is not None:
+                self.session().hints.set_absent(found[1])
+        self.updateButtons()
+
+    def onRemoveHint(self):
+        item = self.hintListWidget.currentItem()
+        if item is not None and self.session().hints is not None:
+            self.session().hints.remove(int(item.data(qt.Qt.UserRole)))
+        self.updateButtons()
+
+    def onUpdate(self):
+        """Send the fixes to the engine, which corrects the kept preview (see jobs.PreviewSession)."""
+        session = self.session()
+        if session.running or session.hints is None or self.previewNode() is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("SaLIP could not update."), waitCursor=True):
+            folder = os.path.join(session.run["folder"], f"correction{session.corrections + 1}")
+            job = engine().submit(session.hints.request(), folder)
+            session.begin_correction(job)
+            self.setStatus(_("Updating around {count} fixed slices...").format(count=len(session.hints.hints)))
+            self.progressBar.minimum = 0
+            self.progressBar.maximum = 0
+            self.timer.start()
+        self.updateButtons()
+
+    def onNextSliceToFix(self):
+        from SaLIPSegmentLib import effect_hints
+
+        session = self.session()
+        index = effect_hints.next_slice_to_fix(session.report or {}, session.hints)
+        if index is None:
+            self.setStatus(_("No slice left that the checks rank as worth fixing."))
+            return
+        self.jumpToSlice(index)
+
     def onCancel(self):
         running = self.session().running
         self.endSession()
@@ -653,12 +785,14 @@ intensity range and "modify other segments" setting of the Masking section. Undo
         self.updateButtons()
 
     def onFlaggedSliceClicked(self, item):
+        self.jumpToSlice(int(item.data(qt.Qt.UserRole)))
+
+    def jumpToSlice(self, index):
         run = self.session().run
         if run is None:
             return
         import numpy as np
 
-        index = int(item.data(qt.Qt.UserRole))
         r, a, s = effect_options.slice_center_ras(np.array(run["ijkToWorld"]), run["shape"], run["axis"], index)
         sliceNode = self.sliceNodeForAxis(slicer.mrmlScene.GetNodeByID(run["volumeNodeId"]), run["axis"])
         if sliceNode is not None:

@@ -86,6 +86,8 @@ class Segmenter(ABC):
     """What encodes images now: torch, or onnxruntime (models.cpu_runtime)."""
     decoder_runtime: str = "torch"
     """What decoded masks last, likewise."""
+    takes_points: bool = False
+    """Whether refine_points works: a hint may then be clicks (SAM); box-only models (LiteMedSAM) refuse them."""
 
     @abstractmethod
     def set_image(self, image_rgb: np.ndarray) -> None:
@@ -98,6 +100,10 @@ class Segmenter(ABC):
     @abstractmethod
     def refine(self, boxes: Sequence[Box]) -> List[RefinedMask]:
         """One mask per box on the current image (single-mask output, box only)."""
+
+    def refine_points(self, points: Sequence[Tuple[float, float]], labels: Sequence[int]) -> RefinedMask:
+        """One mask from positive (1) and negative (0) clicks in pixels on the current image (a hint)."""
+        raise NotImplementedError(f"{self.name} takes boxes only, not points")
 
     def to_device(self, device: torch.device) -> None:
         """Move the model (after a GPU ran out of memory); the current image must be set again."""
@@ -302,6 +308,30 @@ class PromptableSegmenter(Segmenter):
             RefinedMask(mask=m.cpu().numpy(), box=tuple(int(v) for v in b), predicted_iou=float(s))
             for m, b, s in zip(masks, boxes, iou[:, 0].float().cpu())
         ]
+
+    def refine_points(self, points: Sequence[Tuple[float, float]], labels: Sequence[int]) -> RefinedMask:
+        """Clicks on the current image, through the torch decoder (the ONNX one is built for box prompts).
+
+        One click is ambiguous (a part or the whole): the decoder's three masks are asked for and
+        the one with the best predicted IoU kept, as segment_anything advises.
+        """
+        if not self.takes_points:
+            return super().refine_points(points, labels)
+        embedding = self.embedding
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            xy = torch.as_tensor(np.asarray(points, dtype=np.float32), device=self.device)
+            coords = self._to_input_frame(xy, embedding.original_size)[None]
+            kinds = torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device)[None]
+            sparse, dense = self.model.prompt_encoder(points=(coords, kinds), boxes=None, masks=None)
+            low_res, iou = self.model.mask_decoder(
+                image_embeddings=embedding.features, image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=len(points) == 1)
+            best = int(torch.argmax(iou[0].float()))
+            mask = self._upsample(low_res[:, best].float(), embedding)[0] > self.mask_threshold
+        mask = mask.cpu().numpy()
+        rows, cols = np.nonzero(mask)
+        box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())) if rows.size else (0, 0, 0, 0)
+        return RefinedMask(mask=mask, box=box, predicted_iou=float(iou[0, best]))
 
     # -- shared machinery -------------------------------------------------------------
 

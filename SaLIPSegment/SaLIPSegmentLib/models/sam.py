@@ -59,6 +59,7 @@ class SamSegmenter(PromptableSegmenter):
     # for the export (figures: Testing/Benchmarks/RESULTS.md); ViT-L and ViT-H stay in torch.
     onnx_on_cpu = True
     onnx_min_encodings = 5
+    takes_points = True  # trained on clicks as well as boxes
 
     def __init__(self, model: Sam, device: torch.device, name: str = "sam"):
         attend_head_by_head(model.image_encoder)

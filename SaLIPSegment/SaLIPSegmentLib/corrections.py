@@ -1,0 +1,299 @@
+"""Corrections: a volume run that keeps its state, so that a hint re-runs only what it changes.
+
+`CorrectionSession` is a VolumeRunner that keeps every slice's embedding after `run()`; its
+`correct(hints)` segments each hinted slice from its hint (no retrieval) and re-propagates from
+it in both directions up to the next boundary: a key slice, another hinted slice, or the target's
+end (where the walk stops). Slices beyond those boundaries keep their result voxel for voxel, and
+only slices never encoded before are encoded. Numpy in, numpy out; no Slicer, no files.
+
+Memory: a kept embedding is the encoder's 256 x 64 x 64 float32 features (4 MiB, LiteMedSAM and
+SAM alike) plus the slice's RGB image: 181 slices hold about 0.75 GB.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .hints import HINT_METHOD, Hint, HintGeometry, rank_slices_to_fix  # noqa: F401 (re-exported)
+from .imaging import mask_to_box, resize_mask
+from .volume import (
+    BEYOND_ORGAN,
+    SliceRecord,
+    VolumeResult,
+    VolumeRunner,
+    _Found,
+    flag_slices,
+    key_positions,
+)
+
+ABSENT_BY_HINT = "no target (hint)"
+BEYOND_ABSENT_HINT = "beyond a 'no target' hint"
+
+
+@dataclass
+class Correction:
+    """What one call to correct() did."""
+
+    hinted: List[int]
+    """The slices whose hint was new or changed."""
+    changed: List[int]
+    """Every slice recomputed: the hinted ones and those between them and the next boundary."""
+    encodings: int
+    """Slices encoded for this correction (those never encoded before)."""
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"hinted": self.hinted, "changed": self.changed, "encodings": self.encodings,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class _SavedState:
+    records: Dict[int, SliceRecord]
+    found: Dict[int, _Found]
+    mask: np.ndarray
+    hints: Dict[int, Hint] = field(default_factory=dict)
+
+
+class CorrectionSession(VolumeRunner):
+    """A run that can be corrected with hints (see the module's docstring).
+
+    After `run()`: `embeddings` (slice index -> the encoder's output, kept for the session),
+    `key_slices` (where the automatic pass ran the full cascade by plan), `hints` (slice -> the
+    hint in force), `encodings` (images encoded so far).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embeddings: Dict[int, object] = {}
+        self.hints: Dict[int, Hint] = {}
+        self.key_slices: set = set()
+        self.encodings = 0
+        self.automatic_state: Optional[_SavedState] = None
+        """The result of the automatic pass, to come back to when a hint is taken away."""
+
+    # -- the automatic pass, remembered ----------------------------------------------------
+
+    def run(self) -> VolumeResult:
+        result = super().run()
+        if self.settings.mode == "every-slice":
+            self.key_slices = set(self.tissue)
+        else:
+            interval = self.settings.propagation.key_interval
+            self.key_slices = {self.tissue[k] for k in key_positions(len(self.tissue), interval)}
+        self.automatic_state = self.save_state()
+        return result
+
+    def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
+        """The runner's embed, except that a slice encoded once in the session is never encoded again."""
+        if index in self.embeddings:
+            self.segmenter.use_embedding(self.embeddings[index])
+            return 0.0
+        seconds = super().embed(index, pixels, upcoming)
+        self.encodings += 1
+        current = self.segmenter.embedding
+        if current is not None:
+            self.embeddings[index] = current
+        return seconds
+
+    def _forget_embeddings(self) -> None:
+        """The GPU ran out of memory: what the session kept goes too (it is encoded again when needed)."""
+        super()._forget_embeddings()
+        self.embeddings.clear()
+
+    @property
+    def embedding_bytes(self) -> int:
+        """Memory held by the kept embeddings' features."""
+        total = 0
+        for embedding in self.embeddings.values():
+            features = getattr(embedding, "features", None)
+            total += int(features.element_size() * features.nelement()) if features is not None else 0
+        return total
+
+    def geometry(self, ijk_to_ras=None) -> HintGeometry:
+        """What hints are checked against in this run."""
+        return HintGeometry(axis=self.axis, slice_range=(self.start, self.stop), slice_shape=tuple(self.full_shape),
+                            takes_points=self.segmenter.takes_points, segmenter_name=self.segmenter.name,
+                            ijk_to_ras=ijk_to_ras)
+
+    # -- corrections -----------------------------------------------------------------------
+
+    def correct(self, hints: Sequence[Hint]) -> Tuple[VolumeResult, Correction]:
+        """Apply hints (new or changed ones; the others are in force already) and re-propagate around them."""
+        started, encoded = time.perf_counter(), self.encodings
+        fresh = [h for h in hints if self.hints.get(h.slice) != h]
+        for hint in fresh:
+            self._check_hint(hint)
+        self.hints.update({h.slice: h for h in fresh})
+        for hint in fresh:
+            self._check_cancel()
+            self.memory.run(self.segment_hint, hint)
+        changed = {h.slice for h in fresh}
+        away = {h.slice: self.side_without_target(h.slice) for h in fresh if h.kind == "absent"}
+        for index, side in away.items():
+            changed.update(self.clear_beyond(index, side))
+        try:
+            for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue], away):
+                changed.update(self.refill(low, high))
+        finally:
+            self.kept.clear()
+        seconds = time.perf_counter() - started
+        correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
+                                encodings=self.encodings - encoded, seconds=seconds)
+        return self.result(seconds), correction
+
+    def _check_hint(self, hint: Hint) -> None:
+        if not self.start <= hint.slice < self.stop:
+            raise InputError(f"Slice {hint.slice} is outside the run's slices {self.start}:{self.stop}.")
+        if hint.kind != "absent" and hint.slice not in self.tissue:
+            raise InputError(f"Slice {hint.slice} is uniform (no tissue): there is nothing to segment there.")
+        if hint.kind == "points" and not self.segmenter.takes_points:
+            raise InputError(f"{self.segmenter.name} takes boxes only, not points: give a box instead.")
+
+    def segment_hint(self, hint: Hint) -> None:
+        """The hinted slice from its hint alone: the box or clicks refined, or no mask for "no target"."""
+        index = hint.slice
+        self.found.pop(index, None)
+        self.mask_slices[index] = False
+        if hint.kind == "absent":
+            self.records[index] = SliceRecord(index=index, reason=ABSENT_BY_HINT, method=HINT_METHOD,
+                                              absent=ABSENT_BY_HINT, anchor=index)
+            return
+        pixels = self._image(index)
+        seconds = {"encode": round(self.embed(index, pixels, ()), 4)}
+        clock = time.perf_counter()
+        refined = self.refine_hint(hint)
+        seconds["refine"] = round(time.perf_counter() - clock, 4)
+        parts, ious = [r.mask for r in refined], [r.predicted_iou for r in refined]
+        scores = self._score_parts(pixels, parts, ious, self._reference(index)) if any(p.any() for p in parts) else []
+        mask = np.logical_or.reduce(parts)
+        self._finish(SliceRecord(index=index, reason=None if mask.any() else "refined mask is empty",
+                                 method=HINT_METHOD, clip_scores=scores, predicted_ious=ious, anchor=index,
+                                 seconds=seconds), mask)
+        if mask.any() and (scores or not self.scorer.scores_like_clip):
+            self.found[index] = _Found(parts, scores, ious, index)
+
+    def refine_hint(self, hint: Hint) -> list:
+        """The segmenter's masks (at the models' size) for a box or clicks on the current image."""
+        scale = np.array(self.shape[::-1], dtype=float) / np.array(self.full_shape[::-1], dtype=float)
+        if hint.kind == "box":
+            x0, y0, x1, y1 = hint.box
+            return self.segmenter.refine([(int(x0 * scale[0]), int(y0 * scale[1]),
+                                           int(x1 * scale[0]), int(y1 * scale[1]))])
+        return [self.segmenter.refine_points([tuple(np.asarray(p) * scale) for p in hint.points], hint.labels)]
+
+    def hint_mask(self, hint: Hint) -> np.ndarray:
+        """What a hint alone gives on its slice, at full size, without changing the session's result."""
+        if hint.kind == "absent":
+            return np.zeros(self.full_shape, dtype=bool)
+        self.embed(hint.slice, self._image(hint.slice), ())
+        return resize_mask(np.logical_or.reduce([r.mask for r in self.refine_hint(hint)]), self.full_shape)
+
+    def side_without_target(self, index: int) -> Optional[int]:
+        """Which side of a "no target" slice the target is not on either (+1: above, -1: below), or None.
+
+        The target is one object along the axis: it lies on the side of a boxed or clicked slice, and,
+        without one on either side, on the side holding more of the current mask.
+        """
+        positive = [k for k, hint in self.hints.items() if hint.kind != "absent"]
+        below, above = any(k < index for k in positive), any(k > index for k in positive)
+        if below or above:
+            return None if below and above else (1 if below else -1)
+        painted_below = sum(r.area for k, r in self.records.items() if k < index)
+        painted_above = sum(r.area for k, r in self.records.items() if k > index)
+        if painted_below == painted_above:
+            return None
+        return -1 if painted_below < painted_above else 1
+
+    def clear_beyond(self, index: int, side: Optional[int]) -> List[int]:
+        """Remove the mask from every slice past a "no target" slice on the side without the target."""
+        if side is None:
+            return []
+        beyond = range(index + 1, self.stop) if side > 0 else range(self.start, index)
+        cleared = [k for k in beyond if k not in self.hints]
+        for k in cleared:
+            self.found.pop(k, None)
+            self.mask_slices[k] = False
+            self.records[k] = SliceRecord(index=k, reason=BEYOND_ABSENT_HINT, method="skipped",
+                                          absent=BEYOND_ABSENT_HINT)
+        return cleared
+
+    def _gaps_around(self, hinted: Sequence[int], away: Optional[Dict[int, Optional[int]]] = None
+                     ) -> List[Tuple[Optional[int], Optional[int]]]:
+        """(low, high) tissue positions around each hinted slice: the boundaries next to it, None past the ends;
+        not on the side a "no target" hint cleared (`away`: slice -> side)."""
+        away = away or {}
+        position = {index: p for p, index in enumerate(self.tissue)}
+        boundaries = sorted(position[i] for i in self.key_slices | set(self.hints) if i in position)
+        gaps = set()
+        for index in hinted:
+            p = position[index]
+            below = [b for b in boundaries if b < p]
+            above = [b for b in boundaries if b > p]
+            if away.get(index) != -1:
+                gaps.add((below[-1] if below else None, p))
+            if away.get(index) != 1:
+                gaps.add((p, above[0] if above else None))
+        return sorted(gaps, key=lambda gap: (gap[0] if gap[0] is not None else -1, gap[1] or 0))
+
+    def refill(self, low: Optional[int], high: Optional[int]) -> List[int]:
+        """Redo the slices strictly between tissue positions low and high (None: past the end); their indices.
+
+        Between two boundaries a chain runs from each end (fill_between); past the last one a single
+        walk goes outwards until the target ends (fill_gaps); what no chain reaches is beyond the organ.
+        As in the automatic pass, a slice where both chains are refused gets the full cascade (measured:
+        without it, the brain's Dice after 3 corrections was 0.50 instead of 0.58, at no lower cost).
+        """
+        first = 0 if low is None else low + 1
+        stop = len(self.tissue) if high is None else high
+        redone = self.tissue[first:stop]
+        for index in redone:
+            self.records.pop(index, None)
+            self.found.pop(index, None)
+            self.mask_slices[index] = False
+        if low is not None and high is not None:
+            self.fill_between(low, high)
+        else:
+            self.fill_gaps(first, stop)
+        for index in redone:
+            if index not in self.records:
+                self._finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
+        return redone
+
+    def result(self, seconds: float) -> VolumeResult:
+        """The session's current mask and table, flagged again (hinted slices are never flagged)."""
+        ordered = [self.records[index] for index in range(self.start, self.stop)]
+        flag_slices(ordered)
+        for record in ordered:
+            if record.method == HINT_METHOD:
+                record.flags = []
+        return VolumeResult(
+            mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
+            slice_range=(self.start, self.stop), window=self.window, seconds=seconds, mode=self.settings.mode,
+            working_shape=self.shape, notices=self.memory.notices, encoder_runtime=self.segmenter.encoder_runtime,
+            decoder_runtime=self.segmenter.decoder_runtime,
+        )
+
+    # -- trying corrections from the same starting point ----------------------------------
+
+    def save_state(self) -> _SavedState:
+        """The current result, to come back to (the embeddings are kept either way)."""
+        return _SavedState(copy.deepcopy(self.records), dict(self.found), self.mask.copy(), dict(self.hints))
+
+    def restore_state(self, state: _SavedState) -> None:
+        self.records = copy.deepcopy(state.records)
+        self.found = dict(state.found)
+        self.mask[...] = state.mask
+        self.hints = dict(state.hints)
+
+
+def reference_hint(reference_slice: np.ndarray, index: int) -> Hint:
+    """What a user who knows the answer gives: the reference's box on the slice, or "no target" where it is empty."""
+    box = mask_to_box(reference_slice)
+    return Hint(slice=index, kind="absent") if box is None else Hint(slice=index, kind="box", box=box)

@@ -1,0 +1,144 @@
+"""Simulated corrections: how fast a user's boxes bring a run to the answer (`salip evaluate --simulate-corrections`).
+
+After the automatic pass a simulated user fixes one slice at a time: the slice the QA ranks worst
+(corrections.rank_slices_to_fix: label-free, as a user would see the run), or, for a second curve,
+the slice that truly is worst by Dice. The user's hint is the reference's box on that slice, or
+"no target" where the reference is empty; then propagation re-runs (CorrectionSession.correct).
+Both curves start from the same automatic pass and the same kept embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .corrections import CorrectionSession, rank_slices_to_fix, reference_hint
+from .imaging import dice
+from .models.base import Scorer, Segmenter
+from .settings import VolumeSettings
+from .volume import VolumeResult, as_volume
+
+CHOOSERS = ("qa", "worst-dice")
+
+
+@dataclass
+class CorrectionStep:
+    """The result after `step` corrections (0: the automatic pass)."""
+
+    step: int
+    dice_volume: float
+    dice_per_slice: List[float]
+    """Per slice of the range, in order; 1.0 where both the reference and the mask are empty."""
+    slice: Optional[int] = None
+    """The slice fixed at this step."""
+    hint: Optional[dict] = None
+    seconds: float = 0.0
+    """What this correction took (the automatic pass's time at step 0)."""
+    changed: List[int] = field(default_factory=list)
+    """The slices this correction recomputed (the others kept their voxels)."""
+    encodings: int = 0
+    """Slices encoded for it (0: every embedding was kept)."""
+
+
+@dataclass
+class SimulatedCorrections:
+    """Both curves, and the bound a box on every slice would reach."""
+
+    slice_range: List[int]
+    box_bound_dice_volume: float
+    """3D Dice of the reference's box refined on every slice (and nothing elsewhere)."""
+    box_bound_per_slice: List[float]
+    embedding_mib: float
+    """Memory the session's kept embeddings hold."""
+    curves: Dict[str, List[CorrectionStep]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def slice_dice(result: VolumeResult, reference: np.ndarray) -> List[float]:
+    """Dice per slice of the run's range (1.0 where both are empty)."""
+    prediction = np.moveaxis(as_volume(result.mask), result.axis, 0)
+    truth = np.moveaxis(reference, result.axis, 0)
+    return [dice(prediction[k], truth[k]) for k in range(*result.slice_range)]
+
+
+def volume_dice(result: VolumeResult, reference: np.ndarray) -> float:
+    prediction = np.moveaxis(as_volume(result.mask), result.axis, 0)[slice(*result.slice_range)]
+    return dice(prediction, np.moveaxis(reference, result.axis, 0)[slice(*result.slice_range)])
+
+
+def worst_by_dice(result: VolumeResult, reference: np.ndarray, hinted) -> Optional[int]:
+    """The slice with the lowest Dice (the most wrong pixels on a tie), not yet hinted; None when all are perfect."""
+    prediction = np.moveaxis(as_volume(result.mask), result.axis, 0)
+    truth = np.moveaxis(reference, result.axis, 0)
+    start = result.slice_range[0]
+    scores = slice_dice(result, reference)
+    candidates = [(score, -int((prediction[start + n] ^ truth[start + n]).sum()), start + n)
+                  for n, score in enumerate(scores) if start + n not in hinted and score < 1.0]
+    return min(candidates)[2] if candidates else None
+
+
+def choose_slice(chooser: str, result: VolumeResult, reference: np.ndarray, hinted) -> Optional[int]:
+    if chooser == "qa":
+        ranked = [k for k in rank_slices_to_fix(result.slices) if k not in hinted]
+        return ranked[0] if ranked else None
+    return worst_by_dice(result, reference, hinted)
+
+
+def box_bound(session: CorrectionSession, reference: np.ndarray):
+    """(3D Dice, per-slice Dice) of the reference's box refined on every slice of the range."""
+    truth = np.moveaxis(reference, session.axis, 0)
+    bound = np.zeros_like(truth)
+    for index in session.tissue:
+        hint = reference_hint(truth[index], index)
+        if hint.kind == "box":
+            bound[index] = session.hint_mask(hint)
+    region = slice(session.start, session.stop)
+    per_slice = [dice(bound[k], truth[k]) for k in range(session.start, session.stop)]
+    return dice(bound[region], truth[region]), per_slice
+
+
+def _curve(session: CorrectionSession, automatic: VolumeResult, reference: np.ndarray, chooser: str,
+           count: int, say: Callable[[str], None]) -> List[CorrectionStep]:
+    truth = np.moveaxis(reference, session.axis, 0)
+    steps = [CorrectionStep(0, volume_dice(automatic, reference), slice_dice(automatic, reference),
+                            seconds=automatic.seconds)]
+    result = automatic
+    for step in range(1, count + 1):
+        index = choose_slice(chooser, result, reference, set(session.hints))
+        if index is None:
+            say(f"{chooser}: nothing left to fix after {step - 1} corrections")
+            break
+        hint = reference_hint(truth[index], index)
+        result, correction = session.correct([hint])
+        steps.append(CorrectionStep(step, volume_dice(result, reference), slice_dice(result, reference), index,
+                                    hint.to_dict(), correction.seconds, correction.changed,
+                                    correction.encodings))
+        say(f"{chooser} #{step}: slice {index} ({hint.kind}), Dice {steps[-1].dice_volume:.3f}, "
+            f"{correction.seconds:.2f} s, {len(correction.changed)} slices redone")
+    return steps
+
+
+def simulate_corrections(volume: np.ndarray, reference: np.ndarray, segmenter: Segmenter, scorer: Scorer,
+                         sentences: Sequence[str], settings: VolumeSettings, count: int, *,
+                         choosers: Sequence[str] = CHOOSERS, progress=None,
+                         say: Callable[[str], None] = lambda text: None) -> SimulatedCorrections:
+    """The automatic pass, then `count` simulated corrections per chooser, from the same start."""
+    reference = as_volume(reference).astype(bool)
+    session = CorrectionSession(volume, segmenter, scorer, sentences, settings, reference=reference,
+                                progress=progress)
+    automatic = session.run()
+    automatic_state = session.automatic_state
+    curves = {}
+    for chooser in choosers:
+        session.restore_state(automatic_state)
+        restored = session.result(automatic.seconds)
+        curves[chooser] = _curve(session, restored, reference, chooser, count, say)
+    session.restore_state(automatic_state)
+    bound, bound_per_slice = box_bound(session, reference)
+    return SimulatedCorrections(slice_range=[session.start, session.stop], box_bound_dice_volume=bound,
+                                box_bound_per_slice=bound_per_slice,
+                                embedding_mib=round(session.embedding_bytes / 2**20, 1), curves=curves)

@@ -1,0 +1,349 @@
+"""Hints: the schema, and corrections that re-run only what a hint changes (tiny real SAM, the oracle)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from SaLIPSegmentLib.corrections import (
+    ABSENT_BY_HINT,
+    BEYOND_ABSENT_HINT,
+    CorrectionSession,
+    rank_slices_to_fix,
+    reference_hint,
+)
+from SaLIPSegmentLib.errors import InputError
+from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
+from SaLIPSegmentLib.io import RAS_TO_LPS
+from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.models.base import Segmenter
+from SaLIPSegmentLib.settings import PropagationSettings, VolumeSettings
+from SaLIPSegmentLib.volume import SliceRecord, key_positions
+
+from conftest import TINY_SAM_PROPOSALS, disk_image
+
+PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
+GEOMETRY = HintGeometry(axis=0, slice_range=(2, 10), slice_shape=(40, 60), takes_points=False,
+                        segmenter_name="litemedsam")
+
+
+class Counting(Segmenter):
+    """A real segmenter that counts encodings and hands embeddings back (what a session keeps)."""
+
+    def __init__(self, inner):
+        self.inner, self.encodings, self.proposals, self.name = inner, 0, 0, inner.name
+        self.takes_points = inner.takes_points
+
+    def set_image(self, image):
+        self.encodings += 1
+        self.inner.set_image(image)
+
+    def propose(self, settings):
+        self.proposals += 1
+        return self.inner.propose(settings)
+
+    def refine(self, boxes):
+        return self.inner.refine(boxes)
+
+    def refine_points(self, points, labels):
+        return self.inner.refine_points(points, labels)
+
+    @property
+    def embedding(self):
+        return self.inner.embedding
+
+    def use_embedding(self, embedding):
+        self.inner.use_embedding(embedding)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_sam, tiny_sam_checkpoint):
+    return Counting(create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint))
+
+
+# -- the schema ---------------------------------------------------------------------------------
+
+
+def test_pixel_hints_parse_and_a_later_hint_on_a_slice_replaces_an_earlier_one():
+    hints = parse_hints({"hints": [{"slice": 4, "box": [1, 2, 30, 20]}, {"slice": 3, "absent": True},
+                                   {"slice": 4, "box": [-5, 0, 80, 10]}]}, GEOMETRY)
+    assert hints == [Hint(3, "absent"), Hint(4, "box", box=(0, 0, 59, 10))]  # sorted, overshoot clipped
+    assert parse_hints([h.to_dict() for h in hints], GEOMETRY) == hints  # to_dict round-trips
+
+
+@pytest.mark.parametrize("item, words", [
+    ({"slice": 10, "box": [0, 0, 5, 5]}, "outside the run's slices 2:10"),
+    ({"slice": 1, "absent": True}, "outside the run's slices"),
+    ({"slice": 3, "box": [70, 0, 80, 5]}, "outside the slice"),
+    ({"slice": 3, "box": [9, 0, 5, 5]}, "x1 < x0"),
+    ({"slice": 3, "box": [0, 0, 5]}, "list of 4 numbers"),
+    ({"slice": 3.5, "box": [0, 0, 5, 5]}, "whole number"),
+    ({"slice": 3, "points": [[5, 5]]}, "takes boxes only"),
+    ({"slice": 3, "box": [0, 0, 5, 5], "absent": True}, "exactly one of"),
+    ({"slice": 3, "absent": False}, "must be true"),
+    ({"slice": 3, "boxx": [0, 0, 5, 5]}, "unknown keys boxx"),
+    ({"ras_box": [[0, 0, 0], [1, 1, 1]]}, "need the input's geometry"),
+])
+def test_bad_hints_are_refused_with_the_reason(item, words):
+    with pytest.raises(InputError, match="Hint 1: .*" + words):
+        parse_hints([item], GEOMETRY)
+
+
+def test_points_need_a_model_that_takes_them_and_a_positive_click():
+    takes = HintGeometry(axis=0, slice_range=(0, 5), slice_shape=(40, 60), takes_points=True)
+    [hint] = parse_hints([{"slice": 2, "points": [[5, 6], [20, 10]], "labels": [1, 0]}], takes)
+    assert hint.kind == "points" and hint.points == ((5.0, 6.0), (20.0, 10.0)) and hint.labels == (1, 0)
+    with pytest.raises(InputError, match="at least one label 1"):
+        parse_hints([{"slice": 2, "points": [[5, 6]], "labels": [0]}], takes)
+    with pytest.raises(InputError, match="outside the slice"):
+        parse_hints([{"slice": 2, "points": [[60, 6]]}], takes)
+
+
+def test_ras_hints_go_through_the_inputs_geometry():
+    # numpy (k, j, i); voxel (i, j, k) sits at LPS origin + direction @ (spacing * ijk).
+    ijk_to_lps = np.array([[0.5, 0, 0, 10.0], [0, 2.0, 0, -4.0], [0, 0, 3.0, 7.0], [0, 0, 0, 1]])
+    ijk_to_ras = RAS_TO_LPS @ ijk_to_lps
+    geometry = HintGeometry(axis=0, slice_range=(0, 6), slice_shape=(40, 60), ijk_to_ras=ijk_to_ras)
+
+    def ras(i, j, k):
+        return (ijk_to_ras @ [i, j, k, 1])[:3].tolist()
+
+    [hint] = parse_hints([{"ras_box": [ras(30, 12, 4), ras(8, 3, 4)]}], geometry)
+    assert hint == Hint(4, "box", box=(8, 3, 30, 12))
+    with pytest.raises(InputError, match="different slices"):
+        parse_hints([{"ras_box": [ras(30, 12, 4), ras(8, 3, 5)]}], geometry)
+    with pytest.raises(InputError, match="differs from the slice"):
+        parse_hints([{"slice": 3, "ras_box": [ras(30, 12, 4), ras(8, 3, 4)]}], geometry)
+    across_j = HintGeometry(axis=1, slice_range=(0, 40), slice_shape=(6, 60), ijk_to_ras=ijk_to_ras)
+    [hint] = parse_hints([{"ras_box": [ras(30, 12, 1), ras(8, 12, 4)]}], across_j)
+    assert hint == Hint(12, "box", box=(8, 1, 30, 4))  # x along i, y along k
+
+
+# -- corrections -------------------------------------------------------------------------------
+
+
+def _volume(slices=20):
+    return np.stack([disk_image(radius=7 + (i % 7)) for i in range(slices)]).astype(np.float32)
+
+
+def _session(segmenter, volume, reference, interval=4, mode="propagate"):
+    settings = VolumeSettings(proposal=PROPOSALS, mode=mode, propagation=PropagationSettings(key_interval=interval))
+    return CorrectionSession(volume, segmenter, OracleScorer(), ["disk"], settings, reference=reference)
+
+
+def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_nothing_again(segmenter):
+    volume = _volume()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference)
+    segmenter.encodings = 0
+    before = session.run()
+    assert segmenter.encodings == 20 == len(session.embeddings)
+    keys = [session.tissue[k] for k in key_positions(20, 4)]
+    assert keys == [0, 4, 8, 11, 15, 19]
+    old_mask, old_records = before.mask.copy(), {r.index: r.to_dict() for r in before.slices}
+
+    segmenter.encodings = segmenter.proposals = 0
+    box = (20, 14, 45, 44)
+    after, correction = session.correct([Hint(6, "box", box=box)])
+    assert segmenter.encodings == 0 and correction.encodings == 0  # every slice's embedding was kept
+    assert correction.hinted == [6] and correction.changed == [5, 6, 7]
+    untouched = [k for k in range(20) if k not in (5, 6, 7)]
+    np.testing.assert_array_equal(after.mask[untouched], old_mask[untouched])
+    assert all(after.slices[k].to_dict() | {"flags": []} == old_records[k] | {"flags": []} for k in untouched)
+    hinted = after.slices[6]
+    assert hinted.method == "hint" and hinted.anchor == 6 and not hinted.flags
+    session.segmenter.use_embedding(session.embeddings[6])
+    np.testing.assert_array_equal(after.mask[6], segmenter.inner.refine([box])[0].mask)
+    assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "cascade"}
+
+
+def test_no_target_clears_the_slice_and_the_far_side_and_a_later_box_brings_a_slice_back(segmenter):
+    volume = _volume(12)
+    reference = volume > 100
+    session = _session(segmenter, volume, reference, interval=8)  # keys 0, 6, 11
+    session.run()
+    old = session.mask.copy()
+    assert old[9:].any()
+    after, correction = session.correct([Hint(9, "absent")])
+    # The chain from key slice 6 re-runs up to 9; the target is one object, and most of the mask lies
+    # below 9, so the slices above it (key slice 11 too) have no target either.
+    assert correction.changed == [7, 8, 9, 10, 11]
+    record = after.slices[9]
+    assert record.absent == ABSENT_BY_HINT and record.area == 0 and not after.mask[9:].any()
+    assert after.slices[11].reason == BEYOND_ABSENT_HINT and not after.slices[11].flags
+    np.testing.assert_array_equal(after.mask[:7], old[:7])
+    # The user disagrees on slice 10 after all: a box there; 9 and 11 are boundaries, only 10 changes.
+    after, correction = session.correct([Hint(9, "absent"), Hint(10, "box", box=(20, 14, 45, 44))])
+    assert correction.hinted == [10] and correction.changed == [10]
+    assert after.mask[10].any() and not after.mask[11].any() and not after.mask[9].any()
+    # With a box below it, a "no target" clears upwards; with one above it, downwards.
+    assert session.side_without_target(11) == 1 and session.side_without_target(3) == -1
+
+
+def test_a_hint_outside_the_key_slices_walks_outwards_until_the_target_ends(segmenter):
+    volume = _volume(10)
+    volume[7:] = 20.0  # slices 7..9 have no disk: the target ends at 6, but they are tissue (not uniform)
+    volume[7:, :5, :5] = 90.0
+    reference = volume > 100
+    settings = VolumeSettings(proposal=PROPOSALS, slice_range=(0, 10),
+                              propagation=PropagationSettings(key_interval=4))
+    session = CorrectionSession(volume, segmenter, OracleScorer(), ["disk"], settings, reference=reference)
+    session.run()
+    after, correction = session.correct([Hint(9, "absent"), Hint(8, "absent")])
+    assert correction.changed == [7, 8, 9]  # 6 is a key slice (positions 0, 3, 6, 9)
+    assert not after.mask[8:].any()
+
+
+def test_every_slice_mode_changes_only_the_hinted_slice(segmenter):
+    volume = _volume(6)
+    session = _session(segmenter, volume, volume > 100, mode="every-slice")
+    before = session.run().mask.copy()
+    after, correction = session.correct([Hint(2, "box", box=(20, 14, 45, 44))])
+    assert correction.changed == [2]
+    np.testing.assert_array_equal(np.delete(after.mask, 2, 0), np.delete(before, 2, 0))
+
+
+def test_points_are_refused_for_a_box_only_model_and_used_by_sam(segmenter, tiny_sam):
+    volume = _volume(5)
+    session = _session(segmenter, volume, volume > 100)
+    session.run()
+    assert segmenter.takes_points  # the tiny model is a real SAM
+    after, _ = session.correct([Hint(2, "points", points=((36.0, 30.0),), labels=(1,))])
+    session.segmenter.use_embedding(session.embeddings[2])
+    np.testing.assert_array_equal(after.mask[2], segmenter.inner.refine_points([(36.0, 30.0)], [1]).mask)
+    segmenter.takes_points = False
+    try:
+        with pytest.raises(InputError, match="takes boxes only"):
+            session.correct([Hint(3, "points", points=((36.0, 30.0),), labels=(1,))])
+    finally:
+        segmenter.takes_points = True
+
+
+def test_a_state_saved_before_corrections_comes_back(segmenter):
+    volume = _volume(8)
+    session = _session(segmenter, volume, volume > 100)
+    session.run()
+    saved, mask = session.save_state(), session.mask.copy()
+    session.correct([Hint(5, "absent")])
+    assert not np.array_equal(session.mask, mask)
+    session.restore_state(saved)
+    np.testing.assert_array_equal(session.mask, mask)
+    assert session.hints == {} and session.records[5].method != "hint"
+
+
+def test_the_ranking_puts_flagged_and_low_scored_slices_first_and_never_hinted_ones():
+    records = [SliceRecord(0, None, clip_scores=[30.0], area=5),
+               SliceRecord(1, None, clip_scores=[10.0], area=5),
+               SliceRecord(2, None, clip_scores=[25.0], area=5, flags=["area jump", "low score"]),
+               SliceRecord(3, None, clip_scores=[26.0], area=5, flags=["low score"]),
+               SliceRecord(4, None, method="hint", clip_scores=[1.0], area=5),
+               SliceRecord(5, "no tissue", method="skipped")]
+    assert rank_slices_to_fix(records) == [2, 3, 1, 0]
+
+
+def test_the_simulated_user_gives_the_references_box_or_no_target():
+    reference = np.zeros((10, 12), bool)
+    assert reference_hint(reference, 3) == Hint(3, "absent")
+    reference[2:5, 4:9] = True
+    assert reference_hint(reference, 3) == Hint(3, "box", box=(4, 2, 8, 4))
+
+
+def test_hints_file_round_trips_through_json(tmp_path):
+    from SaLIPSegmentLib.hints import hints_to_json, load_hints
+
+    path = tmp_path / "h.json"
+    hints = [Hint(3, "absent"), Hint(5, "box", box=(1, 2, 3, 4))]
+    path.write_text(json.dumps(hints_to_json(hints)))
+    assert load_hints(path, GEOMETRY) == hints
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="not readable JSON"):
+        load_hints(path, GEOMETRY)
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_segment_with_a_hints_file_applies_them_and_marks_them_in_the_report(tmp_path, capsys, tiny_sam,
+                                                                              tiny_sam_checkpoint):
+    import SimpleITK as sitk
+
+    from SaLIPSegmentLib.cli import main
+    from SaLIPSegmentLib.io import read_image
+
+    volume = _volume(8).astype(np.int16)
+    t1, ref = tmp_path / "t1.nrrd", tmp_path / "ref.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(t1))
+    sitk.WriteImage(sitk.GetImageFromArray((volume > 100).astype(np.uint8)), str(ref))
+    hints = tmp_path / "hints.json"
+    hints.write_text(json.dumps({"hints": [{"slice": 3, "box": [20, 14, 45, 44]}, {"slice": 6, "absent": True}]}))
+    base = ["segment", str(t1), "-p", "disk", "--free-text", "--sam", tiny_sam, "--sam-checkpoint",
+            str(tiny_sam_checkpoint), "--clip", "oracle", "--reference", str(ref), "--device", "cpu", "--axis", "0",
+            "--key-interval", "4", "-q", "--points-per-side", str(TINY_SAM_PROPOSALS["points_per_side"])]
+    output, report = tmp_path / "out.nii.gz", tmp_path / "report.json"
+    assert main(base + ["-o", str(output), "--report", str(report), "--hints", str(hints)]) == 0
+    written = json.loads(report.read_text())
+    assert written["hints"] == [{"slice": 3, "box": [20, 14, 45, 44]}, {"slice": 6, "absent": True}]
+    assert [row["index"] for row in written["slices"] if row["method"] == "hint"] == [3, 6]
+    assert written["summary"]["slices_hinted"] == 2
+    mask = read_image(output).array > 0
+    assert mask[3].any() and not mask[6].any()
+
+    hints.write_text(json.dumps([{"slice": 8, "box": [0, 0, 5, 5]}]))
+    bad = tmp_path / "bad.nii.gz"
+    assert main(base + ["-o", str(bad), "--hints", str(hints)]) == 3
+    assert "Hint 1: slice 8 is outside the run's slices 0:8" in capsys.readouterr().err
+    assert not bad.exists()
+    assert main(base + ["-o", str(bad), "--hints", str(tmp_path / "none.json")]) == 3
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_simulates_corrections_and_keeps_honest_books(tmp_path, capsys, tiny_sam, tiny_sam_checkpoint):
+    import SimpleITK as sitk
+
+    from SaLIPSegmentLib.cli import main
+
+    volume = _volume(12).astype(np.int16)
+    volume[9:] = 20
+    volume[9:, :6, :6] = 90  # tissue without the target: slices the run may paint wrongly
+    t1, ref = tmp_path / "t1.nrrd", tmp_path / "ref.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(t1))
+    sitk.WriteImage(sitk.GetImageFromArray((volume > 100).astype(np.uint8)), str(ref))
+    out = tmp_path / "figures.json"
+    assert main(["evaluate", str(t1), str(ref), "-p", "disk", "--free-text", "--sam", tiny_sam, "--sam-checkpoint",
+                 str(tiny_sam_checkpoint), "--clip", "oracle", "--device", "cpu", "--axis", "0", "-q",
+                 "--points-per-side", str(TINY_SAM_PROPOSALS["points_per_side"]), "--no-stages", "--modes", "none",
+                 "--simulate-corrections", "3", "--json", str(out)]) == 0
+    assert "Simulated corrections" in capsys.readouterr().out
+    found = json.loads(out.read_text())["corrections"]
+    assert set(found["curves"]) == {"qa", "worst-dice"} and found["slice_range"] == [0, 12]
+    assert len(found["box_bound_per_slice"]) == 12 and 0 < found["box_bound_dice_volume"] <= 1
+    truth = volume > 100
+    for steps in found["curves"].values():
+        assert steps[0]["step"] == 0 and steps[0]["slice"] is None
+        assert [s["step"] for s in steps] == list(range(len(steps))) and 1 < len(steps) <= 4
+        fixed = [s["slice"] for s in steps[1:]]
+        assert len(set(fixed)) == len(fixed)  # a hinted slice is never offered again
+        for before, after in zip(steps, steps[1:]):
+            assert after["slice"] in after["changed"] and after["encodings"] == 0 and after["seconds"] > 0
+            assert after["hint"] == reference_hint(truth[after["slice"]], after["slice"]).to_dict()
+            kept = [k for k in range(12) if k not in after["changed"]]
+            assert [after["dice_per_slice"][k] for k in kept] == [before["dice_per_slice"][k] for k in kept]
+            if "absent" in after["hint"]:
+                assert after["dice_per_slice"][after["slice"]] == 1.0
+    worst = found["curves"]["worst-dice"]
+    first = worst[1]["slice"]
+    assert worst[0]["dice_per_slice"][first] == min(worst[0]["dice_per_slice"])
+
+
+def test_qa_draws_the_correction_curves(tmp_path):
+    from SaLIPSegmentLib.cli import main
+
+    steps = [{"step": k, "dice_volume": 0.4 + 0.1 * k, "seconds": 1.0 + k, "slice": None if k == 0 else k}
+             for k in range(4)]
+    figures = tmp_path / "f.json"
+    figures.write_text(json.dumps({"corrections": {"curves": {"qa": steps, "worst-dice": steps},
+                                                   "box_bound_dice_volume": 0.8}}))
+    picture = tmp_path / "curve.png"
+    assert main(["qa", str(figures), "-o", str(picture)]) == 0
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000

@@ -150,7 +150,10 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     assert correction.hinted == [6] and correction.changed == [5, 6, 7]
     untouched = [k for k in range(20) if k not in (5, 6, 7)]
     np.testing.assert_array_equal(after.mask[untouched], old_mask[untouched])
-    assert all(after.slices[k].to_dict() | {"flags": []} == old_records[k] | {"flags": []} for k in untouched)
+    # The QA's outputs (flags, signals, confidence) are judged again over the whole volume: the
+    # neighbours' masks changed. Everything the slices' own segmentation wrote is as it was.
+    qa_outputs = {"flags": [], "quality": {}, "confidence": None}
+    assert all(after.slices[k].to_dict() | qa_outputs == old_records[k] | qa_outputs for k in untouched)
     hinted = after.slices[6]
     assert hinted.method == "hint" and hinted.anchor == 6 and not hinted.flags
     session.segmenter.use_embedding(session.embeddings[6])
@@ -240,6 +243,10 @@ def test_the_ranking_puts_flagged_and_low_scored_slices_first_and_never_hinted_o
                SliceRecord(4, None, method="hint", clip_scores=[1.0], area=5),
                SliceRecord(5, "no tissue", method="skipped")]
     assert rank_slices_to_fix(records) == [2, 3, 1, 0]
+    # With the QA's confidence, the least confident flagged slice leads, whatever its score.
+    records[2].confidence, records[3].confidence = 0.4, 0.1
+    records[0].confidence, records[1].confidence = 0.6, 0.9
+    assert rank_slices_to_fix(records) == [3, 2, 0, 1]
 
 
 def test_the_simulated_user_gives_the_references_box_or_no_target():

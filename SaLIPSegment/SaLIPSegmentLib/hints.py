@@ -216,9 +216,10 @@ def _field(row, name, default=None):
 def rank_slices_to_fix(rows: Sequence) -> List[int]:
     """Slice indices, the one a person should fix first first, from what the run shows (no labels).
 
-    Flagged slices first (more flags first), then the lowest retrieval score; slices already hinted,
-    skipped without a flag, or judged absent are not offered. `rows` are SliceRecords or the report's
-    rows. The one place the ranking lives: a better QA (flags, a confidence) changes only this function.
+    Flagged slices first, the least confident first (quality.py's confidence; a flagged slice
+    without a mask counts as 0), then the unflagged ones the same way, the lowest retrieval score
+    breaking ties; slices already hinted, skipped without a flag, or judged absent are not offered.
+    `rows` are SliceRecords or the report's rows. The one place the ranking lives.
     """
     def offered(row) -> bool:
         skipped = _field(row, "method") == "skipped"
@@ -226,7 +227,11 @@ def rank_slices_to_fix(rows: Sequence) -> List[int]:
                 and not (skipped and not _field(row, "flags")))
 
     def urgency(row):
+        flagged = bool(_field(row, "flags"))
+        confidence = _field(row, "confidence")
+        if confidence is None:
+            confidence = 0.0 if flagged else 1.0
         scores = _field(row, "clip_scores") or []
-        return (-len(_field(row, "flags") or []), min(scores) if scores else float("inf"), _field(row, "index"))
+        return (not flagged, confidence, min(scores) if scores else float("inf"), _field(row, "index"))
 
     return [int(_field(row, "index")) for row in sorted(filter(offered, rows), key=urgency)]

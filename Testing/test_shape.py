@@ -269,3 +269,38 @@ PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
 @pytest.fixture(scope="module")
 def segmenter(tiny_sam, tiny_sam_checkpoint):
     return create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint)
+
+
+# -- one path from the command line, batch and the Slicer worker --------------------------------
+
+def test_the_command_line_and_the_worker_build_the_same_shape_settings():
+    from SaLIPSegmentLib.cli import build_parser
+    from SaLIPSegmentLib.errors import InputError
+    from SaLIPSegmentLib.pipeline import apply_profile, evaluation_settings, settings_from_args
+    from SaLIPSegmentLib.worker import settings_from_request
+
+    args = build_parser().parse_args(["segment", "in.nii", "-o", "out.seg.nrrd", "-p", "brain", "--profile", "fast",
+                                      "--clip", "oracle", "--refine-rounds", "3", "--unite-parts",
+                                      "--fill-part-holes", "--context-padding", "0.3"])
+    from_cli = settings_from_args(args)
+    expected = ShapeSettings(unite_parts=True, refine_rounds=3, fill_holes=True, context_padding=0.3)
+    assert from_cli.shape == expected and from_cli.volume_settings(0, None).shape == expected
+    request = {"prompt": "brain", "sam": "litemedsam", "clip": "oracle"}
+    from_worker = settings_from_request({**request, "shape": {"unite_parts": True, "refine_rounds": 3,
+                                                              "fill_holes": True, "context_padding": 0.3}})
+    assert from_worker.shape == expected
+    plain = settings_from_request(request)
+    assert plain.shape == ShapeSettings()
+    # Defaults leave the fingerprint as it was before the shape steps (finished batch folders stay done).
+    assert plain.fingerprint() == settings_from_request({**request, "shape": {}}).fingerprint()
+    assert from_worker.fingerprint() != plain.fingerprint()
+    with pytest.raises(InputError, match="Unknown shape settings: roundz"):
+        settings_from_request({**request, "shape": {"roundz": 1}})
+    negative = build_parser().parse_args(["segment", "in.nii", "-o", "o.seg.nrrd", "-p", "brain", "--profile", "fast",
+                                          "--refine-rounds", "-1"])
+    with pytest.raises(InputError, match="must not be negative"):
+        settings_from_args(negative)
+    evaluate = build_parser().parse_args(["evaluate", "in.nii", "ref.nii", "-p", "brain", "--profile", "fast",
+                                          "--refine-rounds", "2"])
+    apply_profile(evaluate)
+    assert evaluation_settings(evaluate, 1).shape == ShapeSettings(refine_rounds=2)

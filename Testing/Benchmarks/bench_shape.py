@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import pickle
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -100,6 +101,16 @@ class CachedSegmenter:
     def refine(self, boxes):
         return self.inner.refine(boxes)
 
+    def save(self, path: Path) -> None:
+        """Keep the encodings and proposals (and their first seconds) for the next call of this script."""
+        state = (self.embeddings, self.encode_seconds, self.proposals, self.propose_seconds)
+        path.write_bytes(pickle.dumps(state))
+
+    def load(self, path: Path) -> None:
+        if path.is_file():
+            self.embeddings, self.encode_seconds, self.proposals, self.propose_seconds = pickle.loads(
+                path.read_bytes())
+
 
 def run_variant(image, reference, spacing, segmenter, structure, clip, mode, proposal, shape) -> dict:
     settings = VolumeSettings(axis=0, mode=mode, proposal=proposal, shape=shape)
@@ -146,16 +157,23 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["propagate", "every-slice"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cache", type=Path, help="a file for the encodings and proposals, shared between calls")
+    parser.add_argument("--no-bounds", action="store_true", help="skip the box bounds")
     args = parser.parse_args()
     segmenter = CachedSegmenter(create_segmenter("litemedsam", resolve_device("cpu")))
+    if args.cache:
+        segmenter.load(args.cache)
     proposal = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))
     loaded = read_image(args.folder / "t1.nii.gz")
     table = {}
     for structure in args.structures:
         reference = read_image(args.folder / f"{structure}.nii.gz").array > 0
-        bounds = box_bounds(loaded.array, reference, segmenter)
-        table[f"{structure}/bound"] = bounds
-        print(f"{args.folder.name} {structure:<11} box bound per slice: {bounds}", flush=True)
+        if not args.no_bounds:
+            bounds = box_bounds(loaded.array, reference, segmenter)
+            table[f"{structure}/bound"] = bounds
+            print(f"{args.folder.name} {structure:<11} box bound per slice: {bounds}", flush=True)
+            if args.cache:
+                segmenter.save(args.cache)
         for clip in args.clip:
             for mode in args.modes:
                 for name in args.variants:
@@ -166,6 +184,8 @@ def main() -> None:
                         f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
                     if args.json:
                         args.json.write_text(json.dumps(table, indent=1))
+            if args.cache:
+                segmenter.save(args.cache)
 
 
 if __name__ == "__main__":

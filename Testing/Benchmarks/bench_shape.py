@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from SaLIPSegmentLib.evaluation import measure_run
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, window_to_uint8
@@ -43,6 +44,7 @@ VARIANTS = {
     "c holes": ShapeSettings(fill_holes=True),
     "d pad0.3": ShapeSettings(context_padding=0.3),
     "d pad0.65": ShapeSettings(context_padding=0.65),
+    "b+c": ShapeSettings(unite_parts=True, fill_holes=True),
     "a+c": ShapeSettings(refine_rounds=3, fill_holes=True),
     "a+b+c": ShapeSettings(unite_parts=True, refine_rounds=3, fill_holes=True),
 }
@@ -127,7 +129,7 @@ def run_variant(image, reference, spacing, segmenter, structure, clip, mode, pro
             "seconds": seconds}
 
 
-def box_bounds(image, reference, segmenter, paddings=(0.3, 0.65), rounds=3) -> dict:
+def box_bounds(image, reference, segmenter, paddings=(0.3,), rounds=3) -> dict:
     """Mean Dice over slices with target of the reference's box prompted: plain, iterated, with context."""
     window = choose_window(image, None)
     found = {"box": [], "box+rounds": [], **{f"box pad{p}": [] for p in paddings}}
@@ -159,8 +161,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cache", type=Path, help="a file for the encodings and proposals, shared between calls")
     parser.add_argument("--no-bounds", action="store_true", help="skip the box bounds")
+    parser.add_argument("--threads", type=int, help="torch threads (one is faster on a crowded CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     segmenter = CachedSegmenter(create_segmenter("litemedsam", resolve_device("cpu")))
+    segmenter.expect_encodings(1000)  # ONNX Runtime from the first encoding, as in a whole-volume run
     if args.cache:
         segmenter.load(args.cache)
     proposal = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))

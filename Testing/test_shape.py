@@ -276,7 +276,7 @@ def segmenter(tiny_sam, tiny_sam_checkpoint):
 def test_the_command_line_and_the_worker_build_the_same_shape_settings():
     from SaLIPSegmentLib.cli import build_parser
     from SaLIPSegmentLib.errors import InputError
-    from SaLIPSegmentLib.pipeline import apply_profile, evaluation_settings, settings_from_args
+    from SaLIPSegmentLib.pipeline import SHAPE_STEPS_OFF, apply_profile, evaluation_settings, settings_from_args
     from SaLIPSegmentLib.worker import settings_from_request
 
     args = build_parser().parse_args(["segment", "in.nii", "-o", "out.seg.nrrd", "-p", "brain", "--profile", "fast",
@@ -291,9 +291,18 @@ def test_the_command_line_and_the_worker_build_the_same_shape_settings():
     assert from_worker.shape == expected
     plain = settings_from_request(request)
     assert plain.shape == ShapeSettings()
-    # Defaults leave the fingerprint as it was before the shape steps (finished batch folders stay done).
     assert plain.fingerprint() == settings_from_request({**request, "shape": {}}).fingerprint()
     assert from_worker.fingerprint() != plain.fingerprint()
+    # Every step off is how masks were made before the steps existed: those batch folders stay done.
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    off = replace(plain, shape=SHAPE_STEPS_OFF)
+    before = off.describe()
+    for key in ("device", "precision", "model_dir", "presence", "shape"):
+        before.pop(key)
+    assert off.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     with pytest.raises(InputError, match="Unknown shape settings: roundz"):
         settings_from_request({**request, "shape": {"roundz": 1}})
     negative = build_parser().parse_args(["segment", "in.nii", "-o", "o.seg.nrrd", "-p", "brain", "--profile", "fast",

@@ -23,6 +23,8 @@ from .models.base import ProposalSettings
 from .prompts import Prompt
 from .settings import CleanupSettings, PresenceSettings, PropagationSettings, ShapeSettings, VolumeSettings
 
+SHAPE_STEPS_OFF = ShapeSettings(unite_parts=False, refine_rounds=0, fill_holes=False, context_padding=0.0)
+
 
 @dataclass(frozen=True)
 class SegmentSettings:
@@ -63,7 +65,7 @@ class SegmentSettings:
             values.pop(where)
         if not values["presence"]:  # off is how masks were made before it existed: old batch folders stay done
             values.pop("presence")
-        if self.shape == ShapeSettings():  # likewise: the defaults are how masks were made before the shape steps
+        if self.shape == SHAPE_STEPS_OFF:  # likewise: every step off is how masks were made before they existed
             values.pop("shape")
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 

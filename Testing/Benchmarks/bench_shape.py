@@ -114,19 +114,33 @@ class CachedSegmenter:
                 path.read_bytes())
 
 
+class CountingScorer:
+    """The scorer, counting the crops it scores (CLIP's cost grows with them; the oracles' hardly)."""
+
+    def __init__(self, scorer):
+        self.inner, self.crops = scorer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, image_rgb, candidates, sentences, reference=None):
+        self.crops += len(candidates)
+        return self.inner.score(image_rgb, candidates, sentences, reference=reference)
+
+
 def run_variant(image, reference, spacing, segmenter, structure, clip, mode, proposal, shape) -> dict:
     settings = VolumeSettings(axis=0, mode=mode, proposal=proposal, shape=shape)
     segmenter.charged = segmenter.spent = 0.0
     started = time.perf_counter()
-    result = segment_volume(image, segmenter, create_scorer(clip), [structure], settings,
-                            reference=reference)
+    scorer = CountingScorer(create_scorer(clip))
+    result = segment_volume(image, segmenter, scorer, [structure], settings, reference=reference)
     seconds = time.perf_counter() - started - segmenter.spent + segmenter.charged
     figures = measure_run(result, reference, spacing)
     present = [o for o in figures.slices if o.reference_area]
     return {"dice_3d": figures.dice_volume, "hd95_mm": figures.hd95_mm,
             "painted_wo_target": figures.painted_without_target, "missed": figures.missed_slices,
             "slice_dice": float(np.mean([o.dice for o in present])) if present else float("nan"),
-            "seconds": seconds}
+            "seconds": seconds, "scored_crops": scorer.crops}
 
 
 def box_bounds(image, reference, segmenter, paddings=(0.3,), rounds=3) -> dict:

@@ -237,7 +237,8 @@ def test_between_two_key_slices_each_slice_keeps_the_better_of_the_two_chains(mn
     accept_all = PropagationSettings(key_interval=6, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
     few_boxes = ProposalSettings(box_scales=(0.5, 1.0), pred_iou_thresh=0.5, stability_score_thresh=0.3)
     result = segment_volume(volume, lite, OracleScorer(), ["x"],
-                            VolumeSettings(proposal=few_boxes, window=window, propagation=accept_all), reference=truth)
+                            VolumeSettings(proposal=few_boxes, window=window, propagation=accept_all, shape=PAPER),
+                            reference=truth)  # the paper's cascade: a key slice whose part is poor, as the test needs
     assert [s.method for s in result.slices] == ["cascade"] + ["propagated"] * 5 + ["cascade"]
     assert lite.encodings == 7  # each slice encoded once: the second chain re-uses the first one's
     forward = _chain(lite.inner, images, result.mask[0], [1, 2, 3, 4, 5])

@@ -140,7 +140,7 @@ class ShapeSettings:
     """Add other candidates to the retrieved one while the same scorer ranks the union higher,
     then refine with the union's box (full cascade only; extra scorer calls). On by default: on the
     template's brain, deep grey and ventricles it raised or kept 3D Dice with both oracles in both
-    modes, for 0-4% more time with the oracles (about 50% more crops scored: est. +15-18% with CLIP)."""
+    modes, for up to 7% more time with the oracles (up to 58% more crops scored: est. +18% with CLIP)."""
     union_pool: int = 8
     """Candidates considered for the union: the best-scored ones after the retrieved one."""
     union_max_added: int = 3

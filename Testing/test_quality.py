@@ -96,9 +96,10 @@ def test_candidate_agreement_compares_the_retrieved_part_with_its_refined_mask()
     part = disk(radius=10)
     candidates = [Candidate(mask=disk(centre=(10, 10), radius=4), box=(6, 6, 14, 14), predicted_iou=0.9, stability=1),
                   Candidate(mask=part, box=(22, 22, 42, 42), predicted_iou=0.9, stability=1)]
-    same = SliceResult(mask=part, parts=[part], candidates=candidates, retrieved=[1])
+    same = SliceResult(mask=part, parts=[part], candidates=candidates, retrieved=[1], retrieved_masks=[part])
     assert candidate_agreement(same) == pytest.approx(1.0)
-    grown = SliceResult(mask=disk(radius=25), parts=[disk(radius=25)], candidates=candidates, retrieved=[1])
+    grown = SliceResult(mask=disk(radius=25), parts=[disk(radius=25)], candidates=candidates, retrieved=[1],
+                        retrieved_masks=[part])
     assert candidate_agreement(grown) < 0.4
     assert candidate_agreement(SliceResult(mask=part, parts=[part])) is None  # candidates not kept
 

@@ -12,7 +12,7 @@ from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_windo
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.models.base import Segmenter
 from SaLIPSegmentLib.models.device import MemoryFallback
-from SaLIPSegmentLib.settings import VolumeSettings
+from SaLIPSegmentLib.settings import ShapeSettings, VolumeSettings
 from SaLIPSegmentLib.volume import (
     BEYOND_ORGAN,
     NO_TISSUE,
@@ -30,6 +30,7 @@ from SaLIPSegmentLib.volume import (
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
 PROPOSALS = ProposalSettings.from_dict(TINY_SAM_PROPOSALS)
+PAPER = ShapeSettings(unite_parts=False)  # the paper's cascade: the retrieved candidate's box, refined once
 
 
 class ThreeRolesOnly(Segmenter):
@@ -68,7 +69,8 @@ def segmenter(tiny_sam, tiny_sam_checkpoint):
 def test_retrieval_keeps_the_best_scored_candidate_and_refines_its_box(segmenter):
     image = disk_image()
     reference = image > 100
-    result = segment_slice(image, segmenter, OracleScorer(), ["disk"], proposal=PROPOSALS, reference=reference)
+    result = segment_slice(image, segmenter, OracleScorer(), ["disk"], proposal=PROPOSALS, reference=reference,
+                           shape=PAPER)
     segmenter.inner.set_image(np.repeat(image[:, :, None], 3, 2))
     candidates = segmenter.inner.propose(PROPOSALS)
     best = max(candidates, key=lambda c: dice(c.mask, reference))
@@ -85,7 +87,7 @@ def test_top_k_refines_k_boxes_and_unions_them(segmenter):
     image = disk_image()
     keep_all = ProposalSettings.from_dict({**TINY_SAM_PROPOSALS, "box_nms_thresh": 1.0})
     result = segment_slice(image, segmenter, OracleScorer(), ["disk"], top_k=2, proposal=keep_all,
-                           reference=image > 100)
+                           reference=image > 100, shape=PAPER)
     assert len(result.boxes) == 2 and result.clip_scores[0] >= result.clip_scores[1]
     parts = segmenter.inner.refine(result.boxes)
     np.testing.assert_array_equal(result.mask, parts[0].mask | parts[1].mask)
@@ -235,7 +237,8 @@ def test_between_two_key_slices_each_slice_keeps_the_better_of_the_two_chains(mn
     accept_all = PropagationSettings(key_interval=6, max_iou_drop=1e9, min_area_ratio=0.0, box_margin=0.1)
     few_boxes = ProposalSettings(box_scales=(0.5, 1.0), pred_iou_thresh=0.5, stability_score_thresh=0.3)
     result = segment_volume(volume, lite, OracleScorer(), ["x"],
-                            VolumeSettings(proposal=few_boxes, window=window, propagation=accept_all), reference=truth)
+                            VolumeSettings(proposal=few_boxes, window=window, propagation=accept_all, shape=PAPER),
+                            reference=truth)  # the paper's cascade: a key slice whose part is poor, as the test needs
     assert [s.method for s in result.slices] == ["cascade"] + ["propagated"] * 5 + ["cascade"]
     assert lite.encodings == 7  # each slice encoded once: the second chain re-uses the first one's
     forward = _chain(lite.inner, images, result.mask[0], [1, 2, 3, 4, 5])

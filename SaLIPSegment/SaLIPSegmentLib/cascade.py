@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .imaging import Box, gray_to_rgb
-from .models.base import Candidate, ProposalSettings, Scorer, Segmenter
+from .models.base import Candidate, ProposalSettings, RefinedMask, Scorer, Segmenter
+from .settings import ShapeSettings
+from .shape import box_of, refine_in_shape, unite_parts
 
 NO_CANDIDATE = "no candidate"
 
@@ -42,6 +44,9 @@ class SliceResult:
     """Every proposal, kept only when asked (evaluation measures each stage with them)."""
     retrieved: List[int] = field(default_factory=list)
     """Indices into `candidates` of the retrieved ones, best first (with candidates kept)."""
+    retrieved_masks: List[np.ndarray] = field(default_factory=list)
+    """What prompted each refine, with candidates kept: the retrieved candidate's mask, or the
+    union it grew into (unite_parts)."""
 
 
 def empty_result(shape, reason: str, candidate_count: int = 0, seconds=None) -> SliceResult:
@@ -60,6 +65,7 @@ def segment_slice(
     reencode_for_refine: bool = False,
     already_embedded: bool = False,
     keep_candidates: bool = False,
+    shape: Optional[ShapeSettings] = None,
 ) -> SliceResult:
     """Segment the prompt's target on one slice.
 
@@ -68,50 +74,85 @@ def segment_slice(
     `reencode_for_refine` asks for the original implementation's second encoding
     (kept only to benchmark against). `already_embedded` says the segmenter holds
     this image's embedding already (a propagation step that fell back to the full
-    cascade). A slice where no candidate survives returns an empty mask and a reason.
+    cascade). `shape` names the steps between retrieval and the mask (shape.py; all
+    off: the paper's single refine). A slice where no candidate survives returns an
+    empty mask and a reason.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    proposal = proposal or ProposalSettings()
+    shape = shape or ShapeSettings()
     rgb = gray_to_rgb(image) if image.ndim == 2 else image
     seconds: Dict[str, float] = {}
+    candidates = propose_candidates(rgb, segmenter, proposal or ProposalSettings(), already_embedded, seconds)
+    if not candidates:
+        return empty_result(rgb.shape[:2], NO_CANDIDATE, seconds=seconds)
 
+    started = time.perf_counter()
+    scores = np.asarray(scorer.score(rgb, candidates, sentences, reference=reference), dtype=np.float64)
+    best = [int(i) for i in np.argsort(-scores, kind="stable")[:top_k]]
+    boxes, retrieval, masks = retrieved_boxes(rgb, candidates, scores, best, scorer, sentences, shape, reference)
+    seconds["score"] = time.perf_counter() - started
+
+    if reencode_for_refine:
+        started = time.perf_counter()
+        segmenter.set_image(rgb)
+        seconds["encode"] += time.perf_counter() - started
+    shaped = refine_in_shape(segmenter, rgb, boxes, shape)
+    for stage, value in shaped.seconds.items():
+        seconds[stage] = seconds.get(stage, 0.0) + value
+    result = _slice_result(rgb.shape[:2], shaped.parts, boxes, retrieval, candidates, best, keep_candidates, seconds)
+    result.candidates_median_score = float(np.median(scores))  # all candidates', not the retrieved ones'
+    result.retrieved_masks = masks if keep_candidates else []
+    return result
+
+
+def propose_candidates(rgb: np.ndarray, segmenter: Segmenter, proposal: ProposalSettings, already_embedded: bool,
+                       seconds: Dict[str, float]) -> List[Candidate]:
+    """Encode the slice (unless it is already) and propose its candidates, timing both."""
     started = time.perf_counter()
     if not already_embedded:
         segmenter.set_image(rgb)
     seconds["encode"] = time.perf_counter() - started
-
     started = time.perf_counter()
     candidates = segmenter.propose(proposal)
     seconds["propose"] = time.perf_counter() - started
-    if not candidates:
-        return empty_result(rgb.shape[:2], NO_CANDIDATE, seconds=seconds)
-    kept = candidates if keep_candidates else []
+    return candidates
 
-    started = time.perf_counter()
-    scores = np.asarray(scorer.score(rgb, candidates, sentences, reference=reference), dtype=np.float64)
-    seconds["score"] = time.perf_counter() - started
-    best = np.argsort(-scores, kind="stable")[:top_k]
 
-    started = time.perf_counter()
-    if reencode_for_refine:
-        segmenter.set_image(rgb)
-    refined = segmenter.refine([candidates[i].box for i in best])
-    seconds["refine"] = time.perf_counter() - started
+def retrieved_boxes(rgb, candidates: List[Candidate], scores: np.ndarray, best: List[int], scorer: Scorer,
+                    sentences: Sequence[str], shape: ShapeSettings,
+                    reference) -> Tuple[List[Box], List[float], List[np.ndarray]]:
+    """The boxes that prompt the refine step, their retrieval scores and masks: the retrieved
+    candidates' own, or, with unite_parts, those of each retrieved candidate grown into a
+    better-scored union."""
+    if not shape.unite_parts:
+        return ([candidates[i].box for i in best], [float(scores[i]) for i in best],
+                [candidates[i].mask for i in best])
+    boxes, found, masks = [], [], []
+    for i in best:
+        union = unite_parts(rgb, candidates, scores, i, scorer, sentences, shape, reference=reference,
+                            exclude=[j for j in best if j != i])
+        boxes.append(box_of(union.mask))
+        found.append(union.score)
+        masks.append(union.mask)
+    return boxes, found, masks
 
-    mask = np.zeros(rgb.shape[:2], dtype=bool)
+
+def _slice_result(size, refined: List[RefinedMask], boxes: List[Box], scores: List[float],
+                  candidates: List[Candidate], best: List[int], keep_candidates: bool,
+                  seconds: Dict[str, float]) -> SliceResult:
+    mask = np.zeros(size, dtype=bool)
     for part in refined:
         mask |= part.mask
     return SliceResult(
         mask=mask,
         parts=[part.mask for part in refined],
-        boxes=[candidates[i].box for i in best],
-        clip_scores=[float(scores[i]) for i in best],
+        boxes=boxes,
+        clip_scores=scores,
         predicted_ious=[part.predicted_iou for part in refined],
         candidate_count=len(candidates),
-        candidates_median_score=float(np.median(scores)),
         reason=None if mask.any() else "refined mask is empty",
         seconds=seconds,
-        candidates=kept,
-        retrieved=[int(i) for i in best] if keep_candidates else [],
+        candidates=candidates if keep_candidates else [],
+        retrieved=best if keep_candidates else [],
     )

@@ -82,12 +82,32 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                         help=f"with --mode propagate, key slices at both ends and at most N apart "
                              f"(default {key_interval})")
     _add_presence_option(parser)
+    _add_shape_options(parser)
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
     cleanup.add_argument("--keep-largest", action="store_true",
                         help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
     cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
     cleanup.add_argument("--fill-flagged", action="store_true",
                         help="replace flagged slices by what their two neighbours agree on")
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    from .settings import ShapeSettings
+
+    defaults = ShapeSettings()
+    shape = parser.add_argument_group("mask shape (shape.py; figures in Testing/Benchmarks/RESULTS.md)")
+    shape.add_argument("--unite-parts", action=argparse.BooleanOptionalAction, default=None,
+                       help="add other candidates to the retrieved one while the scorer ranks the union higher, "
+                            f"then refine with the union's box (default {'on' if defaults.unite_parts else 'off'})")
+    shape.add_argument("--refine-rounds", type=int, metavar="N",
+                       help="prompt again with the refined mask's box, up to N more times, until the box holds "
+                            f"(default {defaults.refine_rounds})")
+    shape.add_argument("--fill-part-holes", action=argparse.BooleanOptionalAction, default=None,
+                       help="fill holes inside each slice's closed outline as the run goes "
+                            f"(default {'on' if defaults.fill_holes else 'off'})")
+    shape.add_argument("--context-padding", type=float, metavar="F",
+                       help="refine on the slice padded with F x its longest side of background on each side; "
+                            f"one more encoding per slice (default {defaults.context_padding})")
 
 
 def _add_presence_option(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +181,7 @@ def _add_evaluate_commands(commands) -> None:
                                "measure it (3D Dice, HD95, painted and missed slices, flag recall and precision); "
                                "'none' for the stage table only (default propagate,every-slice)")
     _add_presence_option(evaluate)
+    _add_shape_options(evaluate)
     evaluate.add_argument("--no-stages", dest="stages", action="store_false",
                           help="skip the stage-by-stage table (its own full cascade on every slice)")
     evaluate.add_argument("--simulate-corrections", type=int, metavar="N", default=0,

@@ -161,7 +161,7 @@ def _evaluate_slice(index: int, image: np.ndarray, ref: np.ndarray, segmenter: S
     if image.min() == image.max() and not ref.any():
         return SliceEvaluation(index, 0, 0, 0, None, None, 1.0, None), None  # air: nothing to find
     result = segment_slice(image, segmenter, scorer, sentences, top_k=settings.top_k, proposal=settings.proposal,
-                           reference=ref, keep_candidates=True)
+                           reference=ref, keep_candidates=True, shape=settings.shape)
     if not ref.any():
         return SliceEvaluation(index, 0, int(result.mask.sum()), result.candidate_count,
                                None, None, dice(result.mask, ref), None), result.mask

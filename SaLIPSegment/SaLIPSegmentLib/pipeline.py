@@ -21,7 +21,9 @@ from .errors import InputError, MissingWeightsError
 from .io import Image3D
 from .models.base import ProposalSettings
 from .prompts import Prompt
-from .settings import CleanupSettings, PresenceSettings, PropagationSettings, VolumeSettings
+from .settings import CleanupSettings, PresenceSettings, PropagationSettings, ShapeSettings, VolumeSettings
+
+SHAPE_STEPS_OFF = ShapeSettings(unite_parts=False, refine_rounds=0, fill_holes=False, context_padding=0.0)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class SegmentSettings:
     fill_holes: bool = False
     fill_flagged: bool = False
     presence: bool = PresenceSettings.enabled
+    shape: ShapeSettings = ShapeSettings()
 
     def describe(self) -> dict:
         """The settings as JSON-ready values."""
@@ -62,6 +65,8 @@ class SegmentSettings:
             values.pop(where)
         if not values["presence"]:  # off is how masks were made before it existed: old batch folders stay done
             values.pop("presence")
+        if self.shape == SHAPE_STEPS_OFF:  # likewise: every step off is how masks were made before they existed
+            values.pop("shape")
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def volume_settings(self, axis: int, slice_range: Optional[Tuple[int, int]]) -> VolumeSettings:
@@ -69,7 +74,7 @@ class SegmentSettings:
         return VolumeSettings(
             top_k=self.top_k, axis=axis, slice_range=slice_range, window=self.window, mode=self.mode,
             propagation=PropagationSettings(key_interval=self.key_interval), proposal=self.proposal,
-            presence=PresenceSettings(enabled=self.presence),
+            presence=PresenceSettings(enabled=self.presence), shape=self.shape,
             cleanup=CleanupSettings(self.keep_largest, self.fill_holes, self.fill_flagged), adapt=self.adapt,
         )
 
@@ -93,7 +98,19 @@ def settings_from_args(args) -> SegmentSettings:
         slices=args.slices, window=tuple(args.window) if args.window else None, mode=args.mode,
         key_interval=args.key_interval, adapt=args.adapt, keep_largest=args.keep_largest,
         fill_holes=args.fill_holes, fill_flagged=args.fill_flagged, presence=_presence(args),
+        shape=shape_settings(args),
     )
+
+
+def shape_settings(args) -> ShapeSettings:
+    """The shape steps (shape.py) from the command line's options; the defaults where none were given."""
+    values = {name: getattr(args, name) for name in ("unite_parts", "refine_rounds", "fill_part_holes",
+                                                     "context_padding") if getattr(args, name, None) is not None}
+    if "fill_part_holes" in values:
+        values["fill_holes"] = values.pop("fill_part_holes")
+    if values.get("refine_rounds", 0) < 0 or values.get("context_padding", 0.0) < 0:
+        raise InputError("--refine-rounds and --context-padding must not be negative.")
+    return replace(ShapeSettings(), **values)
 
 
 def _presence(args) -> bool:
@@ -141,7 +158,7 @@ def evaluation_settings(args, top_k: int) -> VolumeSettings:
     window = getattr(args, "window", None)  # evaluate-dataset has no --window: each case's own
     return VolumeSettings(top_k=top_k, window=tuple(window) if window else None,
                           proposal=proposal_settings(args, get_segmenter_spec(args.sam)), adapt=args.adapt,
-                          presence=PresenceSettings(enabled=_presence(args)))
+                          presence=PresenceSettings(enabled=_presence(args)), shape=shape_settings(args))
 
 
 def proposal_variants(volume: np.ndarray, reference: Optional[np.ndarray], segmenter, scorer, sentences,

@@ -254,9 +254,9 @@ def verdict(records: Sequence) -> str:
 
 
 def candidate_agreement(result) -> Optional[float]:
-    """Dice of each retrieved candidate with its refined mask, the lowest: where SAM's box-prompted
-    mask is not the part CLIP retrieved, the box held something else (a cascade.SliceResult kept
-    with its candidates)."""
-    if not result.retrieved or not result.parts:
+    """Dice of each retrieved part (the candidate, or the union it grew into) with its refined mask,
+    the lowest: where SAM's box-prompted mask is not the part CLIP retrieved, the box held
+    something else (a cascade.SliceResult kept with its candidates)."""
+    if not result.retrieved_masks or not result.parts:
         return None
-    return round(min(dice(result.candidates[k].mask, part) for k, part in zip(result.retrieved, result.parts)), 3)
+    return round(min(dice(prompt, part) for prompt, part in zip(result.retrieved_masks, result.parts)), 3)

@@ -45,6 +45,7 @@ from .settings import (
     check_slice_range,
     parse_slice_range,
 )
+from .shape import refine_in_shape
 
 __all__ = [  # the settings are re-exported: callers have imported them from here
     "BEYOND_ORGAN", "LOW_SCORE_ABSENT", "MAX_SLICE_SIDE", "MODES", "NO_TISSUE", "OUTSIDE_RUN", "PresenceSettings",
@@ -502,8 +503,11 @@ class VolumeRunner:
         clock = time.perf_counter()
         margin = self.settings.propagation.box_margin
         boxes = [_grow(mask_to_box(part), margin, pixels.shape) for part in source.parts if part.any()]
-        refined = self.segmenter.refine(boxes)
-        seconds["refine"] = time.perf_counter() - clock
+        shaped = refine_in_shape(self.segmenter, gray_to_rgb(pixels), boxes, self.settings.shape)
+        refined = shaped.parts
+        seconds["refine"] = time.perf_counter() - clock - shaped.seconds.get("encode", 0.0)
+        if "encode" in shaped.seconds:  # the padded slice's encoding (context_padding)
+            seconds["encode"] = shaped.seconds["encode"]
         parts = [r.mask for r in refined]
         ious = [r.predicted_iou for r in refined]
         fallback, scores = self.judge(pixels, parts, ious, source, seconds, self._reference(index))
@@ -546,6 +550,7 @@ class VolumeRunner:
             pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
             proposal=self.memory.proposal, reference=self._reference(index),
             reencode_for_refine=self.settings.reencode_for_refine, already_embedded=already_embedded,
+            shape=self.settings.shape,
             keep_candidates=True,  # only for the agreement below; dropped with the result
         )
         timing = dict(seconds or {})

@@ -72,8 +72,21 @@ def settings_from_request(values: dict):
         window=(float(window[0]), float(window[1])) if window else None,
         mode=str(values.get("mode", "propagate")), adapt=bool(values.get("adapt", False)),
         keep_largest=bool(values.get("keep_largest", False)), fill_holes=bool(values.get("fill_holes", False)),
-        fill_flagged=bool(values.get("fill_flagged", False)),
+        fill_flagged=bool(values.get("fill_flagged", False)), shape=_shape(values.get("shape")),
     )
+
+
+def _shape(values):
+    """The request's shape steps (a dict of settings.ShapeSettings fields); the defaults where it has none."""
+    from dataclasses import fields
+
+    from .settings import ShapeSettings
+
+    known = {f.name for f in fields(ShapeSettings)}
+    unknown = set(values or {}) - known
+    if unknown:
+        raise InputError(f"Unknown shape settings: {', '.join(sorted(unknown))}")
+    return ShapeSettings(**(values or {}))
 
 
 def image_from_request(request: dict):

@@ -67,7 +67,10 @@ def test_salip_evaluate_on_a_real_brain(tmp_path, mni152, capsys):
     assert figures["slices_with_reference"] == 2
     assert figures["retrieved_mean"] == pytest.approx(figures["ceiling_mean"])
     assert figures["box_bound_mean"] > 0.4
-    assert 0.15 < figures["dice_volume"] < figures["box_bound_mean"] + 0.1
+    # Two slices of similar area: the 3D Dice is close to their mean Dice. (United parts may beat
+    # the reference's tight box: LiteMedSAM's mask sits inside its box.)
+    assert 0.15 < figures["dice_volume"] < 1.0
+    assert figures["dice_volume"] == pytest.approx(figures["dice_mean_per_slice"], abs=0.1)
     assert figures["hd95_mm"] > 0
     modes = figures["modes"]
     assert set(modes) == {"propagate", "every-slice"}

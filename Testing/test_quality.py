@@ -135,7 +135,9 @@ def test_a_fragmented_a_jumping_and_a_disagreeing_slice_are_flagged_with_their_r
     masks[2] = scattered(pieces=6)
     masks[5] = disk(radius=26)  # several times its neighbours' area, and unlike them
     records = run_of(masks, s7={"candidate_agreement": 0.1})
-    flag_slices(records, masks)
+    flag_slices(records, masks)  # the agreement signal is off by default (QualityRules.min_agreement)
+    assert {r.index for r in records if r.flags} == {2, 5} and records[7].quality["agreement"] == 0.1
+    flag_slices(records, masks, QualityRules(min_agreement=0.7))
     flagged = {r.index: r.flags for r in records if r.flags}
     assert set(flagged) == {2, 5, 7}
     assert any(reason.startswith("unlike its neighbours") for reason in flagged[2])
@@ -214,11 +216,11 @@ def test_a_chain_from_a_flagged_key_slice_is_flagged_and_one_from_a_clean_key_sl
         records[k].method, records[k].anchor, records[k].candidate_agreement = "propagated", 0, None
     for k in (5, 6):
         records[k].method, records[k].anchor, records[k].candidate_agreement = "propagated", 4, None
-    flag_slices(records, masks, QualityRules(inherit=True))
+    flag_slices(records, masks, QualityRules(inherit=True, min_agreement=0.7))
     assert {r.index for r in records if r.flags} == {0, 1, 2, 3}
     assert records[2].flags == ["propagated from flagged slice 0"]
     assert records[2].confidence <= records[0].confidence < 0.5
-    flag_records(records, masks)  # off by default (see QualityRules.inherit)
+    flag_records(records, masks, QualityRules(min_agreement=0.7))  # inherit is off by default
     assert {r.index for r in records if r.flags} == {0}
 
 

@@ -44,17 +44,20 @@ class QualityRules:
     masks of deep grey and the ventricles have three to six pieces, so the count flagged good slices
     more than poor ones; it is still measured and reported."""
     fragment_share: float = 0.02
-    min_solidity: float = 0.4
+    min_solidity: float = 0.5
     """Area over the area of its convex hull (the largest piece's): a ragged shape reads low."""
-    min_agreement: float = 0.7
-    """Dice of the retrieved candidate with its refined mask (full-cascade slices)."""
+    min_agreement: float = 0.0
+    """Dice of the retrieved part (or its union) with its refined mask (full-cascade slices). Off
+    (0) since parts are united: the refit on runs with united parts found it adds no poor slice
+    the other signals miss; still measured and reported."""
     min_neighbour_dice: float = 0.6
     """The better Dice with the neighbouring slices' masks (slices with a mask on a side)."""
     max_area_change: float = 0.75
     """|log2| of the area over the median area of up to two masked slices on each side (0.75: 1.7x)."""
-    min_predicted_iou: float = 0.7
-    """The segmenter's own predicted IoU (the lowest of the slice's parts)."""
-    min_score_z: float = -1.5
+    min_predicted_iou: float = 0.55
+    """The segmenter's own predicted IoU (the lowest of the slice's parts). United parts' larger
+    boxes read 0.6-0.7 where the mask is right, so 0.7 flagged good slices."""
+    min_score_z: float = -1.0
     """The score in robust standard deviations from the median of the volume's scored slices."""
     min_scored_slices: int = 5
     """Fewer scored slices than this give no score signal (nothing to compare with)."""

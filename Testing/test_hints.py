@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_volume import CountingSegmenter
 
 from SaLIPSegmentLib.corrections import (
     ABSENT_BY_HINT,
@@ -17,7 +18,6 @@ from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
-from SaLIPSegmentLib.models.base import Segmenter
 from SaLIPSegmentLib.settings import PropagationSettings, VolumeSettings
 from SaLIPSegmentLib.volume import SliceRecord, key_positions
 
@@ -28,33 +28,19 @@ GEOMETRY = HintGeometry(axis=0, slice_range=(2, 10), slice_shape=(40, 60), takes
                         segmenter_name="litemedsam")
 
 
-class Counting(Segmenter):
-    """A real segmenter that counts encodings and hands embeddings back (what a session keeps)."""
+class Counting(CountingSegmenter):
+    """test_volume's counting segmenter, also counting proposals and passing points on (SAM's clicks)."""
 
     def __init__(self, inner):
-        self.inner, self.encodings, self.proposals, self.name = inner, 0, 0, inner.name
-        self.takes_points = inner.takes_points
-
-    def set_image(self, image):
-        self.encodings += 1
-        self.inner.set_image(image)
+        super().__init__(inner)
+        self.proposals, self.name, self.takes_points = 0, inner.name, inner.takes_points
 
     def propose(self, settings):
         self.proposals += 1
-        return self.inner.propose(settings)
-
-    def refine(self, boxes):
-        return self.inner.refine(boxes)
+        return super().propose(settings)
 
     def refine_points(self, points, labels):
         return self.inner.refine_points(points, labels)
-
-    @property
-    def embedding(self):
-        return self.inner.embedding
-
-    def use_embedding(self, embedding):
-        self.inner.use_embedding(embedding)
 
 
 @pytest.fixture(scope="module")

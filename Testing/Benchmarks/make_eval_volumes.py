@@ -12,8 +12,13 @@ included:
                        the large connected components off the midline (one each side)
   deep_grey.nii.gz     deep grey matter (basal ganglia and thalami): grey matter over 0.5 at least
                        20 mm inside the brain, the largest component
+and, in the subfolder lesion/, the same template with a synthetic tumour-like lesion:
+  lesion/t1.nii.gz     the template with an ellipsoid (semi-axes 18 x 20 x 15 mm) in the right
+                       hemisphere: a bright enhancing rim round a dark necrotic core, textured
+  lesion/lesion.nii.gz the lesion (on about a sixth of the brain's axial slices)
 A smaller structure than the brain, and one that is absent from most slices, is what the
-presence step has to handle. Prints each structure's slice count.
+presence step has to handle; the lesion is one that LiteMedSAM can outline, like the tumour
+and thalamus of the hidden cases. Prints each structure's slice count.
 """
 
 from __future__ import annotations
@@ -54,6 +59,21 @@ def deep_grey(gm: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
+def lesion(t1: np.ndarray, brain: np.ndarray, seed: int = 0) -> tuple:
+    """(the template with a tumour-like lesion, the lesion's mask): a textured ellipsoid whose outer
+    shell is brighter than white matter and whose core is darker than grey matter."""
+    zz, yy, xx = np.indices(t1.shape, dtype=np.float64)
+    centre, semi = (75.0, 125.0, 62.0), (15.0, 20.0, 18.0)  # voxels (1 mm): right of the midline (x 98)
+    radius = np.sqrt(sum(((axis - c) / r) ** 2 for axis, c, r in zip((zz, yy, xx), centre, semi)))
+    mask = (radius <= 1.0) & brain
+    texture = ndimage.gaussian_filter(np.random.default_rng(seed).normal(0.0, 1.0, t1.shape), 1.5)
+    texture /= texture[mask].std()
+    inside = np.where(radius < 0.6, 80.0, 245.0) + 8.0 * texture  # necrotic core, enhancing rim
+    edge = np.clip((1.0 - radius) / 0.08, 0.0, 1.0)  # about 1.5 mm of partial volume at the border
+    out = t1.astype(np.float64) * (1.0 - edge * mask) + inside * edge * mask
+    return np.clip(out, 0, 255).astype(t1.dtype), mask
+
+
 def _write(array: np.ndarray, like: sitk.Image, step: int, path: Path) -> None:
     image = sitk.GetImageFromArray(array[::step])
     image.SetOrigin(like.GetOrigin())
@@ -82,6 +102,13 @@ def main() -> None:
         present = mask[:: args.step].any(axis=(1, 2))
         print(f"{name}: {int(mask[:: args.step].sum())} voxels on {int(present.sum())} of {present.size} axial "
               f"slices ({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
+    (args.folder / "lesion").mkdir(exist_ok=True)
+    lesioned, lesion_mask = lesion(t1, brain)
+    _write(lesioned, template, args.step, args.folder / "lesion" / "t1.nii.gz")
+    _write(lesion_mask.astype(np.uint8), template, args.step, args.folder / "lesion" / "lesion.nii.gz")
+    present = lesion_mask[:: args.step].any(axis=(1, 2))
+    print(f"lesion: on {int(present.sum())} of {present.size} axial slices "
+          f"({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
-from SaLIPSegmentLib.settings import PropagationSettings, VolumeSettings
+from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
 from SaLIPSegmentLib.volume import SliceRecord, key_positions
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
@@ -113,8 +113,11 @@ def _volume(slices=20):
     return np.stack([disk_image(radius=7 + (i % 7)) for i in range(slices)]).astype(np.float32)
 
 
-def _session(segmenter, volume, reference, interval=4, mode="propagate"):
-    settings = VolumeSettings(proposal=PROPOSALS, mode=mode, propagation=PropagationSettings(key_interval=interval))
+def _session(segmenter, volume, reference, interval=4, mode="propagate", presence=False):
+    """A session on the tiny SAM, whose poor masks presence would cut: these tests are about hints, so
+    presence is off unless asked for."""
+    settings = VolumeSettings(proposal=PROPOSALS, mode=mode, propagation=PropagationSettings(key_interval=interval),
+                              presence=PresenceSettings(enabled=presence))
     return CorrectionSession(volume, segmenter, OracleScorer(), ["disk"], settings, reference=reference)
 
 

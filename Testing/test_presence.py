@@ -17,6 +17,7 @@ from SaLIPSegmentLib.volume import LOW_SCORE_ABSENT, OUTSIDE_RUN, SliceRecord, d
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
 ON = PresenceSettings(enabled=True)
+OFF = PresenceSettings(enabled=False)
 
 
 def _records(scores, floor=None):
@@ -186,7 +187,7 @@ def _volume():
 def test_the_runner_removes_the_mask_where_the_target_is_judged_absent(segmenter, mode):
     volume = _volume()
     settings = VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS), mode=mode,
-                              propagation=VolumeSettings().propagation)
+                              propagation=VolumeSettings().propagation, presence=OFF)
     before = segment_volume(volume, segmenter, BrightnessScorer(), ["x"], settings)
     after = segment_volume(volume, segmenter, BrightnessScorer(), ["x"],
                            VolumeSettings(**{**settings.__dict__, "presence": ON}))
@@ -259,3 +260,22 @@ def test_the_runner_scores_every_painted_slice_with_clip_and_its_negatives(segme
     assert all("presence" in s.seconds for s in painted)
     assert calls[-len(painted):] == [1 + len(negative_ensembles(["a bright disk"]))] * len(painted)
     assert all(not result.mask[s.index].any() for s in result.slices if s.absent)
+
+
+def test_a_correction_judges_presence_again_and_a_box_outside_the_run_extends_it(segmenter):
+    from SaLIPSegmentLib.corrections import CorrectionSession
+    from SaLIPSegmentLib.hints import Hint
+
+    volume = _volume()
+    settings = VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS), presence=ON)
+    session = CorrectionSession(volume, segmenter, BrightnessScorer(), ["x"], settings)
+    automatic = session.run()
+    assert {s.index for s in automatic.slices if s.area} == set(TARGET)
+    # The user says the target is on slice 1 too: the refill paints from there, and presence, judged
+    # again, keeps every slice from the box to the run, removing only what lies past them.
+    after, correction = session.correct([Hint(1, "box", box=(20, 20, 44, 44))])
+    painted = {s.index for s in after.slices if s.area}
+    assert set(range(1, 10)) <= painted and not painted & {11, 12, 13}
+    assert all(after.slices[k].absent for k in range(14) if k not in painted and k != 1)
+    assert after.slices[1].method == "hint" and after.slices[1].absent is None
+    assert set(correction.changed) >= {1, 2, 3}

@@ -137,6 +137,26 @@ def test_a_union_respects_the_cap_and_the_parts_other_retrievals_took():
     assert len(union.members) == 3 and 1 not in union.members
 
 
+class UnionLover(Scorer):
+    """Scores each crop by its area: every union scores higher, as a noisy score's best of several may."""
+
+    def score(self, image_rgb, candidates, sentences, reference=None):
+        return np.asarray([c.area for c in candidates], dtype=float)
+
+
+def test_a_part_apart_from_the_union_never_joins_it_however_it_scores():
+    small = box_mask((2, 2, 9, 9))  # 8 x 8: equivalent diameter 9 px, so a gap of at most 4.5 px at 0.5
+    touching, near, apart = box_mask((10, 2, 17, 9)), box_mask((2, 13, 9, 20)), box_mask((30, 30, 40, 40))
+    candidates = [candidate(small), candidate(apart), candidate(near), candidate(touching)]
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    scorer = UnionLover()
+    scores = scorer.score(image, candidates, ["x"])
+    union = unite_parts(image, candidates, scores, 0, scorer, ["x"], ShapeSettings(union_max_gap=0.5))
+    assert sorted(union.members) == [0, 2, 3]  # the touching and the near part (3 px away), not the one apart
+    everything = unite_parts(image, candidates, scores, 0, scorer, ["x"], ShapeSettings(union_max_gap=10.0))
+    assert sorted(everything.members) == [0, 1, 2, 3]
+
+
 class UnionDisliker(Scorer):
     """Scores each crop by how little of the image it covers: any union scores lower."""
 
@@ -307,7 +327,7 @@ def test_the_command_line_and_the_worker_build_the_same_shape_settings():
     import json
     from dataclasses import replace
 
-    off = replace(plain, shape=SHAPE_STEPS_OFF)
+    off = replace(plain, shape=SHAPE_STEPS_OFF, presence=False)
     before = off.describe()
     for key in ("device", "precision", "model_dir", "presence", "shape"):
         before.pop(key)

@@ -116,7 +116,7 @@ def _add_presence_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presence", action=argparse.BooleanOptionalAction, default=None,
                         help="remove the mask from slices where the target is judged absent: each painted "
                              "slice's mask is scored once more, and where the scores form two groups the slices "
-                             "outside the target's one run lose their mask; "
+                             "outside the target's one run lose their mask (--no-presence: paint every slice); "
                              f"default {'on' if PresenceSettings.enabled else 'off'}")
 
 

@@ -143,6 +143,9 @@ class CorrectionSession(VolumeRunner):
                 changed.update(self.refill(low, high))
         finally:
             self.kept.clear()
+        ordered = [self.records[index] for index in range(self.start, self.stop)]
+        boxed = [k for k, hint in self.hints.items() if hint.kind != "absent"]
+        changed.update(self.judge_presence(ordered, keep=boxed))  # what the refill painted past the target
         seconds = time.perf_counter() - started
         correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
                                 encodings=self.encodings - encoded, seconds=seconds)

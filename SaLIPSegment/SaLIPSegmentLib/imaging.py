@@ -1,4 +1,4 @@
-"""Pixel helpers shared by the cascade and the backends: windowing, boxes, crops, Dice.
+"""Pixel helpers shared by the cascade and the backends: windowing, boxes, crops, Dice, a robust spread.
 
 Pure numpy: no torch, no Slicer, no files.
 """
@@ -106,3 +106,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def robust_spread(values: np.ndarray) -> float:
+    """A robust standard deviation (1.4826 x the median absolute deviation); 0 for no values."""
+    values = np.asarray(values, dtype=np.float64)
+    if not values.size:
+        return 0.0
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .imaging import mask_to_box
+from .imaging import mask_to_box, robust_spread
 from .models.base import Candidate, Scorer
 from .settings import PresenceSettings
 
@@ -103,11 +103,6 @@ def best_run(values: np.ndarray, level: float) -> Tuple[int, int]:
     return best_run_
 
 
-def _spread(values: np.ndarray) -> float:
-    """A robust standard deviation (1.4826 x the median absolute deviation)."""
-    return 1.4826 * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
-
-
 def separation(values: np.ndarray, first: int, last: int) -> float:
     """How far the run's scores sit above the others', in units of the groups' pooled spread.
 
@@ -119,7 +114,8 @@ def separation(values: np.ndarray, first: int, last: int) -> float:
     if not inside.size or not outside.size:
         return 0.0
     gap = float(np.median(inside) - np.median(outside))
-    pooled = np.sqrt((inside.size * _spread(inside) ** 2 + outside.size * _spread(outside) ** 2) / values.size)
+    variances = inside.size * robust_spread(inside) ** 2 + outside.size * robust_spread(outside) ** 2
+    pooled = np.sqrt(variances / values.size)
     if pooled == 0:
         return np.inf if gap > 0 else 0.0
     return gap / pooled
@@ -184,20 +180,25 @@ def _height_outside(values: np.ndarray, first: int, last: int, floor: float) -> 
     return (float(np.median(outside)) - floor) / inside
 
 
-def decide_presence(records: Sequence, rules: PresenceSettings, floor: Optional[float] = None) -> Dict[int, str]:
+def decide_presence(records: Sequence, rules: PresenceSettings, floor: Optional[float] = None,
+                    keep: Sequence[int] = ()) -> Dict[int, str]:
     """Slice index -> why the target is judged absent there, for painted slices only.
 
     Records are in slice order; `floor` is the scorer's level for what is not the target, in the
-    signal's units (candidate_floor for a plain score; None for a margin over negatives). Every
+    signal's units (candidate_floor for a plain score; 0 for a margin over negatives). Every
     painted slice between the run's first and last is kept (a low score there is a poor part of
-    the one target, not its absence); a painted slice without any score (a propagated slice
-    before presence scored it) takes its chain anchor's verdict.
+    the one target, not its absence); the run reaches out to every slice in `keep` (a user's box:
+    the target is there, and on every slice between it and the run); a painted slice without any
+    score (a propagated slice before presence scored it) takes its chain anchor's verdict.
     """
     indices, values = _signals(records)
     found = target_run(values, rules, floor)
     if found is None:
         return {}
     first, last, level = found
+    wanted = set(keep)
+    kept = [k for k, index in enumerate(indices) if index in wanted]
+    first, last = min([first, *kept]), max([last, *kept])
     absent = {index: LOW_SCORE_ABSENT if value < level else OUTSIDE_RUN
               for k, (index, value) in enumerate(zip(indices, values)) if not first <= k <= last}
     scored = set(indices)

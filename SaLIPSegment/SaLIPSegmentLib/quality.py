@@ -24,7 +24,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from .cascade import NO_CANDIDATE
-from .imaging import dice
+from .imaging import dice, robust_spread
 
 # The reasons a slice is flagged, as the report and the panel show them.
 NO_CANDIDATE_FLAG = NO_CANDIDATE
@@ -166,7 +166,7 @@ def score_z(records: Sequence, rules: QualityRules) -> Dict[int, float]:
         return {}
     values = np.array([v for _, v in scored])
     median = float(np.median(values))
-    spread = max(rules.score_floor, 1.4826 * float(np.median(np.abs(values - median))))
+    spread = max(rules.score_floor, robust_spread(values))
     return {k: (v - median) / spread for k, v in scored}
 
 

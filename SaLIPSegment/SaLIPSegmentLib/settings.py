@@ -109,10 +109,11 @@ class PresenceSettings:
     rather than part of the way up to the run. A volume whose every slice holds the target (the
     brain), poorly segmented slices included, keeps every slice; so does every slice inside the
     run, whatever its score. The rule is relative: CLIP never scores 0, and its scale differs per
-    model and prompt. Slices judged absent get no mask, and the report says why.
+    model and prompt. Slices judged absent get no mask, and the report says why. On by default:
+    on every volume measured it removed the slices painted without target or changed nothing.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     smooth_slices: int = 3
     """The run is found on the median of this many slices around each (1: each slice's own score)."""
     min_separation: float = 1.5
@@ -145,6 +146,10 @@ class ShapeSettings:
     """At most this many candidates are added."""
     union_min_gain: float = 0.0
     """A union is kept only when it scores more than this above the current one."""
+    union_max_gap: float = 0.5
+    """A candidate joins only when its gap to the union is at most this fraction of the union's
+    equivalent diameter: parts of one target touch or nearly touch. Without it a CLIP-like score's
+    noise united a lesion with parts 54 px away on a 233 px slice (its Dice 0.86 -> 0.16)."""
     refine_rounds: int = 0
     """Prompt again with the box of the refined mask, at most this many more times."""
     box_tolerance: int = 2

@@ -65,14 +65,16 @@ def unite_parts(image_rgb: np.ndarray, candidates: Sequence[Candidate], scores: 
     Each round scores the union with every remaining candidate of the best `union_pool` in one
     scorer call (CLIP sees a crop of each union) and keeps the best union if it beats the current
     score by more than `union_min_gain`; at most `union_max_added` are added. Candidates inside
-    the union already add nothing and are skipped.
+    the union already add nothing, and candidates apart from it (`near_union`) belong to something
+    else: both are skipped.
     """
     order = [int(i) for i in np.argsort(-np.asarray(scores), kind="stable") if i != chosen and i not in exclude]
     pool = order[: settings.union_pool]
     union = Union(mask=candidates[chosen].mask.copy(), score=float(scores[chosen]), members=[chosen])
     for _ in range(settings.union_max_added):
+        near = near_union(union.mask, settings.union_max_gap)
         trials = [(i, union.mask | candidates[i].mask) for i in pool if i not in union.members]
-        trials = [(i, m) for i, m in trials if m.sum() > union.mask.sum()]
+        trials = [(i, m) for i, m in trials if m.sum() > union.mask.sum() and near(candidates[i].mask)]
         if not trials:
             break
         found = np.asarray(scorer.score(image_rgb, [_as_candidate(m) for _, m in trials], sentences,
@@ -85,6 +87,14 @@ def unite_parts(image_rgb: np.ndarray, candidates: Sequence[Candidate], scores: 
         union.members.append(trials[best][0])
         union.mask, union.score = trials[best][1], float(found[best])
     return union
+
+
+def near_union(union: np.ndarray, max_gap: float) -> Callable[[np.ndarray], bool]:
+    """Whether a part lies within `max_gap` x the union's equivalent diameter of it (parts of one
+    target touch or nearly touch; a part across the slice is something else)."""
+    limit = max_gap * 2.0 * np.sqrt(union.sum() / np.pi)
+    distance = ndimage.distance_transform_edt(~union)
+    return lambda part: bool(part.any() and distance[part].min() <= limit)
 
 
 def fill_closed_holes(mask: np.ndarray) -> np.ndarray:

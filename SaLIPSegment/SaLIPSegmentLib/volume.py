@@ -344,26 +344,32 @@ class VolumeRunner:
             encoder_runtime=self.segmenter.encoder_runtime, decoder_runtime=self.segmenter.decoder_runtime,
         )
 
-    def judge_presence(self, ordered: List[SliceRecord]) -> None:
+    def judge_presence(self, ordered: List[SliceRecord], keep: Sequence[int] = ()) -> List[int]:
         """Score each painted slice's final mask, then remove the mask where the target is judged absent
-        (presence.decide_presence), saying why in the record."""
+        (presence.decide_presence), saying why in the record; the target's run reaches every slice in
+        `keep` (a user's hints). The slices whose mask was removed."""
         if not self.settings.presence.enabled:
-            return
+            return []
         margins = self.score_presence(ordered)
-        floor = None if margins else candidate_floor(ordered)  # a margin over negatives has its own zero
-        for index, why in decide_presence(ordered, self.settings.presence, floor).items():
+        # A margin over negative sentences has its own floor: 0, where the crop reads as much as a negative.
+        floor = 0.0 if margins else candidate_floor(ordered)
+        removed = []
+        for index, why in decide_presence(ordered, self.settings.presence, floor, keep).items():
             record = self.records[index]
             self.mask_slices[index] = False
             record.area, record.absent, record.reason = 0, why, "target absent"
             self.found.pop(index, None)
+            removed.append(index)
+        return removed
 
     def score_presence(self, ordered: List[SliceRecord]) -> bool:
         """One scorer call per painted slice on its final mask: a score even where propagation gave none.
-        True when the scores are margins over negative sentences."""
+        Slices scored already (a correction's untouched ones) keep their score. True when the scores are
+        margins over negative sentences."""
         rules = self.settings.presence
         negatives = negative_ensembles(self.sentences) if rules.negatives and self.scorer.reads_sentences else []
         for record in ordered:
-            if record.area <= 0:
+            if record.area <= 0 or record.presence_score is not None:
                 continue
             self._check_cancel()
             clock = time.perf_counter()

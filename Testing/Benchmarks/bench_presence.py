@@ -69,7 +69,7 @@ def with_presence(result, rules: PresenceSettings):
 
 
 def load_or_run(folder: Path, structure: str, clip: str, mode: str, segmenter, keep: Path = None):
-    """The run without presence (from `keep` when it was kept), and its seconds."""
+    """The run without presence (from `keep` when it was kept), and its seconds: presence is judged here."""
     image = read_image(folder / "t1.nii.gz")
     reference = read_image(folder / f"{structure}.nii.gz").array > 0
     if keep is not None and keep.is_file():
@@ -77,7 +77,8 @@ def load_or_run(folder: Path, structure: str, clip: str, mode: str, segmenter, k
     proposal = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))
     started = time.perf_counter()
     result = segment_volume(image.array, segmenter(), create_scorer(clip), [structure],
-                            VolumeSettings(axis=0, mode=mode, proposal=proposal), reference=reference)
+                            VolumeSettings(axis=0, mode=mode, proposal=proposal,
+                                           presence=PresenceSettings(enabled=False)), reference=reference)
     seconds = time.perf_counter() - started
     if keep is not None:
         keep.write_bytes(pickle.dumps((result, seconds)))

@@ -169,7 +169,7 @@ def test_skipped_and_absent_slices_are_never_flagged_and_carry_no_confidence():
     flag_slices(records, masks)
     for k in (1, 4, 6, 7):
         assert records[k].flags == [] and records[k].confidence is None and records[k].quality == {}
-    assert verdict(records) == "no slice needs a look"
+    assert verdict(records) == "no slice needs a look; 2 judged without the target"
 
 
 def test_empty_masks_and_missing_candidates_are_flagged_with_no_confidence_left():

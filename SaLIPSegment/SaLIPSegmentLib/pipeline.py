@@ -104,12 +104,12 @@ def settings_from_args(args) -> SegmentSettings:
 
 def shape_settings(args) -> ShapeSettings:
     """The shape steps (shape.py) from the command line's options; the defaults where none were given."""
-    values = {name: getattr(args, name) for name in ("unite_parts", "refine_rounds", "fill_part_holes",
+    values = {name: getattr(args, name) for name in ("unite_parts", "union_max_gap", "refine_rounds", "fill_part_holes",
                                                      "context_padding") if getattr(args, name, None) is not None}
     if "fill_part_holes" in values:
         values["fill_holes"] = values.pop("fill_part_holes")
-    if values.get("refine_rounds", 0) < 0 or values.get("context_padding", 0.0) < 0:
-        raise InputError("--refine-rounds and --context-padding must not be negative.")
+    if min(values.get("refine_rounds", 0), values.get("context_padding", 0.0), values.get("union_max_gap", 0.0)) < 0:
+        raise InputError("--refine-rounds, --context-padding and --union-max-gap must not be negative.")
     return replace(ShapeSettings(), **values)
 
 

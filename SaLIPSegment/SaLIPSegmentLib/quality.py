@@ -245,15 +245,18 @@ def inherit_from_anchors(records: Sequence) -> None:
 
 
 def verdict(records: Sequence) -> str:
-    """One line for the volume: how many of its segmented slices need a look."""
+    """One line for the volume: how many of its segmented slices need a look, and how many were judged
+    to be without the target (presence removed their mask: a user should know they are empty on purpose)."""
     looked = [r for r in records if not r.skipped and not r.absent]
     flagged = sum(1 for r in looked if r.flags)
+    absent = sum(1 for r in records if r.absent)
     if not looked:
-        return "no slice was segmented"
-    if flagged == 0:
-        return "no slice needs a look"
-    noun = "slice needs" if flagged == 1 else "slices need"
-    return f"{flagged} of {len(looked)} {noun} a look"
+        line = "no slice was segmented"
+    elif flagged == 0:
+        line = "no slice needs a look"
+    else:
+        line = f"{flagged} of {len(looked)} {'slice needs' if flagged == 1 else 'slices need'} a look"
+    return line + (f"; {absent} judged without the target" if absent else "")
 
 
 def candidate_agreement(result) -> Optional[float]:

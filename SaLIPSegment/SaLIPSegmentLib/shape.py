@@ -89,9 +89,11 @@ def unite_parts(image_rgb: np.ndarray, candidates: Sequence[Candidate], scores: 
     return union
 
 
-def near_union(union: np.ndarray, max_gap: float) -> Callable[[np.ndarray], bool]:
+def near_union(union: np.ndarray, max_gap: Optional[float]) -> Callable[[np.ndarray], bool]:
     """Whether a part lies within `max_gap` x the union's equivalent diameter of it (parts of one
     target touch or nearly touch; a part across the slice is something else)."""
+    if max_gap is None:
+        return lambda part: True
     limit = max_gap * 2.0 * np.sqrt(union.sum() / np.pi)
     distance = ndimage.distance_transform_edt(~union)
     return lambda part: bool(part.any() and distance[part].min() <= limit)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from SaLIPSegmentLib.cascade import Retrieval, keep_better_refined, segment_slice
+from SaLIPSegmentLib.cascade import segment_slice
 from SaLIPSegmentLib.imaging import gray_to_rgb
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.models.base import Candidate, RefinedMask, Scorer, Segmenter
@@ -155,33 +155,6 @@ def test_a_part_apart_from_the_union_never_joins_it_however_it_scores():
     assert sorted(union.members) == [0, 2, 3]  # the touching and the near part (3 px away), not the one apart
     everything = unite_parts(image, candidates, scores, 0, scorer, ["x"], ShapeSettings(union_max_gap=10.0))
     assert sorted(everything.members) == [0, 1, 2, 3]
-
-
-class BoxFiller:
-    """A box-only segmenter whose refined mask is the box itself."""
-
-    def refine(self, boxes):
-        return [RefinedMask(mask=box_mask(b), box=b, predicted_iou=0.9) for b in boxes]
-
-
-@pytest.mark.parametrize("target", ["part", "union"])
-def test_a_union_is_refined_and_kept_only_where_its_refined_mask_scores_higher_than_the_parts(target):
-    # The union was the best of several crops: its refined mask is scored once more against the part's own.
-    part_box, union_box = (8, 10, 22, 30), (8, 10, 46, 46)
-    reference = box_mask(part_box if target == "part" else union_box)
-    image = np.zeros((SIZE, SIZE, 3), np.uint8)
-    united = Retrieval([union_box], [99.0], [box_mask(union_box)])
-    plain = Retrieval([part_box], [60.0], [box_mask(part_box)])
-    shaped = refine_in_shape(BoxFiller(), image, united.boxes, ShapeSettings())
-    seconds = {}
-    kept = keep_better_refined(image, BoxFiller(), OracleScorer(), ["x"], ShapeSettings(), reference, shaped, united,
-                               plain, seconds)
-    expected = plain if target == "part" else united
-    assert kept.boxes == expected.boxes and kept.scores == expected.scores
-    np.testing.assert_array_equal(shaped.parts[0].mask, box_mask(expected.boxes[0]))
-    assert {"refine", "score"} <= set(seconds)
-    # The same box twice costs no decoder or scorer call.
-    assert keep_better_refined(image, None, None, ["x"], ShapeSettings(), reference, shaped, plain, plain, {}) == plain
 
 
 class UnionDisliker(Scorer):

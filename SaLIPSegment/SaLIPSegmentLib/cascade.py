@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,15 +47,6 @@ class SliceResult:
     retrieved_masks: List[np.ndarray] = field(default_factory=list)
     """What prompted each refine, with candidates kept: the retrieved candidate's mask, or the
     union it grew into (unite_parts)."""
-
-
-@dataclass
-class Retrieval:
-    """What prompts the refine step, per retrieved part: its box, its retrieval score, its mask."""
-
-    boxes: List[Box]
-    scores: List[float]
-    masks: List[np.ndarray]
 
 
 def empty_result(shape, reason: str, candidate_count: int = 0, seconds=None) -> SliceResult:
@@ -99,24 +90,19 @@ def segment_slice(
     started = time.perf_counter()
     scores = np.asarray(scorer.score(rgb, candidates, sentences, reference=reference), dtype=np.float64)
     best = [int(i) for i in np.argsort(-scores, kind="stable")[:top_k]]
-    plain = Retrieval([candidates[i].box for i in best], [float(scores[i]) for i in best],
-                      [candidates[i].mask for i in best])
-    united = retrieved_boxes(rgb, candidates, scores, best, scorer, sentences, shape, reference) if shape.unite_parts \
-        else plain
+    boxes, retrieval, masks = retrieved_boxes(rgb, candidates, scores, best, scorer, sentences, shape, reference)
     seconds["score"] = time.perf_counter() - started
 
     if reencode_for_refine:
         started = time.perf_counter()
         segmenter.set_image(rgb)
         seconds["encode"] += time.perf_counter() - started
-    shaped = refine_in_shape(segmenter, rgb, united.boxes, shape)
+    shaped = refine_in_shape(segmenter, rgb, boxes, shape)
     for stage, value in shaped.seconds.items():
         seconds[stage] = seconds.get(stage, 0.0) + value
-    kept = keep_better_refined(rgb, segmenter, scorer, sentences, shape, reference, shaped, united, plain, seconds)
-    result = _slice_result(rgb.shape[:2], shaped.parts, kept.boxes, kept.scores, candidates, best, keep_candidates,
-                           seconds)
+    result = _slice_result(rgb.shape[:2], shaped.parts, boxes, retrieval, candidates, best, keep_candidates, seconds)
     result.candidates_median_score = float(np.median(scores))  # all candidates', not the retrieved ones'
-    result.retrieved_masks = kept.masks if keep_candidates else []
+    result.retrieved_masks = masks if keep_candidates else []
     return result
 
 
@@ -134,9 +120,14 @@ def propose_candidates(rgb: np.ndarray, segmenter: Segmenter, proposal: Proposal
 
 
 def retrieved_boxes(rgb, candidates: List[Candidate], scores: np.ndarray, best: List[int], scorer: Scorer,
-                    sentences: Sequence[str], shape: ShapeSettings, reference) -> Retrieval:
-    """The boxes that prompt the refine step, their scores and masks with unite_parts: each retrieved
-    candidate grown into a better-scored union."""
+                    sentences: Sequence[str], shape: ShapeSettings,
+                    reference) -> Tuple[List[Box], List[float], List[np.ndarray]]:
+    """The boxes that prompt the refine step, their retrieval scores and masks: the retrieved
+    candidates' own, or, with unite_parts, those of each retrieved candidate grown into a
+    better-scored union."""
+    if not shape.unite_parts:
+        return ([candidates[i].box for i in best], [float(scores[i]) for i in best],
+                [candidates[i].mask for i in best])
     boxes, found, masks = [], [], []
     for i in best:
         union = unite_parts(rgb, candidates, scores, i, scorer, sentences, shape, reference=reference,
@@ -144,37 +135,7 @@ def retrieved_boxes(rgb, candidates: List[Candidate], scores: np.ndarray, best: 
         boxes.append(box_of(union.mask))
         found.append(union.score)
         masks.append(union.mask)
-    return Retrieval(boxes, found, masks)
-
-
-def keep_better_refined(rgb: np.ndarray, segmenter: Segmenter, scorer: Scorer, sentences: Sequence[str],
-                        shape: ShapeSettings, reference, shaped, united: Retrieval, plain: Retrieval,
-                        seconds: Dict[str, float]) -> Retrieval:
-    """Where a part was united with others, refine the part's own box too and keep the refined mask
-    the scorer ranks higher (`shaped.parts` is updated in place).
-
-    The union was chosen as the best of several crops, so its score sits above what it is worth by
-    a CLIP-like score's noise; each refined mask scored once is a fair comparison of what the user
-    would get. Without unions (or with the same box) this costs nothing.
-    """
-    kept = Retrieval(list(united.boxes), list(united.scores), list(united.masks))
-    for i, (union_box, own_box) in enumerate(zip(united.boxes, plain.boxes)):
-        if union_box == own_box:
-            continue
-        started = time.perf_counter()
-        own = refine_in_shape(segmenter, rgb, [own_box], shape)
-        seconds["refine"] = seconds.get("refine", 0.0) + time.perf_counter() - started
-        pair = [shaped.parts[i].mask, own.parts[0].mask]
-        if not pair[1].any():
-            continue
-        started = time.perf_counter()
-        ranked = scorer.score(rgb, [Candidate(mask=m, box=box_of(m), predicted_iou=1.0, stability=1.0) for m in pair],
-                              sentences, reference=reference) if pair[0].any() else [-np.inf, np.inf]
-        seconds["score"] = seconds.get("score", 0.0) + time.perf_counter() - started
-        if ranked[1] > ranked[0]:
-            shaped.parts[i] = own.parts[0]
-            kept.boxes[i], kept.scores[i], kept.masks[i] = own_box, plain.scores[i], plain.masks[i]
-    return kept
+    return boxes, found, masks
 
 
 def _slice_result(size, refined: List[RefinedMask], boxes: List[Box], scores: List[float],

@@ -98,10 +98,10 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("mask shape (shape.py; figures in Testing/Benchmarks/RESULTS.md)")
     shape.add_argument("--unite-parts", action=argparse.BooleanOptionalAction, default=None,
                        help="add other candidates to the retrieved one while the scorer ranks the union higher, "
-                            "then refine with the union's box and with the part's own, keeping the better-scored "
-                            f"mask (default {'on' if defaults.unite_parts else 'off'})")
+                            f"then refine with the union's box (default {'on' if defaults.unite_parts else 'off'})")
     shape.add_argument("--union-max-gap", type=float, metavar="F",
-                       help="only parts within F x the union's equivalent diameter may join it (default: no limit)")
+                       help="only parts within F x the union's equivalent diameter may join it "
+                            f"(default {defaults.union_max_gap})")
     shape.add_argument("--refine-rounds", type=int, metavar="N",
                        help="prompt again with the refined mask's box, up to N more times, until the box holds "
                             f"(default {defaults.refine_rounds})")

@@ -251,12 +251,7 @@ def test_preview_survives_leaving_the_effect_and_apply_honours_the_editable_area
     editor_node = editor.logic.GetSegmentEditorNode()
     editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
     editor_node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
-    before = snapshot(editor.segmentation, editor.node)
-    undo_states = effect.scriptedEffect.undo_states
-    effect.onApply()
-    after = snapshot(editor.segmentation, editor.node)
-    assert effect.scriptedEffect.undo_states == undo_states + 1
-    [new] = [sid for sid in after if sid not in before]
+    before, after, new = apply_as_one_undo_step(editor)
     cyst = before[editor.existing][2].astype(bool)
     assert (mask.astype(bool) & cyst).any()
     np.testing.assert_array_equal(after[new][2].astype(bool), mask.astype(bool) & ~cyst)
@@ -266,6 +261,17 @@ def test_preview_survives_leaving_the_effect_and_apply_honours_the_editable_area
     assert effect.session().run is None
     editor.logic.Undo()
     assert list(snapshot(editor.segmentation, editor.node)) == list(before)
+
+
+def apply_as_one_undo_step(editor):
+    """Apply the preview: (the segments before, after, the new segment's id); Apply is one undo step."""
+    before = snapshot(editor.segmentation, editor.node)
+    undo_states = editor.effect.scriptedEffect.undo_states
+    editor.effect.onApply()
+    after = snapshot(editor.segmentation, editor.node)
+    assert editor.effect.scriptedEffect.undo_states == undo_states + 1
+    [new] = [sid for sid in after if sid not in before]
+    return before, after, new
 
 
 def test_cancel_kills_the_run_and_changes_nothing(editor):
@@ -350,12 +356,7 @@ def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_on
     effect.onNextSliceToFix()  # jumps to the worst slice not fixed yet (or says there is none)
     assert not [m for m in editor.messages if m[0] == "error"], editor.messages
 
-    before = snapshot(editor.segmentation, editor.node)
-    undo_states = effect.scriptedEffect.undo_states
-    effect.onApply()
-    after = snapshot(editor.segmentation, editor.node)
-    assert effect.scriptedEffect.undo_states == undo_states + 1
-    [new] = [sid for sid in after if sid not in before]
+    before, after, new = apply_as_one_undo_step(editor)
     np.testing.assert_array_equal(after[new][2].astype(bool), corrected)
     editor.logic.Undo()
     assert list(snapshot(editor.segmentation, editor.node)) == list(before)

@@ -180,6 +180,17 @@ def _height_outside(values: np.ndarray, first: int, last: int, floor: float) -> 
     return (float(np.median(outside)) - floor) / inside
 
 
+def clear_absent(records: Dict[int, object], mask_slices: np.ndarray, verdicts: Dict[int, str]) -> List[int]:
+    """Remove the mask of each slice judged absent (`verdicts`, from decide_presence) and say why in its
+    record (`records`: slice index -> record; `mask_slices`: the masks along the slicing axis, written in
+    place). The slices cleared."""
+    for index, why in verdicts.items():
+        record = records[index]
+        mask_slices[index] = False
+        record.area, record.absent, record.reason = 0, why, "target absent"
+    return list(verdicts)
+
+
 def decide_presence(records: Sequence, rules: PresenceSettings, floor: Optional[float] = None,
                     keep: Sequence[int] = ()) -> Dict[int, str]:
     """Slice index -> why the target is judged absent there, for painted slices only.

@@ -31,6 +31,7 @@ from .presence import (
     LOW_SCORE_ABSENT,
     OUTSIDE_RUN,
     candidate_floor,
+    clear_absent,
     decide_presence,
     negative_ensembles,
     presence_signal,
@@ -353,13 +354,10 @@ class VolumeRunner:
         margins = self.score_presence(ordered)
         # A margin over negative sentences has its own floor: 0, where the crop reads as much as a negative.
         floor = 0.0 if margins else candidate_floor(ordered)
-        removed = []
-        for index, why in decide_presence(ordered, self.settings.presence, floor, keep).items():
-            record = self.records[index]
-            self.mask_slices[index] = False
-            record.area, record.absent, record.reason = 0, why, "target absent"
+        removed = clear_absent(self.records, self.mask_slices, decide_presence(ordered, self.settings.presence,
+                                                                                 floor, keep))
+        for index in removed:
             self.found.pop(index, None)
-            removed.append(index)
         return removed
 
     def score_presence(self, ordered: List[SliceRecord]) -> bool:

@@ -30,7 +30,7 @@ from SaLIPSegmentLib.imaging import gray_to_rgb, resize_mask, resize_uint8, wind
 from SaLIPSegmentLib.io import read_image
 from SaLIPSegmentLib.models import create_scorer, create_segmenter, resolve_device
 from SaLIPSegmentLib.models.registry import get_segmenter_spec
-from SaLIPSegmentLib.presence import candidate_floor, decide_presence, presence_signal
+from SaLIPSegmentLib.presence import candidate_floor, clear_absent, decide_presence, presence_signal
 from SaLIPSegmentLib.settings import PresenceSettings, ProposalSettings, VolumeSettings
 from SaLIPSegmentLib.volume import flag_slices, segment_volume
 
@@ -60,10 +60,8 @@ def with_presence(result, rules: PresenceSettings):
     slices = np.moveaxis(after.mask, after.axis, 0)  # a view: clearing a slice clears the mask
     for record in after.slices:
         record.flags = []
-    for index, why in decide_presence(after.slices, rules, candidate_floor(after.slices)).items():
-        record = next(r for r in after.slices if r.index == index)
-        slices[index] = False
-        record.area, record.absent, record.reason = 0, why, "target absent"
+    clear_absent({r.index: r for r in after.slices}, slices,
+                 decide_presence(after.slices, rules, candidate_floor(after.slices)))
     flag_slices(after.slices, slices[slice(*after.slice_range)])  # the masks as presence left them
     return after
 

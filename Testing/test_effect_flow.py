@@ -307,7 +307,7 @@ def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_on
     from test_slicer_bridge import _roi, ras_of, set_slice_plane
 
     effect, scene = editor.effect, editor.scene
-    for name in ("hintsCollapsibleButton", "boxHintButton", "absentHintButton", "nextSliceButton",
+    for name in ("hintsCollapsibleButton", "boxHintButton", "pointsHintButton", "absentHintButton", "nextSliceButton",
                  "removeHintButton", "updateButton", "hintListWidget"):
         setattr(effect, name, Widget())
     effect.hintListWidget.currentItem = lambda: None
@@ -335,16 +335,28 @@ def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_on
     roi = _roi(scene, ras_of(OBLIQUE, (21, 18, 1)), (12 * 0.8, 12 * 1.1, 3.0), directions)
     effect.hintRoiSelector = types.SimpleNamespace(currentNode=lambda: roi)
     effect.onBoxHint()
-    assert session.hints.hints == {1: {"slice": 1, "box": [15, 12, 27, 24]}, 3: {"slice": 3, "absent": True}}
+    # Points (SAM takes them): two real point lists, on and off the target; a point on another slice is left out.
+    assert effect.pointsHintButton.enabled
+    show_slice(4)
+    on_target, off_target = (scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name) for name in ("on", "off"))
+    on_target.AddControlPoint(*ras_of(OBLIQUE, (21, 18, 4)))
+    on_target.AddControlPoint(*ras_of(OBLIQUE, (21, 18, 2)))
+    off_target.AddControlPoint(*ras_of(OBLIQUE, (4, 5, 4)))
+    effect.onPointsSelector = types.SimpleNamespace(currentNode=lambda: on_target)
+    effect.offPointsSelector = types.SimpleNamespace(currentNode=lambda: off_target)
+    effect.onPointsHint()
+    assert session.hints.hints == {1: {"slice": 1, "box": [15, 12, 27, 24]}, 3: {"slice": 3, "absent": True},
+                                   4: {"slice": 4, "points": [[21.0, 18.0], [4.0, 5.0]], "labels": [1, 0]}}
     assert effect.updateButton.enabled and [item.label for item in effect.hintListWidget.items] == [
-        "Slice 1: box 13 x 13 px (new)", "Slice 3: no target (new)"], editor.messages
+        "Slice 1: box 13 x 13 px (new)", "Slice 3: no target (new)",
+        "Slice 4: 2 points (1 off the target) (new)"], editor.messages
 
     effect.onUpdate()
     assert session.running and session.correcting
     drive(effect, lambda: not session.running)
     assert session.job.state == jobs.DONE, editor.messages
     correction = session.job.result["correction"]
-    assert correction["encodings"] == 0 and correction["hinted"] == [1, 3]
+    assert correction["encodings"] == 0 and correction["hinted"] == [1, 3, 4]
     corrected = np.load(session.job.result["mask"]).astype(bool)
     assert not corrected[3].any()
     kept = [k for k in range(6) if k not in correction["changed"]]
@@ -352,7 +364,8 @@ def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_on
     preview = effect.previewNode()
     assert preview is not first_preview and scene.GetNodeByID(first_preview.GetID()) is None
     assert not effect.updateButton.enabled and not session.hints.pending
-    assert [item.label for item in effect.hintListWidget.items] == ["Slice 1: box 13 x 13 px", "Slice 3: no target"]
+    assert [item.label for item in effect.hintListWidget.items] == [
+        "Slice 1: box 13 x 13 px", "Slice 3: no target", "Slice 4: 2 points (1 off the target)"]
     effect.onNextSliceToFix()  # jumps to the worst slice not fixed yet (or says there is none)
     assert not [m for m in editor.messages if m[0] == "error"], editor.messages
 

@@ -45,6 +45,46 @@ def test_a_markups_roi_becomes_a_box_on_the_viewed_slice(scene, oblique):  # noq
     assert bridge.hint_box_from_roi(node, roi, 0, 3) == [2, 5, 8, 9]
 
 
+def test_points_from_world_are_the_ones_on_the_slice_in_its_pixels():
+    shape = (9, 14, 11)  # k, j, i
+    world = np.array([ras_of(OBLIQUE, p) for p in [(2.0, 3.0, 4.2), (8.0, 10.0, 3.7), (5.0, 5.0, 6.0)]])
+    points, labels = eh.slice_points_from_world(world, [1, 0, 1], OBLIQUE, shape, 0, 4)
+    np.testing.assert_allclose(points, [[2.0, 3.0], [8.0, 10.0]], atol=1e-6)  # x along i, y along j
+    assert labels == [1, 0]
+    with pytest.raises(InputError, match="No point lies on slice 5"):
+        eh.slice_points_from_world(world, [1, 0, 1], OBLIQUE, shape, 0, 5)
+    with pytest.raises(InputError, match="at least one label 1"):  # only points off the target on slice 4
+        eh.slice_points_from_world(world, [0, 0, 1], OBLIQUE, shape, 0, 4)
+    off_edge = np.array([ras_of(OBLIQUE, (20.0, 3.0, 4.0))])
+    with pytest.raises(InputError, match="outside the slice"):
+        eh.slice_points_from_world(off_edge, [1], OBLIQUE, shape, 0, 4)
+
+
+def test_markups_point_lists_become_points_on_the_viewed_slice(scene, oblique):  # noqa: F811
+    node, _ = oblique
+    on, off = (scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name) for name in ("on", "off"))
+    on.AddControlPoint(*ras_of(OBLIQUE, (5, 7, 3)))
+    on.AddControlPoint(*ras_of(OBLIQUE, (5, 7, 6)))  # another slice: left out
+    off.AddControlPoint(*ras_of(OBLIQUE, (1, 2, 3)))
+    points, labels = bridge.hint_points_from_markups(node, on, off, 0, 3)
+    np.testing.assert_allclose(points, [[5.0, 7.0], [1.0, 2.0]], atol=1e-3)
+    assert labels == [1, 0]
+    points, labels = bridge.hint_points_from_markups(node, on, None, 0, 6)
+    np.testing.assert_allclose(points, [[5.0, 7.0]], atol=1e-3)
+    assert labels == [1]
+
+
+def test_points_need_a_segmenter_that_takes_them():
+    box_only = eh.HintList(axis=0, slice_range=(0, 9), shape_kji=(9, 14, 11), segmenter_name="litemedsam")
+    with pytest.raises(InputError, match="litemedsam takes boxes only"):
+        box_only.set_points(3, [[2.0, 3.0]], [1])
+    assert not box_only.hints
+    sam = eh.HintList(axis=0, slice_range=(0, 9), shape_kji=(9, 14, 11), takes_points=True)
+    sam.set_points(3, [[2.0, 3.0], [6.0, 1.0]], [1, 0])
+    assert sam.request()["hints"] == [{"slice": 3, "points": [[2.0, 3.0], [6.0, 1.0]], "labels": [1, 0]}]
+    assert sam.labels() == [(3, "Slice 3: 2 points (1 off the target) (new)")]
+
+
 def test_the_hint_list_says_what_update_sends_and_what_is_new():
     hints = eh.HintList(axis=0, slice_range=(2, 10), shape_kji=(12, 14, 11))
     assert not hints.pending and hints.request() == {"type": "correct", "hints": []}

@@ -56,7 +56,8 @@ SLICER_APP_5_10 = {"slicerHome", "cachePath", "temporaryPath", "majorVersion", "
 # Libs/MRML/Widgets/qMRMLLayoutManager.h: sliceViewNames, sliceWidget; qMRMLSliceWidget.h: mrmlSliceNode
 LAYOUT_5_10 = {"sliceViewNames", "sliceWidget", "mrmlSliceNode"}
 # Libs/MRML/Widgets/qMRMLNodeComboBox.h (v5.10.0): the Q_PROPERTY names, Q_INVOKABLE methods and public
-# slots the effect's node selectors use (the slice range's ROI, the box ROI of a fix); setToolTip is QWidget's.
+# slots the effect's node selectors use (the slice range's ROI, the box ROI and the point lists of a fix);
+# setToolTip is QWidget's.
 NODE_COMBOBOX_5_10 = {
     "nodeTypes", "noneEnabled", "addEnabled", "removeEnabled", "editEnabled", "renameEnabled", "showHidden",
     "selectNodeUponCreation", "baseName", "noneDisplay", "mrmlScene", "currentNode", "currentNodeId",
@@ -125,7 +126,8 @@ def test_segment_editor_widget_and_pytorch_calls_exist():
 
 def test_node_selector_calls_exist_in_slicer_5_10():
     effect = tree(EFFECT)
-    for selector in ("self.roiSelector", "self.hintRoiSelector"):
+    for selector in ("self.roiSelector", "self.hintRoiSelector", "self.onPointsSelector", "self.offPointsSelector",
+                     "selector"):
         used = attributes_of(effect, selector)
         assert used, f"{selector} is not used any more: update this test"
         assert used <= NODE_COMBOBOX_5_10, sorted(used - NODE_COMBOBOX_5_10)

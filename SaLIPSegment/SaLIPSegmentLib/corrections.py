@@ -280,7 +280,7 @@ class CorrectionSession(VolumeRunner):
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
             slice_range=(self.start, self.stop), window=self.window, seconds=seconds, mode=self.settings.mode,
             working_shape=self.shape, notices=self.memory.notices, encoder_runtime=self.segmenter.encoder_runtime,
-            decoder_runtime=self.segmenter.decoder_runtime,
+            decoder_runtime=self.segmenter.decoder_runtime, takes_points=self.segmenter.takes_points,
         )
 
     # -- trying corrections from the same starting point ----------------------------------

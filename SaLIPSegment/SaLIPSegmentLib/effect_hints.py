@@ -1,10 +1,10 @@
 """The Slicer effect's hints after a Preview, without Qt, MRML or torch.
 
-The effect turns a markups ROI or a "no target on this slice" click into a hint on the slice a
-view shows; this module holds the list, says whether Update has something to send, builds the
-engine's correct request (worker.py) and picks the next slice to fix from the report
-(hints.rank_slices_to_fix). Everything here is in the numpy order (k, j, i) of the volume the
-effect handed the engine, and pixel hints of hints.py's schema.
+The effect turns a markups ROI, markups points (on and off the target) or a "no target on this
+slice" click into a hint on the slice a view shows; this module holds the list, says whether
+Update has something to send, builds the engine's correct request (worker.py) and picks the next
+slice to fix from the report (hints.rank_slices_to_fix). Everything here is in the numpy order
+(k, j, i) of the volume the effect handed the engine, and pixel hints of hints.py's schema.
 """
 
 from __future__ import annotations
@@ -37,6 +37,26 @@ def slice_box_from_world(corners_world: np.ndarray, ijk_to_world, shape_kji: Seq
     return list(hint.box)
 
 
+def slice_points_from_world(points_world: np.ndarray, labels: Sequence[int], ijk_to_world, shape_kji: Sequence[int],
+                            axis: int, index: int) -> Tuple[List[List[float]], List[int]]:
+    """([[x, y], ...], labels): the points that lie on slice `index` along numpy `axis` (within half a
+    slice of its centre), in pixels of that slice; a point list placed on other slices is left out,
+    and none on this slice is refused (InputError), as is a point off the slice's edge."""
+    world_to_ijk = np.linalg.inv(np.asarray(ijk_to_world, dtype=float))
+    points = np.asarray(points_world, dtype=float).reshape(-1, 3)
+    kji = ((world_to_ijk[:3, :3] @ points.T).T + world_to_ijk[:3, 3])[:, ::-1]
+    on_slice = np.abs(kji[:, axis] - index) <= 0.5
+    if not on_slice.any():
+        raise InputError(f"No point lies on slice {index}: place points on the slice the view shows.")
+    in_plane = np.delete(kji[on_slice], axis, axis=1)  # (row, column)
+    item = {"slice": index, "points": [[round(float(c), 3), round(float(r), 3)] for r, c in in_plane],
+            "labels": [int(v) for v, keep in zip(labels, on_slice) if keep]}
+    rows, columns = [int(s) for s in np.delete(np.asarray(shape_kji), axis)]
+    geometry = HintGeometry(axis=axis, slice_range=(index, index + 1), slice_shape=(rows, columns), takes_points=True)
+    hint = parse_hint(item, geometry)
+    return [list(p) for p in hint.points], list(hint.labels)
+
+
 @dataclass
 class HintList:
     """The hints of one Preview: what the user set, and what the engine last applied."""
@@ -47,6 +67,9 @@ class HintList:
     hints: Dict[int, dict] = field(default_factory=dict)
     """Slice index -> the hint's JSON (hints.py's schema, pixel form)."""
     applied: Dict[int, dict] = field(default_factory=dict)
+    takes_points: bool = False
+    """Whether the run's segmenter takes points (SAM); LiteMedSAM takes boxes only."""
+    segmenter_name: str = "this segmenter"
 
     def _check_slice(self, index: int) -> int:
         start, stop = self.slice_range
@@ -58,6 +81,14 @@ class HintList:
     def set_box(self, index: int, box: Sequence[float]) -> dict:
         """A box (pixels of the slice) on slice `index`; it replaces any hint there."""
         self.hints[self._check_slice(index)] = {"slice": int(index), "box": [int(v) for v in box]}
+        return self.hints[index]
+
+    def set_points(self, index: int, points: Sequence[Sequence[float]], labels: Sequence[int]) -> dict:
+        """Points (pixels of the slice) on slice `index`, 1 on the target and 0 off it; they replace any hint there."""
+        if not self.takes_points:
+            raise InputError(f"{self.segmenter_name} takes boxes only: draw an ROI round the target instead.")
+        self.hints[self._check_slice(index)] = {"slice": int(index), "points": [list(map(float, p)) for p in points],
+                                                "labels": [int(v) for v in labels]}
         return self.hints[index]
 
     def set_absent(self, index: int) -> dict:
@@ -85,6 +116,9 @@ class HintList:
         def text(hint: dict) -> str:
             if hint.get("absent"):
                 return "no target"
+            if "points" in hint:
+                off = hint["labels"].count(0)
+                return f"{len(hint['points'])} points" + (f" ({off} off the target)" if off else "")
             x0, y0, x1, y1 = hint["box"]
             return f"box {x1 - x0 + 1} x {y1 - y0 + 1} px"
 

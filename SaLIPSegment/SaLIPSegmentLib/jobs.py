@@ -463,7 +463,9 @@ class PreviewSession:
         self.report, self.correcting = report, False
         if self.hints is None:
             self.hints = HintList(axis=int(report["axis"]), slice_range=tuple(report["slice_range"]),
-                                  shape_kji=tuple((self.run or {}).get("shape") or ()))
+                                  shape_kji=tuple((self.run or {}).get("shape") or ()),
+                                  takes_points=bool(report.get("takes_points")),
+                                  segmenter_name=str(report.get("sam") or "this segmenter"))
         elif applied:
             self.hints.applied = self._sent
 

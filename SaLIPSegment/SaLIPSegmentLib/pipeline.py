@@ -286,7 +286,8 @@ def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, r
     mask, side = keep_prompted_side(clean_up(result, run), image, settings.prompt, say)
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,
-        "axis": result.axis, "mode": run.mode, "key_interval": run.propagation.key_interval,
+        "takes_points": result.takes_points, "axis": result.axis, "mode": run.mode,
+        "key_interval": run.propagation.key_interval,
         "slice_range": list(result.slice_range), "window": list(result.window),
         "proposal": dataclasses.asdict(run.proposal),
         "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,

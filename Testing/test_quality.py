@@ -4,7 +4,9 @@ confidence, the per-volume verdict, and that slices without a mask of the run's 
 import numpy as np
 import pytest
 
+from SaLIPSegmentLib.hints import rank_slices_to_fix
 from SaLIPSegmentLib.quality import (
+    EDGE_FLAG,
     QualityRules,
     area_change,
     candidate_agreement,
@@ -158,18 +160,39 @@ def test_a_low_score_for_the_volume_is_flagged_whatever_the_scale():
 
 def test_skipped_and_absent_slices_are_never_flagged_and_carry_no_confidence():
     masks = clean_masks()
-    masks[1] = masks[4] = masks[6] = np.zeros((64, 64), bool)
+    masks[1] = masks[4] = masks[6] = masks[8] = np.zeros((64, 64), bool)
     masks[7] = scattered(pieces=6)  # fragments that presence judged absent: their flags would be noise
     records = run_of(masks, s1={"method": "skipped", "reason": NO_TISSUE},
                      s4={"method": "skipped", "reason": BEYOND_ORGAN},
                      s6={"absent": LOW_SCORE_ABSENT, "reason": "target absent"},
-                     s7={"absent": LOW_SCORE_ABSENT, "reason": "target absent", "clip_scores": [5.0]})
+                     s7={"absent": LOW_SCORE_ABSENT, "reason": "target absent", "clip_scores": [5.0]},
+                     s8={"absent": LOW_SCORE_ABSENT, "reason": "target absent"})
     records[7].area = 0  # judge_presence cleared its mask
     masks[7] = np.zeros((64, 64), bool)
-    flag_slices(records, masks)
-    for k in (1, 4, 6, 7):
+    flag_slices(records, masks, QualityRules(flag_edges=False))
+    for k in (1, 4, 6, 7, 8):
         assert records[k].flags == [] and records[k].confidence is None and records[k].quality == {}
-    assert verdict(records) == "no slice needs a look; 2 judged without the target"
+    assert verdict(records) == "no slice needs a look; 3 judged without the target"
+
+
+def test_the_slice_just_past_where_presence_cut_the_target_is_flagged_and_no_further():
+    """A present end slice scores as low as an absent one: where the run was cut is where to look."""
+    masks = clean_masks()
+    for k in (0, 1, 6, 7, 8):
+        masks[k] = np.zeros((64, 64), bool)
+    absent = {"absent": LOW_SCORE_ABSENT, "reason": "target absent", "area": 0}
+    records = run_of(masks, s0=absent, s1=absent, s6=absent, s7=absent,
+                     s8={"absent": "no target (hint)", "reason": "target absent", "area": 0, "method": "hint"})
+    flag_slices(records, masks)
+    assert {r.index for r in records if r.flags} == {1, 6}
+    assert records[1].flags == [EDGE_FLAG] and records[1].confidence is None
+    assert verdict(records) == "2 of 6 slices need a look; 5 judged without the target"
+    assert set(rank_slices_to_fix(records)[:2]) == {1, 6}  # no mask, flagged: fixed first
+    # A slice the user said has no target is not second-guessed, even next to a mask.
+    records = run_of(masks, s6={"absent": "no target (hint)", "reason": "target absent", "area": 0,
+                                "method": "hint"})
+    flag_slices(records, masks)
+    assert not records[6].flags
 
 
 def test_empty_masks_and_missing_candidates_are_flagged_with_no_confidence_left():

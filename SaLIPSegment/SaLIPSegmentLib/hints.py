@@ -218,13 +218,13 @@ def rank_slices_to_fix(rows: Sequence) -> List[int]:
 
     Flagged slices first, the least confident first (quality.py's confidence; a flagged slice
     without a mask counts as 0), then the unflagged ones the same way, the lowest retrieval score
-    breaking ties; slices already hinted, skipped without a flag, or judged absent are not offered.
+    breaking ties; slices already hinted, or skipped or judged absent without a flag, are not offered.
     `rows` are SliceRecords or the report's rows. The one place the ranking lives.
     """
     def offered(row) -> bool:
         skipped = _field(row, "method") == "skipped"
-        return (_field(row, "method") != HINT_METHOD and not _field(row, "absent")
-                and not (skipped and not _field(row, "flags")))
+        unflagged = not _field(row, "flags")
+        return _field(row, "method") != HINT_METHOD and not ((skipped or _field(row, "absent")) and unflagged)
 
     def urgency(row):
         flagged = bool(_field(row, "flags"))

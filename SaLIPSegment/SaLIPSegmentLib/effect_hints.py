@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
-from .hints import HintGeometry, parse_hint, rank_slices_to_fix
+from .hints import HintGeometry, parse_hint, rank_slices_to_fix, world_to_kji
 
 
 def slice_box_from_world(corners_world: np.ndarray, ijk_to_world, shape_kji: Sequence[int], axis: int,
@@ -25,16 +25,17 @@ def slice_box_from_world(corners_world: np.ndarray, ijk_to_world, shape_kji: Seq
     The points are projected along the axis (an ROI drawn in a slice view has some thickness); an
     extent reaching past the slice is clipped to it, one wholly outside is refused (InputError).
     """
-    world_to_ijk = np.linalg.inv(np.asarray(ijk_to_world, dtype=float))
-    points = np.asarray(corners_world, dtype=float).reshape(-1, 3)
-    ijk = (world_to_ijk[:3, :3] @ points.T).T + world_to_ijk[:3, 3]
-    in_plane = np.delete(ijk[:, ::-1], axis, axis=1)  # (row, column) of the slice
-    rows, columns = [int(s) for s in np.delete(np.asarray(shape_kji), axis)]
-    geometry = HintGeometry(axis=axis, slice_range=(index, index + 1), slice_shape=(rows, columns))
+    in_plane = np.delete(world_to_kji(corners_world, ijk_to_world), axis, axis=1)  # (row, column) of the slice
     low, high = in_plane.min(axis=0), in_plane.max(axis=0)
     box = [float(low[1]), float(low[0]), float(high[1]), float(high[0])]
-    hint = parse_hint({"slice": index, "box": [round(v, 3) for v in box]}, geometry)
+    hint = parse_hint({"slice": index, "box": [round(v, 3) for v in box]}, _one_slice(shape_kji, axis, index))
     return list(hint.box)
+
+
+def _one_slice(shape_kji: Sequence[int], axis: int, index: int) -> HintGeometry:
+    """What parse_hint checks a hint on slice `index` against; points pass (HintList knows the model)."""
+    rows, columns = [int(s) for s in np.delete(np.asarray(shape_kji), axis)]
+    return HintGeometry(axis=axis, slice_range=(index, index + 1), slice_shape=(rows, columns), takes_points=True)
 
 
 def slice_points_from_world(points_world: np.ndarray, labels: Sequence[int], ijk_to_world, shape_kji: Sequence[int],
@@ -42,18 +43,14 @@ def slice_points_from_world(points_world: np.ndarray, labels: Sequence[int], ijk
     """([[x, y], ...], labels): the points that lie on slice `index` along numpy `axis` (within half a
     slice of its centre), in pixels of that slice; a point list placed on other slices is left out,
     and none on this slice is refused (InputError), as is a point off the slice's edge."""
-    world_to_ijk = np.linalg.inv(np.asarray(ijk_to_world, dtype=float))
-    points = np.asarray(points_world, dtype=float).reshape(-1, 3)
-    kji = ((world_to_ijk[:3, :3] @ points.T).T + world_to_ijk[:3, 3])[:, ::-1]
+    kji = world_to_kji(points_world, ijk_to_world)
     on_slice = np.abs(kji[:, axis] - index) <= 0.5
     if not on_slice.any():
         raise InputError(f"No point lies on slice {index}: place points on the slice the view shows.")
     in_plane = np.delete(kji[on_slice], axis, axis=1)  # (row, column)
     item = {"slice": index, "points": [[round(float(c), 3), round(float(r), 3)] for r, c in in_plane],
             "labels": [int(v) for v, keep in zip(labels, on_slice) if keep]}
-    rows, columns = [int(s) for s in np.delete(np.asarray(shape_kji), axis)]
-    geometry = HintGeometry(axis=axis, slice_range=(index, index + 1), slice_shape=(rows, columns), takes_points=True)
-    hint = parse_hint(item, geometry)
+    hint = parse_hint(item, _one_slice(shape_kji, axis, index))
     return [list(p) for p in hint.points], list(hint.labels)
 
 

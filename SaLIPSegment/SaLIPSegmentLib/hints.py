@@ -172,14 +172,19 @@ def _points_hint(index: int, points, labels, geometry: HintGeometry) -> Hint:
     return Hint(slice=index, kind="points", points=tuple(xy), labels=tuple(int(v) for v in labels))
 
 
+def world_to_kji(points: np.ndarray, ijk_to_world) -> np.ndarray:
+    """Points in millimetres (n x 3, RAS or world) as continuous voxel coordinates in numpy order (k, j, i)."""
+    world_to_ijk = np.linalg.inv(np.asarray(ijk_to_world, dtype=np.float64))
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    return ((world_to_ijk[:3, :3] @ points.T).T + world_to_ijk[:3, 3])[:, ::-1]
+
+
 def ras_to_slice_pixels(ras_points: Sequence[Sequence[float]], geometry: HintGeometry) -> Tuple[np.ndarray, int]:
     """RAS millimetres to (x, y) pixels of the slice and the slice index they lie on (they must agree)."""
     if geometry.ijk_to_ras is None:
         raise InputError("RAS hints need the input's geometry (IJK to RAS); give pixel hints instead.")
     ras = np.array([_numbers(p, 3, "a RAS point [R, A, S]") for p in ras_points], dtype=np.float64)
-    ijk = (np.linalg.inv(np.asarray(geometry.ijk_to_ras, dtype=np.float64))
-           @ np.c_[ras, np.ones(len(ras))].T)[:3].T
-    kji = ijk[:, ::-1]  # numpy order
+    kji = world_to_kji(ras, geometry.ijk_to_ras)
     along = np.round(kji[:, geometry.axis]).astype(int)
     if along.min() != along.max():
         raise InputError(f"the RAS points lie on different slices ({sorted(set(along.tolist()))}) along axis "

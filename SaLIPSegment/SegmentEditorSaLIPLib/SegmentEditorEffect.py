@@ -754,13 +754,8 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
         if roiNode is None:
             slicer.util.errorDisplay(_("Select or draw an ROI around the target first."))
             return
-        with slicer.util.tryWithErrorDisplay(_("The ROI cannot fix this slice."), waitCursor=True):
-            found = self.currentSliceIndex()
-            if found is not None:
-                volumeNode, index = found
-                box = slicer_bridge.hint_box_from_roi(volumeNode, roiNode, self.session().run["axis"], index)
-                self.session().hints.set_box(index, box)
-        self.updateButtons()
+        self.setHintOnViewedSlice(_("The ROI cannot fix this slice."), lambda volumeNode, axis, index: (
+            self.session().hints.set_box(index, slicer_bridge.hint_box_from_roi(volumeNode, roiNode, axis, index))))
 
     def onPointsHint(self):
         from SaLIPSegmentLib import slicer_bridge
@@ -769,20 +764,21 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
         if onNode is None:
             slicer.util.errorDisplay(_("Select or place a point list on the target first."))
             return
-        with slicer.util.tryWithErrorDisplay(_("The points cannot fix this slice."), waitCursor=True):
+        self.setHintOnViewedSlice(_("The points cannot fix this slice."), lambda volumeNode, axis, index: (
+            self.session().hints.set_points(
+                index, *slicer_bridge.hint_points_from_markups(volumeNode, onNode, offNode, axis, index))))
+
+    def onAbsentHint(self):
+        self.setHintOnViewedSlice(_("This slice cannot be marked."),
+                                  lambda volumeNode, axis, index: self.session().hints.set_absent(index))
+
+    def setHintOnViewedSlice(self, failure, setHint):
+        """setHint(volumeNode, axis, index) for the slice the view shows; an error is shown, never raised."""
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
             found = self.currentSliceIndex()
             if found is not None:
                 volumeNode, index = found
-                points, labels = slicer_bridge.hint_points_from_markups(
-                    volumeNode, onNode, offNode, self.session().run["axis"], index)
-                self.session().hints.set_points(index, points, labels)
-        self.updateButtons()
-
-    def onAbsentHint(self):
-        with slicer.util.tryWithErrorDisplay(_("This slice cannot be marked."), waitCursor=True):
-            found = self.currentSliceIndex()
-            if found is not None:
-                self.session().hints.set_absent(found[1])
+                setHint(volumeNode, self.session().run["axis"], index)
         self.updateButtons()
 
     def onRemoveHint(self):

@@ -323,6 +323,24 @@ def test_the_last_line_names_flagged_slices_and_the_report(tmp_path, capsys, mod
     assert "no report (--report FILE writes one)" in said.strip().splitlines()[-1]
 
 
+def test_thick_slices_get_more_key_slices_and_the_report_says_how_many(tmp_path, capsys, models):
+    from SaLIPSegmentLib.volume import key_positions
+
+    def cascades(spacing, *options):
+        volume = _volume(tmp_path / f"scan{spacing}.nrrd", slices=10, spacing=(0.7, 1.3, spacing), direction=np.eye(3))
+        report = tmp_path / f"r{spacing}{len(options)}.json"
+        code, said = _run(capsys, ["segment", volume, "-p", "brain", "-o", tmp_path / "o.nii.gz", "--report", report,
+                                   "--axis", "0", "--overwrite", "-q", *options] + models)
+        assert code == 0, said
+        saved = json.loads(report.read_text())
+        return saved["key_interval"], {row["index"] for row in saved["slices"] if row["method"] == "cascade"}
+
+    interval, keys = cascades(6.0)  # 24 mm apart at most: every 4th slice of 6 mm
+    assert interval == 4 and set(key_positions(10, 4)) <= keys
+    assert cascades(1.0)[0] == 16 and cascades(6.0, "--key-distance", "0")[0] == 16
+    assert cascades(6.0, "--key-interval", "2")[0] == 2
+
+
 def test_planes_follow_the_inputs_direction():
     assert [anatomical_plane(np.eye(3), axis) for axis in (0, 1, 2)] == ["axial", "coronal", "sagittal"]
     # A volume stored sagittally: numpy axis 0 (voxel k) runs along x, left-right.

@@ -71,6 +71,7 @@ def test_cpu_estimate_and_confirmation():
     full, encode = eo.CPU_SECONDS_PER_SLICE["vit_b"]
     assert eo.estimate_cpu_seconds("vit_b", 10, propagate=False) == 10 * full
     assert eo.estimate_cpu_seconds("vit_b", 20) == 3 * full + 17 * encode  # key slices 0, 10 and 19
+    assert eo.estimate_cpu_seconds("vit_b", 20, interval=4) == 6 * full + 14 * encode  # thick slices: 0, 4, ..., 19
     assert eo.estimate_cpu_seconds("someone-elses-sam", 2, propagate=False) == 2 * eo.CPU_SECONDS_PER_SLICE_UNKNOWN[0]
     assert not eo.needs_cpu_confirmation("cpu", "litemedsam", 3)
     assert eo.needs_cpu_confirmation("cpu", "vit_h", 100)

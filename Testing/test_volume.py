@@ -525,6 +525,19 @@ def test_the_key_interval_default_is_the_same_everywhere():
     assert effect_options.KEY_SLICE_INTERVAL == default
     assert SegmentSettings.__dataclass_fields__["key_interval"].default == default
     assert build_parser().parse_args(["segment", "x.nrrd", "-p", "brain", "-o", "y"]).key_interval == default
+    distance = PropagationSettings().key_distance_mm
+    assert SegmentSettings.__dataclass_fields__["key_distance_mm"].default == distance
+    assert build_parser().parse_args(["segment", "x.nrrd", "-p", "brain", "-o", "y"]).key_distance == distance
+
+
+def test_thick_slices_get_key_slices_at_most_the_key_distance_apart():
+    rules = PropagationSettings(key_interval=16, key_distance_mm=24.0)
+    assert [rules.interval_for(mm) for mm in (0.5, 1.0, 1.5, 2.0, 3.0, 6.5, 30.0)] == [16, 16, 16, 12, 8, 3, 1]
+    assert rules.interval_for(None) == 16 and rules.interval_for(0.0) == 16  # thickness unknown: slices only
+    assert PropagationSettings(key_interval=16, key_distance_mm=None).interval_for(6.5) == 16
+    assert PropagationSettings(key_interval=2, key_distance_mm=24.0).interval_for(3.0) == 2  # never fewer keys
+    settings = VolumeSettings(propagation=rules).for_thickness(3.0)
+    assert settings.propagation.key_interval == 8 and settings.for_thickness(3.0) == settings
 
 
 # -- the runner's steps, one at a time ----------------------------------------------------------

@@ -81,6 +81,10 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-interval", type=int, default=key_interval,
                         help=f"with --mode propagate, key slices at both ends and at most N apart "
                              f"(default {key_interval})")
+    key_distance = PropagationSettings.key_distance_mm
+    parser.add_argument("--key-distance", type=float, default=key_distance, metavar="MM",
+                        help=f"and at most MM millimetres apart along the axis, so thick slices get more key "
+                             f"slices (default {key_distance:g}; 0: off)")
     _add_presence_option(parser)
     _add_shape_options(parser)
     cleanup = parser.add_argument_group("3D clean-up (all off by default)")
@@ -457,6 +461,7 @@ def run_evaluate(args) -> int:
     segmenter, scorer = load_models(args.sam, args.clip, device, args.sam_checkpoint, args.model_dir,
                                     progress=not args.quiet, precision=args.precision)
     settings = dataclasses.replace(evaluation_settings(args, top_k), axis=axis, slice_range=slice_range)
+    settings = settings.for_thickness(image.spacing_kji[axis])
     variants = proposal_variants(volume, reference, segmenter, scorer, prompt.sentences, settings)
     with_reference = int(np.moveaxis(reference, axis, 0)[slice(*slice_range)].any(axis=(1, 2)).sum())
     print(f"{prompt.display_name}: {with_reference} slices with reference tissue, {args.sam} + {args.clip}")
@@ -599,7 +604,8 @@ def run_evaluate_dataset(args) -> int:
             if difference is not None:
                 raise InputError(f"the reference is not on the image's grid: {difference}")
             reference = reference_image.array > 0
-            case_settings = dataclasses.replace(settings, axis=axis_for(args.axis, image))
+            axis = axis_for(args.axis, image)
+            case_settings = dataclasses.replace(settings, axis=axis).for_thickness(image.spacing_kji[axis])
             _, run = proposal_variants(image.array, reference, segmenter, scorer, prompt.sentences, case_settings)[-1]
             result = evaluate_volume(image.array, reference, segmenter, scorer, prompt.sentences, run,
                                      spacing=image.spacing_kji)

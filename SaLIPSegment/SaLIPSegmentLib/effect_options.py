@@ -162,18 +162,20 @@ def slice_count(shape: Sequence[int], axis: int, slice_range: Optional[Tuple[int
     return max(0, int(slice_range[1]) - int(slice_range[0]))
 
 
-def estimate_cpu_seconds(segmenter: str, slices: int, propagate: bool = True) -> float:
-    """Seconds a CPU run is likely to take: full cascades on key slices, encodings elsewhere."""
+def estimate_cpu_seconds(segmenter: str, slices: int, propagate: bool = True,
+                         interval: int = KEY_SLICE_INTERVAL) -> float:
+    """Seconds a CPU run is likely to take: full cascades on key slices `interval` apart
+    (PropagationSettings.interval_for the volume's slices), encodings elsewhere."""
     full, encode = CPU_SECONDS_PER_SLICE.get(segmenter, CPU_SECONDS_PER_SLICE_UNKNOWN)
     slices = max(0, slices)
     if not propagate:
         return full * slices
-    keys = min(slices, -(-(slices - 1) // KEY_SLICE_INTERVAL) + 1)  # as volume.key_positions places them
+    keys = min(slices, -(-(slices - 1) // max(1, interval)) + 1)  # as volume.key_positions places them
     return full * keys + encode * (slices - keys)
 
 
-def needs_cpu_confirmation(device_type: str, segmenter: str, slices: int) -> bool:
-    return device_type == "cpu" and estimate_cpu_seconds(segmenter, slices) > CPU_CONFIRM_SECONDS
+def needs_cpu_confirmation(device_type: str, segmenter: str, slices: int, interval: int = KEY_SLICE_INTERVAL) -> bool:
+    return device_type == "cpu" and estimate_cpu_seconds(segmenter, slices, interval=interval) > CPU_CONFIRM_SECONDS
 
 
 def format_duration(seconds: float) -> str:

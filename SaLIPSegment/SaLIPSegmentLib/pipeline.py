@@ -42,6 +42,7 @@ class SegmentSettings:
     window: Optional[Tuple[float, float]] = None
     mode: str = "propagate"
     key_interval: int = PropagationSettings.key_interval
+    key_distance_mm: Optional[float] = PropagationSettings.key_distance_mm
     adapt: bool = False
     keep_largest: bool = False
     fill_holes: bool = False
@@ -73,7 +74,8 @@ class SegmentSettings:
         """One volume's run, with its axis and slice range resolved (axis_for, volume.parse_slice_range)."""
         return VolumeSettings(
             top_k=self.top_k, axis=axis, slice_range=slice_range, window=self.window, mode=self.mode,
-            propagation=PropagationSettings(key_interval=self.key_interval), proposal=self.proposal,
+            propagation=PropagationSettings(key_interval=self.key_interval, key_distance_mm=self.key_distance_mm),
+            proposal=self.proposal,
             presence=PresenceSettings(enabled=self.presence), shape=self.shape,
             cleanup=CleanupSettings(self.keep_largest, self.fill_holes, self.fill_flagged), adapt=self.adapt,
         )
@@ -88,6 +90,8 @@ def settings_from_args(args) -> SegmentSettings:
         raise InputError("--top-k must be at least 1.")
     if args.key_interval < 1:
         raise InputError("--key-interval must be at least 1.")
+    if args.key_distance < 0:
+        raise InputError("--key-distance must be 0 (off) or more millimetres.")
     apply_profile(args)
     return SegmentSettings(
         prompt=prompt, top_k=top_k, sam=args.sam, clip=args.clip,
@@ -96,7 +100,8 @@ def settings_from_args(args) -> SegmentSettings:
         model_dir=str(args.model_dir) if args.model_dir else None, device=args.device, precision=args.precision,
         axis=args.axis,
         slices=args.slices, window=tuple(args.window) if args.window else None, mode=args.mode,
-        key_interval=args.key_interval, adapt=args.adapt, keep_largest=args.keep_largest,
+        key_interval=args.key_interval, key_distance_mm=args.key_distance or None, adapt=args.adapt,
+        keep_largest=args.keep_largest,
         fill_holes=args.fill_holes, fill_flagged=args.fill_flagged, presence=_presence(args),
         shape=shape_settings(args),
     )
@@ -254,6 +259,7 @@ def segment_image(
         raise InputError(f"The reference has shape {reference.shape}, the input {volume.shape}.")
     axis = axis_for(settings.axis, image)
     run = settings.volume_settings(axis, parse_slice_range(settings.slices, volume.shape[axis]))
+    run = run.for_thickness(image.spacing_kji[axis])
     adaptation = None
     if run.adapt:
         from .adaptation import adapt_settings
@@ -287,7 +293,7 @@ def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, r
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,
         "takes_points": result.takes_points, "axis": result.axis, "mode": run.mode,
-        "key_interval": run.propagation.key_interval,
+        "key_interval": run.propagation.key_interval, "key_distance_mm": run.propagation.key_distance_mm,
         "slice_range": list(result.slice_range), "window": list(result.window),
         "proposal": dataclasses.asdict(run.proposal),
         "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,

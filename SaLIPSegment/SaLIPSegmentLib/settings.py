@@ -8,7 +8,7 @@ argument parser read the same defaults as the engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Tuple
 
 from .errors import InputError
@@ -84,6 +84,11 @@ class PropagationSettings:
     """Key slices (full cascade) are the first and last slice with tissue and evenly between,
     at most this many slices apart (volume.key_positions); an organ spanning at least this many
     slices always has a key slice of its own. Why 16: Testing/Benchmarks/RESULTS.md, issue 17."""
+    key_distance_mm: Optional[float] = 24.0
+    """Where the slice thickness is known, key slices are also at most this many millimetres apart
+    (interval_for): 16 slices of 6.5 mm are 104 mm, more than a tumour, and on 3 mm slices a
+    cerebellum had one key slice. Leaves 1 mm slices at 16. None or 0: slices only. Why 24:
+    Testing/Benchmarks/RESULTS.md, issue 18 (thick slices)."""
     box_margin: float = 0.1
     """Grow the neighbour's box by this fraction of its width and height on each side."""
     max_iou_drop: float = 0.1
@@ -92,6 +97,12 @@ class PropagationSettings:
     """Keep a propagated mask whose CLIP score is at most this many points below its anchor's."""
     min_area_ratio: float = 0.2
     """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
+
+    def interval_for(self, thickness_mm: Optional[float]) -> int:
+        """The key interval in slices for slices `thickness_mm` apart (None: unknown, key_interval)."""
+        if not self.key_distance_mm or not thickness_mm or thickness_mm <= 0:
+            return self.key_interval
+        return max(1, min(self.key_interval, int(self.key_distance_mm / thickness_mm + 1e-6)))
 
 
 @dataclass
@@ -212,6 +223,12 @@ class VolumeSettings:
     """The paper's second encoding per slice before refine; kept for the benchmark only."""
     max_slice_side: int = MAX_SLICE_SIDE
     """Longer slices are shrunk for the models and their masks enlarged back (nearest)."""
+
+    def for_thickness(self, thickness_mm: Optional[float]) -> VolumeSettings:
+        """These settings for a volume whose slices along `axis` are `thickness_mm` apart: the key
+        interval in slices that keeps key slices within the propagation's distance in millimetres."""
+        interval = self.propagation.interval_for(thickness_mm)
+        return replace(self, propagation=replace(self.propagation, key_interval=interval))
 
 
 def parse_slice_range(text: Optional[str], count: int) -> Tuple[int, int]:

@@ -564,6 +564,7 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
 
         from SaLIPSegmentLib import slicer_bridge
         from SaLIPSegmentLib.prompts import resolve_prompt
+        from SaLIPSegmentLib.settings import PropagationSettings
 
         options = self.options()
         prompt = resolve_prompt(options.prompt)
@@ -577,7 +578,8 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
         useWindow = self.scriptedEffect.integerParameter("UseDisplayWindow") != 0
         window = slicer_bridge.display_window(volumeNode) if useWindow else None
         models = (logic.segmenterName(), logic.scorerName(), logic.deviceName(), logic.modelDirectory() or None)
-        if not self.confirmModels(models, effect_options.slice_count(geometry.shape, axis, sliceRange)):
+        interval = PropagationSettings().interval_for(geometry.spacing[axis])  # as the engine will resolve it
+        if not self.confirmModels(models, effect_options.slice_count(geometry.shape, axis, sliceRange), interval):
             return None
         # The whole IJK-to-world matrix, not only spacing: a left/right preset keeps the patient's side.
         # keep_session: the engine keeps the slices' encodings so that Update re-runs only what fixes change.
@@ -589,7 +591,7 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
                "color": list(prompt.color), "replaceSelected": options.replace_selected_segment}
         return request, run
 
-    def confirmModels(self, models, slices):
+    def confirmModels(self, models, slices, interval):
         """Weights present, and a long CPU run confirmed; False after telling the user what to do."""
         segmenterName, scorerName, deviceName, modelDirectory = models
         missing = effect_options.weights_to_download([segmenterName, scorerName], modelDirectory)
@@ -602,8 +604,9 @@ fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li
             return False
         from SaLIPSegmentLib.models import resolve_device
 
-        if effect_options.needs_cpu_confirmation(resolve_device(deviceName).type, segmenterName, slices):
-            estimate = effect_options.format_duration(effect_options.estimate_cpu_seconds(segmenterName, slices))
+        if effect_options.needs_cpu_confirmation(resolve_device(deviceName).type, segmenterName, slices, interval):
+            estimate = effect_options.format_duration(
+                effect_options.estimate_cpu_seconds(segmenterName, slices, interval=interval))
             return slicer.util.confirmOkCancelDisplay(
                 _("No GPU is in use: {slices} slices with {model} will take roughly {estimate} on the CPU.\n\n"
                   "Fewer slices (current slice ± N, or an ROI) or the litemedsam model run faster. "

@@ -19,6 +19,7 @@ from SaLIPSegmentLib.volume import (
     PropagationSettings,
     SliceRecord,
     VolumeRunner,
+    _Attempt,
     _Found,
     _grow,
     acquisition_axis,
@@ -567,10 +568,51 @@ def test_a_chain_stops_at_its_first_refusal_and_keeps_the_embeddings_it_made(seg
                               reference=volume > 100)
         runner.find_tissue()
         assert runner.cascade(0, runner._image(0))  # the key slice the chain starts from
-        chain = runner.chain(1, 3, 1)
+        chain, refusal = runner.chain(1, 3, 1)
         assert sorted(chain) == accepted
+        assert (refusal[0] if refusal else None) == (None if accepted else 1)  # the refused slice and its attempt
         assert sorted(runner.kept) == (accepted or [1])  # a refused slice's encoding serves the other chain
         assert all(k not in runner.records for k in (1, 2, 3))  # a chain writes nothing itself
+
+
+class OneWrongChain(VolumeRunner):
+    """Real encodings and refine calls, but what a chain hands on is set: a chain from slice 0 (a key
+    slice whose cascade took another object) carries a corner square; chains from anywhere else carry
+    the target, and the one from the last key slice is refused on slice 4 (as if its mask shrank)."""
+
+    def attempt(self, index, source, upcoming=()):
+        result = super().attempt(index, source, upcoming)
+        wrong = np.zeros(self.shape, bool)
+        wrong[:6, :6] = True
+        parts = [wrong] if source.anchor == 0 else [self._reference(index)]
+        refused = "area" if source.anchor == self.tissue[-1] and index == 4 else None
+        found = _Found(parts, [], [0.9], source.anchor)
+        return _Attempt(result.pixels, parts, [0.9], [], refused, result.seconds, found)
+
+
+def test_where_one_chain_is_refused_but_ranks_above_the_other_the_slice_gets_the_cascade_and_splits(segmenter):
+    volume = _stack(7)
+    reference = volume > 100
+    rules = PropagationSettings(key_interval=6)  # key slices 0 and 6
+    runner = OneWrongChain(volume, segmenter, OracleScorer(), ["x"],
+                           VolumeSettings(proposal=PROPOSALS, window=(0, 255), propagation=rules,
+                                          presence=PresenceSettings(enabled=False)), reference=reference)
+    result = runner.run()
+    assert [s.method for s in result.slices] == ["cascade"] + ["propagated"] * 3 + ["cascade", "propagated", "cascade"]
+    assert result.slices[4].fallback == "area"  # the full cascade ran because the target's chain was refused there
+    for k in (1, 2, 3, 5):  # the chain from the contested slice beat the wrong one below it
+        np.testing.assert_array_equal(result.mask[k], reference[k])
+    assert [result.slices[k].anchor for k in (1, 2, 3)] == [4, 4, 4]
+
+    def tried(parts):  # one chain's result on slice 2, as the oracle will rank it
+        return _Attempt(runner._image(2), parts, [0.9], [], None, {}, _Found(parts, [], [0.9], 0))
+
+    corner = np.zeros(runner.shape, bool)
+    corner[:6, :6] = True
+    target, other = tried([runner._reference(2)]), tried([corner])
+    assert runner.contested((2, target), {2: other}) == (2, target)
+    assert runner.contested((2, other), {2: target}) is None  # the refused result ranks lower: the other chain stays
+    assert runner.contested((2, target), {}) is None and runner.contested(None, {2: other}) is None
 
 
 def test_a_propagated_result_is_judged_on_area_then_predicted_iou_and_never_scored_by_the_oracle(segmenter):

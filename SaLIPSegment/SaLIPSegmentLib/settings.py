@@ -77,7 +77,9 @@ class PropagationSettings:
     Between two key slices a chain runs from each, over the same embeddings, and each slice
     keeps the result the scorer ranks higher, as the full cascade's retrieval would: a key
     slice whose best candidate was a poor part no longer decides every slice up to the next
-    one. Only where both chains are refused does a slice get the full cascade.
+    one. A slice gets the full cascade where both chains are refused, and where one chain is refused
+    but its refused result ranks above the other chain's (that chain carries something else, say from
+    a key slice without the target): the slice then splits the stretch in two.
     """
 
     key_interval: int = 16

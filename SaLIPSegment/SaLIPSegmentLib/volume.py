@@ -281,8 +281,9 @@ class VolumeRunner:
       run_every_slice  the paper's way: the full cascade on every slice; or
       run_propagate    the full cascade on key slices (key_positions), then between each two
                        (fill_between: a chain from each end, each slice keeping the better
-                       scored result), then outwards past the first and last (fill_gaps),
-                       until the organ ends (see PropagationSettings);
+                       scored result; a contested refusal splits the stretch), then outwards
+                       past the first and last (fill_gaps), until the organ ends (see
+                       PropagationSettings);
       judge_presence   slices where the target is judged absent lose their mask (decide_presence,
                        PresenceSettings).
     Underneath them: embed (the slice's encoding, a few upcoming ones in the same call on a
@@ -415,23 +416,38 @@ class VolumeRunner:
         """Slices between key positions low and high: a chain from each end, the better-scored kept.
 
         Each slice is encoded once (the backward chain re-uses the forward chain's embeddings).
-        Where both chains refuse a slice, that stretch goes back to the single-chain walk, which
-        runs the full cascade there.
+        Where one chain is refused on a slice that the other reached, and its refused result ranks
+        higher there, the other chain is the wrong one (say, from a key slice without the target):
+        that slice gets the full cascade and splits the stretch (split_contested). Where both
+        chains refuse a slice, that stretch goes back to the single-chain walk, which runs the
+        full cascade there.
         """
+        try:
+            self._between(low, high)
+        finally:
+            self.kept.clear()
+
+    def _between(self, low: int, high: int) -> None:
         if high - low < 2:
             return
-        forward = self.memory.run(self.chain, low + 1, high - 1, 1)
-        backward = self.memory.run(self.chain, high - 1, low + 1, -1)
+        forward, forward_refusal = self.memory.run(self.chain, low + 1, high - 1, 1)
+        backward, backward_refusal = self.memory.run(self.chain, high - 1, low + 1, -1)
+        split = self.contested(forward_refusal, backward) or self.contested(backward_refusal, forward)
+        if split is not None:
+            self.memory.run(self.split_contested, split)
+            self._between(low, split[0])
+            self._between(split[0], high)
+            return
         for i in range(low + 1, high):
             options = [o for o in (forward.get(i), backward.get(i)) if o is not None]
             if options:
                 self._accept(self.tissue[i], self._better(i, options))
         self.fill_gaps(low + 1, high)
-        self.kept.clear()
 
-    def chain(self, first: int, last: int, step: int) -> Dict[int, _Attempt]:
+    def chain(self, first: int, last: int, step: int) -> Tuple[Dict[int, _Attempt], Optional[Tuple[int, _Attempt]]]:
         """Propagate from the key slice before position `first` over positions first..last, keeping
-        each accepted attempt (and the slice's embedding) without writing it; stop at the first refusal."""
+        each accepted attempt (and the slice's embedding) without writing it; stop at the first refusal.
+        The accepted attempts by position, and the refused one (position, attempt) or None."""
         tissue = self.tissue
         source = self.found.get(tissue[first - step])
         accepted: Dict[int, _Attempt] = {}
@@ -444,22 +460,46 @@ class VolumeRunner:
             if current is not None:
                 self.kept[tissue[i]] = current
             if result.fallback is not None:
-                break
+                return accepted, (i, result)
             accepted[i] = result
             source = result.found
-        return accepted
+        return accepted, None
+
+    def contested(self, refusal: Optional[Tuple[int, _Attempt]], other: Dict[int, _Attempt]
+                  ) -> Optional[Tuple[int, _Attempt]]:
+        """The refusal, when the other chain reached its slice and the scorer ranks the refused result higher."""
+        if refusal is None or refusal[0] not in other:
+            return None
+        position, refused = refusal
+        return refusal if self._rank(position, refused) > self._rank(position, other[position]) else None
+
+    def split_contested(self, refusal: Tuple[int, _Attempt]) -> None:
+        """The full cascade on a contested slice, on the embedding its chains made: a boundary between two stretches."""
+        position, refused = refusal
+        index = self.tissue[position]
+        if index in self.kept:
+            self.segmenter.use_embedding(self.kept[index])
+            self.cascade(index, refused.pixels, already_embedded=True, seconds=dict(refused.seconds),
+                         fallback=refused.fallback)
+        else:  # no embedding kept (a segmenter without one): encode again
+            self._cascade_on(index)
+
+    def _rank(self, position: int, option: _Attempt) -> float:
+        """How the scorer ranks one chain's result on a slice: its weakest part's score."""
+        if self.scorer.scores_like_clip and option.scores:
+            scores = option.scores
+        else:
+            clock = time.perf_counter()
+            scores = self._score_parts(option.pixels, option.parts, option.ious, self._reference(self.tissue[position]))
+            option.seconds["score"] = option.seconds.get("score", 0.0) + time.perf_counter() - clock
+        return min(scores, default=-np.inf)
 
     def _better(self, position: int, options: List[_Attempt]) -> _Attempt:
         """Of the two chains' results on one slice, the one the scorer ranks higher (the first on a tie)."""
         if len(options) == 1:
             return options[0]
-        clock = time.perf_counter()
-        reference = self._reference(self.tissue[position])
-        rank = [o.scores if self.scorer.scores_like_clip else self._score_parts(o.pixels, o.parts, o.ious, reference)
-                for o in options]
-        best = max(range(2), key=lambda k: min(rank[k], default=-np.inf))
-        options[best].seconds["score"] = options[best].seconds.get("score", 0.0) + time.perf_counter() - clock
-        return options[best]
+        rank = [self._rank(position, o) for o in options]
+        return options[0] if rank[0] >= rank[1] else options[1]
 
     # -- outwards from segmented slices ----------------------------------------------------
 

@@ -188,6 +188,9 @@ def test_the_slice_just_past_where_presence_cut_the_target_is_flagged_and_no_fur
     assert records[1].flags == [EDGE_FLAG] and records[1].confidence is None
     assert verdict(records) == "2 of 6 slices need a look; 5 judged without the target"
     assert set(rank_slices_to_fix(records)[:2]) == {1, 6}  # no mask, flagged: fixed first
+    flag_slices(records, masks, thickness_mm=3.0)  # 6 mm deep: two slices of 3 mm past each end
+    assert {r.index for r in records if r.flags} == {0, 1, 6, 7}  # the hinted slice 8 still not
+    assert [QualityRules().edge_slices(mm) for mm in (None, 0.5, 1.0, 3.0, 6.5, 20.0)] == [1, 12, 6, 2, 1, 1]
     # A slice the user said has no target is not second-guessed, even next to a mask.
     records = run_of(masks, s6={"absent": "no target (hint)", "reason": "target absent", "area": 0,
                                 "method": "hint"})

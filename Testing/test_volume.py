@@ -539,6 +539,7 @@ def test_thick_slices_get_key_slices_at_most_the_key_distance_apart():
     assert PropagationSettings(key_interval=2, key_distance_mm=24.0).interval_for(3.0) == 2  # never fewer keys
     settings = VolumeSettings(propagation=rules).for_thickness(3.0)
     assert settings.propagation.key_interval == 8 and settings.for_thickness(3.0) == settings
+    assert settings.slice_thickness_mm == 3.0  # the edge flags' depth in slices follows it (quality.py)
 
 
 # -- the runner's steps, one at a time ----------------------------------------------------------

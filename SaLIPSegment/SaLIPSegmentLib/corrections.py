@@ -272,7 +272,7 @@ class CorrectionSession(VolumeRunner):
     def result(self, seconds: float) -> VolumeResult:
         """The session's current mask and table, flagged again (hinted slices are never flagged)."""
         ordered = [self.records[index] for index in range(self.start, self.stop)]
-        flag_slices(ordered)
+        flag_slices(ordered, thickness_mm=self.settings.slice_thickness_mm)
         for record in ordered:
             if record.method == HINT_METHOD:
                 record.flags = []

@@ -6,8 +6,8 @@ Numpy in, numbers out; no Slicer, no files. The steps, for a volume's records in
                     neighbouring slices, predicted IoU, score against the volume's own;
   judge_slice       each signal against its limit (QualityRules): a confidence and the
                     reasons of the signals past their limit;
-  flag_target_edges a slice presence emptied right next to a kept mask: where the target's
-                    run was cut is where a cut present slice would be;
+  flag_target_edges the slices presence emptied within a few millimetres of a kept mask: where
+                    the target's run was cut is where a cut present slice would be;
   verdict           one line for the volume ("12 of 52 slices need a look").
 volume.flag_slices runs them, so every caller (segment, evaluate, batch, the Slicer effect)
 sees the same flags. The limits were fitted against per-slice Dice offline
@@ -32,7 +32,7 @@ from .imaging import dice, robust_spread
 # The reasons a slice is flagged, as the report and the panel show them.
 NO_CANDIDATE_FLAG = NO_CANDIDATE
 EMPTY_MASK_FLAG = "empty mask"
-EDGE_FLAG = "judged without the target next to a mask: check where the target ends"
+EDGE_FLAG = "judged without the target near a mask: check where the target ends"
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,18 @@ class QualityRules:
     score_floor: float = 0.5
     """The smallest spread a score's z is measured in (a very uniform volume flags nothing)."""
     flag_edges: bool = True
-    """Flag the slices presence emptied right next to a kept mask (flag_target_edges)."""
+    """Flag the slices presence emptied next to a kept mask (flag_target_edges)."""
+    edge_depth_mm: float = 6.0
+    """...up to this many millimetres past each end of the kept run, where the slice thickness is
+    known (at least one slice; one slice where it is not). Presence errs at a compact target's ends
+    by more slices on thin slices: at 1 mm one flagged slice per end found 2 of 12 cut thalamus
+    slices, 6 mm found 11 of 12 (RESULTS.md, issue 18, thick slices)."""
+
+    def edge_slices(self, thickness_mm: Optional[float]) -> int:
+        """How many slices past each end of the kept run the edge flags reach."""
+        if not thickness_mm or thickness_mm <= 0:
+            return 1
+        return max(1, int(round(self.edge_depth_mm / thickness_mm)))
     inherit: bool = False
     """Flag a propagated slice whose chain's anchor (the full cascade its box came from) is flagged.
     Off: it found more poor slices but flagged 63% of the good ones (a key slice flagged for its
@@ -229,8 +240,9 @@ def judge_slice(record, rules: QualityRules) -> SliceQuality:
 
 
 def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None,
-                 rules: Optional[QualityRules] = None) -> None:
-    """Measure, judge and write `quality`, `confidence` and `flags` into each record (slice order)."""
+                 rules: Optional[QualityRules] = None, thickness_mm: Optional[float] = None) -> None:
+    """Measure, judge and write `quality`, `confidence` and `flags` into each record (slice order);
+    `thickness_mm`: the distance between the slices, where it is known (the edge flags' depth)."""
     rules = rules or QualityRules()
     measure_signals(records, masks, rules)
     for record in records:
@@ -239,11 +251,12 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
     if rules.inherit:
         inherit_from_anchors(records)
     if rules.flag_edges:
-        flag_target_edges(records)
+        flag_target_edges(records, rules.edge_slices(thickness_mm))
 
 
-def flag_target_edges(records: Sequence) -> None:
-    """Flag each slice judged absent (by presence, not by a hint) next to a slice that kept its mask.
+def flag_target_edges(records: Sequence, depth: int = 1) -> None:
+    """Flag each slice judged absent (by presence, not by a hint) at most `depth` slices from a slice
+    that kept its mask.
 
     Presence cuts the target's run where the scores drop, and a present end slice scores low as
     often as an absent one (its mask is small or poor): the slice just past the cut is where a
@@ -253,7 +266,8 @@ def flag_target_edges(records: Sequence) -> None:
     for position, record in enumerate(records):
         if not record.absent or record.method == HINT_METHOD:
             continue
-        if any(0 <= k < len(records) and kept[k] for k in (position - 1, position + 1)):
+        near = range(max(0, position - depth), min(len(records), position + depth + 1))
+        if any(kept[k] for k in near):
             record.flags = [EDGE_FLAG]
 
 

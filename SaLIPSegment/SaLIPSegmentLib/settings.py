@@ -225,12 +225,16 @@ class VolumeSettings:
     """The paper's second encoding per slice before refine; kept for the benchmark only."""
     max_slice_side: int = MAX_SLICE_SIDE
     """Longer slices are shrunk for the models and their masks enlarged back (nearest)."""
+    slice_thickness_mm: Optional[float] = None
+    """The distance between slices along `axis`, where it is known (for_thickness sets it)."""
 
     def for_thickness(self, thickness_mm: Optional[float]) -> VolumeSettings:
         """These settings for a volume whose slices along `axis` are `thickness_mm` apart: the key
-        interval in slices that keeps key slices within the propagation's distance in millimetres."""
+        interval in slices that keeps key slices within the propagation's distance in millimetres,
+        and the thickness that sets the edge flags' depth (quality.QualityRules.edge_slices)."""
         interval = self.propagation.interval_for(thickness_mm)
-        return replace(self, propagation=replace(self.propagation, key_interval=interval))
+        return replace(self, propagation=replace(self.propagation, key_interval=interval),
+                       slice_thickness_mm=thickness_mm)
 
 
 def parse_slice_range(text: Optional[str], count: int) -> Tuple[int, int]:

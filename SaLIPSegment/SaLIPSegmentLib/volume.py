@@ -191,7 +191,7 @@ def choose_window(volume: np.ndarray, window: Optional[Tuple[float, float]]) -> 
 
 
 def flag_slices(records: Sequence[SliceRecord], masks: Optional[Sequence[np.ndarray]] = None,
-                rules: Optional[QualityRules] = None) -> None:
+                rules: Optional[QualityRules] = None, thickness_mm: Optional[float] = None) -> None:
     """Mark slices worth a look, with reasons and a confidence (quality.flag_records): no candidate,
     an empty mask, and masks whose label-free signals (fragments, solidity, agreement with the
     retrieved part and with the neighbouring slices, area change, predicted IoU, relative score)
@@ -202,7 +202,7 @@ def flag_slices(records: Sequence[SliceRecord], masks: Optional[Sequence[np.ndar
     where the target was judged absent (decide_presence) are never flagged.
     Records are in slice order; flags are written into them.
     """
-    flag_records(records, masks, rules)
+    flag_records(records, masks, rules, thickness_mm)
 
 
 @dataclass
@@ -340,7 +340,7 @@ class VolumeRunner:
             self.run_propagate()
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         self.judge_presence(ordered)
-        flag_slices(ordered, self.mask_slices[self.start : self.stop])
+        flag_slices(ordered, self.mask_slices[self.start : self.stop], thickness_mm=self.settings.slice_thickness_mm)
         return VolumeResult(
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
             slice_range=(self.start, self.stop), window=self.window, seconds=time.perf_counter() - started,

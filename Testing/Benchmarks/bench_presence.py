@@ -54,15 +54,15 @@ def score_presence(result, image: np.ndarray, reference: np.ndarray, scorer, sen
     return time.perf_counter() - started
 
 
-def with_presence(result, rules: PresenceSettings):
-    """A copy of a scored run's result as if judge_presence had run."""
+def with_presence(result, rules: PresenceSettings, thickness_mm=None):
+    """A copy of a scored run's result as if judge_presence had run (on slices `thickness_mm` apart)."""
     after = copy.deepcopy(result)
     slices = np.moveaxis(after.mask, after.axis, 0)  # a view: clearing a slice clears the mask
     for record in after.slices:
         record.flags = []
     clear_absent({r.index: r for r in after.slices}, slices,
                  decide_presence(after.slices, rules, candidate_floor(after.slices)))
-    flag_slices(after.slices, slices[slice(*after.slice_range)])  # the masks as presence left them
+    flag_slices(after.slices, slices[slice(*after.slice_range)], thickness_mm=thickness_mm)  # masks as presence left
     return after
 
 
@@ -74,9 +74,9 @@ def load_or_run(folder: Path, structure: str, clip: str, mode: str, segmenter, k
         return pickle.loads(keep.read_bytes())
     proposal = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))
     started = time.perf_counter()
+    settings = VolumeSettings(axis=0, mode=mode, proposal=proposal, presence=PresenceSettings(enabled=False))
     result = segment_volume(image.array, segmenter(), create_scorer(clip), [structure],
-                            VolumeSettings(axis=0, mode=mode, proposal=proposal,
-                                           presence=PresenceSettings(enabled=False)), reference=reference)
+                            settings.for_thickness(image.spacing_kji[0]), reference=reference)
     seconds = time.perf_counter() - started
     if keep is not None:
         keep.write_bytes(pickle.dumps((result, seconds)))
@@ -93,7 +93,8 @@ def run_case(folder: Path, structure: str, clip: str, mode: str, segmenter, rule
     rows = {"before": {k: before[k] for k in COLUMNS}}
     rows["before"]["seconds"] = round(seconds, 1)
     for rules in rules_list:
-        figures = measure_run(with_presence(result, rules), reference, image.spacing_kji).to_dict()
+        thickness = image.spacing_kji[result.axis]
+        figures = measure_run(with_presence(result, rules, thickness), reference, image.spacing_kji).to_dict()
         row = {k: figures[k] for k in COLUMNS}
         row["present_cut"] = figures["missed_slices"] - before["missed_slices"]
         row["seconds"] = round(seconds + presence_seconds, 1)

@@ -474,7 +474,9 @@ class VolumeRunner:
         return refusal if self._rank(position, refused) > self._rank(position, other[position]) else None
 
     def split_contested(self, refusal: Tuple[int, _Attempt]) -> None:
-        """The full cascade on a contested slice, on the embedding its chains made: a boundary between two stretches."""
+        """A contested slice becomes a boundary between two stretches: the full cascade runs on it (on
+        the embedding its chains made), and the refused result is kept instead where it ranks higher
+        (the cascade's retrieval can pick a poor part, which its chains would then carry)."""
         position, refused = refusal
         index = self.tissue[position]
         if index in self.kept:
@@ -483,6 +485,10 @@ class VolumeRunner:
                          fallback=refused.fallback)
         else:  # no embedding kept (a segmenter without one): encode again
             self._cascade_on(index)
+        found = self.found.get(index)
+        cascaded = found and _Attempt(refused.pixels, found.parts, found.anchor_ious, [], None, {}, found)
+        if not cascaded or self._rank(position, refused) > self._rank(position, cascaded):
+            self._accept(index, refused)
 
     def _rank(self, position: int, option: _Attempt) -> float:
         """How the scorer ranks one chain's result on a slice: its weakest part's score."""

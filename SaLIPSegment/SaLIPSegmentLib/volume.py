@@ -234,6 +234,8 @@ class _Attempt:
     seconds: Dict[str, float]
     found: _Found
     """What the slice hands on if kept: its parts, measured against the same anchor."""
+    rank: Optional[float] = None
+    """The scorer's rank of this result, once asked (see VolumeRunner._rank)."""
 
 
 def key_positions(count: int, interval: int) -> List[int]:
@@ -491,14 +493,17 @@ class VolumeRunner:
             self._accept(index, refused)
 
     def _rank(self, position: int, option: _Attempt) -> float:
-        """How the scorer ranks one chain's result on a slice: its weakest part's score."""
+        """How the scorer ranks one chain's result on a slice: its weakest part's score (scored once)."""
+        if option.rank is not None:
+            return option.rank
         if self.scorer.scores_like_clip and option.scores:
             scores = option.scores
         else:
             clock = time.perf_counter()
             scores = self._score_parts(option.pixels, option.parts, option.ious, self._reference(self.tissue[position]))
             option.seconds["score"] = option.seconds.get("score", 0.0) + time.perf_counter() - clock
-        return min(scores, default=-np.inf)
+        option.rank = min(scores, default=-np.inf)
+        return option.rank
 
     def _better(self, position: int, options: List[_Attempt]) -> _Attempt:
         """Of the two chains' results on one slice, the one the scorer ranks higher (the first on a tie)."""

@@ -52,6 +52,23 @@ def test_a_thalamus_like_volume_keeps_only_the_targets_run():
     assert len(set(range(60, 83)) & set(absent)) <= 2, "the target's run is kept (its noisy ends at most trimmed)"
 
 
+def test_boxed_slices_that_score_low_are_the_target_not_a_poor_target_outside_the_run():
+    # A 3 mm cerebellum with the exact oracle after four boxes (slices 13 to 16 here): the boxes'
+    # own masks score 15 to 39 (the structure's thin end), the last box scores 83, and the walk
+    # past it painted six slices without the target (0). Judged as outside the run, the boxed
+    # slices sat part of the way up and presence stood down, keeping the six: the boxes are the run.
+    run = [78, 88, 90, 90, 84, 77, 75, 86, 65, 65, 73, 74, 73, 43]
+    boxed = [39, 32, 15, 34, 83]
+    records = _records(run + boxed + [0.0] * 6, floor=0.0)
+    hinted = list(range(len(run), len(run) + len(boxed)))
+    assert _judge(records) == {}, "without the boxes, the slices past the run read as a poor target"
+    absent = decide_presence(records, ON, candidate_floor(records), keep=hinted)
+    assert set(absent) == set(range(len(run) + len(boxed), len(records)))
+    # A boxed slice is never trimmed from the run's end, however low it scores.
+    absent = decide_presence(_records(run + [15.0] + [0.0] * 6, floor=0.0), ON, 0.0, keep=[len(run)])
+    assert len(run) not in absent and set(absent) == set(range(len(run) + 1, len(run) + 7))
+
+
 def test_a_volume_with_the_target_on_every_slice_keeps_its_poorly_segmented_slices():
     # The brain on every slice: Dice 0.7 in the middle falling to 0.2 at both ends (poor, not absent).
     rng = np.random.default_rng(0)

@@ -144,14 +144,17 @@ def candidate_floor(records: Sequence) -> Optional[float]:
     return float(np.median(medians)) if medians else None
 
 
-def target_run(values: np.ndarray, rules: PresenceSettings,
-               floor: Optional[float] = None) -> Optional[Tuple[int, int, float]]:
+def target_run(values: np.ndarray, rules: PresenceSettings, floor: Optional[float] = None,
+               keep: Sequence[int] = ()) -> Optional[Tuple[int, int, float]]:
     """(first, last, level) of the target's run among the values, or None where the scores show one group.
 
     The run is found and tested on the running median (one slice's noise does not decide): the
     groups must be far apart against their spread and, with a known floor, the slices outside
     must sit near it (absent), not part of the way up to the run (a target segmented poorly
-    there). Its ends are then trimmed while their own score is below the level.
+    there). The run reaches every position in `keep` (a user's boxes) before it is tested: a
+    boxed slice is the target however low it scores, so it is no evidence of a poor target
+    outside the run. The run's ends are then trimmed while their own score is below the level,
+    never past a kept position.
     """
     if values.size < rules.min_scored_slices:
         return None
@@ -160,13 +163,15 @@ def target_run(values: np.ndarray, rules: PresenceSettings,
     if not np.isfinite(level):
         return None
     first, last = best_run(smooth, level)
+    first, last = min([first, *keep]), max([last, *keep])
     if separation(smooth, first, last) < rules.min_separation:
         return None
     if floor is not None and _height_outside(smooth, first, last, floor) > rules.max_height_outside:
         return None
-    while first < last and values[first] < level:
+    kept = set(keep)
+    while first < last and values[first] < level and first not in kept:
         first += 1
-    while last > first and values[last] < level:
+    while last > first and values[last] < level and last not in kept:
         last -= 1
     return first, last, level
 
@@ -203,13 +208,11 @@ def decide_presence(records: Sequence, rules: PresenceSettings, floor: Optional[
     score (a propagated slice before presence scored it) takes its chain anchor's verdict.
     """
     indices, values = _signals(records)
-    found = target_run(values, rules, floor)
+    wanted = set(keep)
+    found = target_run(values, rules, floor, keep=[k for k, index in enumerate(indices) if index in wanted])
     if found is None:
         return {}
     first, last, level = found
-    wanted = set(keep)
-    kept = [k for k, index in enumerate(indices) if index in wanted]
-    first, last = min([first, *kept]), max([last, *kept])
     absent = {index: LOW_SCORE_ABSENT if value < level else OUTSIDE_RUN
               for k, (index, value) in enumerate(zip(indices, values)) if not first <= k <= last}
     scored = set(indices)

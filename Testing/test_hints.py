@@ -1,6 +1,7 @@
 """Hints: the schema, and corrections that re-run only what a hint changes (tiny real SAM, the oracle)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
-from SaLIPSegmentLib.volume import SliceRecord, key_positions
+from SaLIPSegmentLib.volume import SliceRecord, grow_box, key_positions
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -146,8 +147,35 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     hinted = after.slices[6]
     assert hinted.method == "hint" and hinted.anchor == 6 and not hinted.flags
     session.segmenter.use_embedding(session.embeddings[6])
-    np.testing.assert_array_equal(after.mask[6], segmenter.inner.refine([box])[0].mask)
+    grown = segmenter.inner.refine([grow_box(box, 0.1, volume.shape[1:])])[0].mask
+    np.testing.assert_array_equal(after.mask[6], grown & _inside(box, volume.shape[1:]))
     assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "cascade"}
+
+
+def _inside(box, shape):
+    x0, y0, x1, y1 = box
+    inside = np.zeros(shape, dtype=bool)
+    inside[y0 : y1 + 1, x0 : x1 + 1] = True
+    return inside
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.3, 0.0])
+def test_a_box_prompts_the_model_grown_and_its_mask_stays_inside_the_box(segmenter, margin, monkeypatch):
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100)
+    session.settings = replace(session.settings, propagation=PropagationSettings(hint_box_margin=margin))
+    session.find_tissue()
+    prompts = []
+    refine = segmenter.refine
+    monkeypatch.setattr(segmenter, "refine", lambda boxes: prompts.append(list(boxes)) or refine(boxes))
+    box = (22, 12, 30, 20)  # the disk's upper left quarter: the model's mask reaches past it
+    mask = session.hint_mask(Hint(6, "box", box=box))
+    prompt = grow_box(box, margin, volume.shape[1:]) if margin else box
+    assert prompts == [[prompt]]
+    unclipped = refine([prompt])[0].mask
+    assert (unclipped & ~_inside(box, volume.shape[1:])).any(), "the clip is tested on a mask that spills"
+    np.testing.assert_array_equal(mask, unclipped & _inside(box, volume.shape[1:]))
+    assert mask.any()
 
 
 def test_no_target_clears_the_slice_and_the_far_side_and_a_later_box_brings_a_slice_back(segmenter):

@@ -21,7 +21,7 @@ from SaLIPSegmentLib.volume import (
     VolumeRunner,
     _Attempt,
     _Found,
-    _grow,
+    grow_box,
     acquisition_axis,
     key_positions,
     parse_slice_range,
@@ -211,7 +211,7 @@ def test_propagation_prompts_non_key_slices_with_the_neighbours_grown_box(segmen
     # Slice 1 came from key slice 0: its mask is the refine of slice 0's box, grown (the chain
     # from key slice 4 gives the same mask with this tiny model, and a tie keeps the first).
     segmenter.inner.set_image(gray_to_rgb(volume[1].astype(np.uint8)))
-    box = _grow(mask_to_box(result.mask[0]), 0.1, volume.shape[1:])
+    box = grow_box(mask_to_box(result.mask[0]), 0.1, volume.shape[1:])
     np.testing.assert_array_equal(result.mask[1], segmenter.inner.refine([box])[0].mask)
     assert result.summary()["slices_propagated"] == 6
     # The oracle does not re-score propagated slices, and a score is never copied from the source.
@@ -224,7 +224,7 @@ def _chain(segmenter, images, mask, slices):
     masks = {}
     for k in slices:
         segmenter.set_image(gray_to_rgb(images[k]))
-        mask = segmenter.refine([_grow(mask_to_box(mask), 0.1, images.shape[1:])])[0].mask
+        mask = segmenter.refine([grow_box(mask_to_box(mask), 0.1, images.shape[1:])])[0].mask
         masks[k] = mask
     return masks
 

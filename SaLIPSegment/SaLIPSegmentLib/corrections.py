@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,6 +29,7 @@ from .volume import (
     VolumeRunner,
     _Found,
     flag_slices,
+    grow_box,
     key_positions,
 )
 
@@ -183,12 +184,20 @@ class CorrectionSession(VolumeRunner):
             self.found[index] = _Found(parts, scores, ious, index)
 
     def refine_hint(self, hint: Hint) -> list:
-        """The segmenter's masks (at the models' size) for a box or clicks on the current image."""
+        """The segmenter's masks (at the models' size) for a box or clicks on the current image.
+
+        A box prompts grown by the settings' hint_box_margin, and its mask keeps only what lies
+        inside the box as given (the user said the target is in there)."""
         scale = np.array(self.shape[::-1], dtype=float) / np.array(self.full_shape[::-1], dtype=float)
         if hint.kind == "box":
+            margin = self.settings.propagation.hint_box_margin
+            prompt = grow_box(hint.box, margin, self.full_shape) if margin > 0 else hint.box
             x0, y0, x1, y1 = hint.box
-            return self.segmenter.refine([(int(x0 * scale[0]), int(y0 * scale[1]),
-                                           int(x1 * scale[0]), int(y1 * scale[1]))])
+            inside = np.zeros(self.shape, dtype=bool)
+            inside[int(y0 * scale[1]) : int(np.ceil((y1 + 1) * scale[1])),
+                   int(x0 * scale[0]) : int(np.ceil((x1 + 1) * scale[0]))] = True
+            refined = self.segmenter.refine([tuple(int(v * scale[k % 2]) for k, v in enumerate(prompt))])
+            return [replace(r, mask=r.mask & inside) for r in refined]
         return [self.segmenter.refine_points([tuple(np.asarray(p) * scale) for p in hint.points], hint.labels)]
 
     def hint_mask(self, hint: Hint) -> np.ndarray:

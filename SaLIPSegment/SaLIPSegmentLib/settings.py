@@ -93,6 +93,11 @@ class PropagationSettings:
     Testing/Benchmarks/RESULTS.md, issue 18 (thick slices)."""
     box_margin: float = 0.1
     """Grow the neighbour's box by this fraction of its width and height on each side."""
+    hint_box_margin: float = 0.1
+    """A user's box (a hint) prompts the model grown by this fraction on each side, and its mask is
+    then kept inside the user's box: LiteMedSAM segments worse from a tight box than from a looser
+    one, and nothing of the target lies outside the box the user drew (figures: RESULTS.md,
+    issue 19, boxes). 0: the box as drawn."""
     max_iou_drop: float = 0.1
     """Keep a propagated mask whose predicted IoU is at most this much below its anchor's."""
     max_score_drop: float = 2.0

@@ -247,7 +247,9 @@ def key_positions(count: int, interval: int) -> List[int]:
     return sorted({int(v + 0.5) for v in np.linspace(0, count - 1, keys)})
 
 
-def _grow(box, margin: float, shape) -> Tuple[int, int, int, int]:
+def grow_box(box, margin: float, shape) -> Tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) grown by `margin` of its width and height and 2 pixels on each side,
+    within an image of `shape` (rows, columns)."""
     x0, y0, x1, y1 = box
     dx = margin * (x1 - x0 + 1) + 2
     dy = margin * (y1 - y0 + 1) + 2
@@ -560,7 +562,7 @@ class VolumeRunner:
         seconds: Dict[str, float] = {}
         clock = time.perf_counter()
         margin = self.settings.propagation.box_margin
-        boxes = [_grow(mask_to_box(part), margin, pixels.shape) for part in source.parts if part.any()]
+        boxes = [grow_box(mask_to_box(part), margin, pixels.shape) for part in source.parts if part.any()]
         shaped = refine_in_shape(self.segmenter, gray_to_rgb(pixels), boxes, self.settings.shape)
         refined = shaped.parts
         seconds["refine"] = time.perf_counter() - clock - shaped.seconds.get("encode", 0.0)

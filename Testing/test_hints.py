@@ -152,6 +152,19 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "cascade"}
 
 
+def test_a_slice_the_full_cascade_segmented_between_key_slices_bounds_a_hint_like_a_key_slice(segmenter):
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100)
+    session.run()
+    assert 14 not in session.key_slices and session.records[14].method != "cascade"
+    session._cascade_on(14)  # as where both chains were refused, or a contested slice split the stretch
+    cascaded = session.records[14].to_dict()
+    after, correction = session.correct([Hint(12, "box", box=(20, 14, 45, 44))])
+    assert correction.changed == [12, 13], "the hint's stretch ends at the cascaded slice, as at key slice 11"
+    assert after.slices[14].to_dict() | {"flags": [], "quality": {}, "confidence": None} == \
+        cascaded | {"flags": [], "quality": {}, "confidence": None}
+
+
 def _inside(box, shape):
     x0, y0, x1, y1 = box
     inside = np.zeros(shape, dtype=bool)

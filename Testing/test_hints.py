@@ -279,6 +279,19 @@ def test_the_ranking_puts_flagged_and_low_scored_slices_first_and_never_hinted_o
     assert rank_slices_to_fix(records) == [3, 2, 0, 1]
 
 
+def test_the_ranking_offers_first_the_flagged_slice_with_the_most_pixels_likely_wrong():
+    # A brain's small end slice, least confident, against large poor slices in the middle.
+    records = [SliceRecord(0, None, area=800, confidence=0.03, flags=["low score"]),
+               SliceRecord(20, None, area=9000, confidence=0.43, flags=["ragged shape"]),
+               SliceRecord(21, None, area=9000, confidence=0.60),
+               SliceRecord(22, None, area=4300, confidence=0.47, flags=["area jump"]),
+               # judged absent next to the run's end: as large as the nearest mask (slice 20's)
+               SliceRecord(19, "target absent", area=0, absent="low", flags=["edge"])]
+    assert rank_slices_to_fix(records) == [19, 20, 22, 0, 21]
+    records[4].index = 1  # now nearest to slice 0's small mask
+    assert rank_slices_to_fix(records) == [20, 22, 1, 0, 21]
+
+
 def test_the_simulated_user_gives_the_references_box_or_no_target():
     reference = np.zeros((10, 12), bool)
     assert reference_hint(reference, 3) == Hint(3, "absent")

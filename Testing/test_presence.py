@@ -12,7 +12,7 @@ from SaLIPSegmentLib.presence import (
     presence_signal,
 )
 from SaLIPSegmentLib.quality import EDGE_FLAG
-from SaLIPSegmentLib.settings import PresenceSettings, VolumeSettings
+from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
 from SaLIPSegmentLib.volume import LOW_SCORE_ABSENT, OUTSIDE_RUN, SliceRecord, decide_presence, segment_volume
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
@@ -283,6 +283,25 @@ def test_the_runner_scores_every_painted_slice_with_clip_and_its_negatives(segme
     assert all("presence" in s.seconds for s in painted)
     assert calls[-len(painted):] == [1 + len(negative_ensembles(["a bright disk"]))] * len(painted)
     assert all(not result.mask[s.index].any() for s in result.slices if s.absent)
+
+
+def test_a_correction_never_clears_a_slice_it_did_not_redo(segmenter):
+    from SaLIPSegmentLib.corrections import CorrectionSession
+    from SaLIPSegmentLib.hints import Hint
+
+    volume = _volume()
+    settings = VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS), presence=ON,
+                              propagation=PropagationSettings(key_interval=4))  # key slices 0, 3, 7, 10, 13
+    session = CorrectionSession(volume, segmenter, BrightnessScorer(), ["x"], settings)
+    automatic = session.run()
+    assert {s.index for s in automatic.slices if s.area} == set(TARGET)
+    # Slices 4 and 5 keep their mask but now score with the absent slices: as when the slices a
+    # correction redid move presence's level and run, so that judged again they would fall outside.
+    session.records[4].presence_score = session.records[5].presence_score = 22.0
+    after, correction = session.correct([Hint(12, "absent")])
+    assert not {4, 5} & set(correction.changed)
+    assert all(after.slices[k].absent is None for k in (4, 5)), "a slice the correction did not redo keeps its mask"
+    np.testing.assert_array_equal(after.mask[4:6], automatic.mask[4:6])
 
 
 def test_a_correction_judges_presence_again_and_a_box_outside_the_run_extends_it(segmenter):

@@ -146,7 +146,9 @@ class CorrectionSession(VolumeRunner):
             self.kept.clear()
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         boxed = [k for k, hint in self.hints.items() if hint.kind != "absent"]
-        changed.update(self.judge_presence(ordered, keep=boxed))  # what the refill painted past the target
+        # What the refill painted past the target loses its mask; no other slice does: presence judged
+        # again moved its run and cleared or kept far slices the correction never touched (RESULTS.md).
+        changed.update(self.judge_presence(ordered, keep=boxed, within=set(changed)))
         seconds = time.perf_counter() - started
         correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
                                 encodings=self.encodings - encoded, seconds=seconds)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -353,17 +353,21 @@ class VolumeRunner:
             takes_points=self.segmenter.takes_points,
         )
 
-    def judge_presence(self, ordered: List[SliceRecord], keep: Sequence[int] = ()) -> List[int]:
+    def judge_presence(self, ordered: List[SliceRecord], keep: Sequence[int] = (),
+                       within: Optional[Set[int]] = None) -> List[int]:
         """Score each painted slice's final mask, then remove the mask where the target is judged absent
         (presence.decide_presence), saying why in the record; the target's run reaches every slice in
-        `keep` (a user's hints). The slices whose mask was removed."""
+        `keep` (a user's hints), and only slices in `within` may lose their mask (None: any). The slices
+        whose mask was removed."""
         if not self.settings.presence.enabled:
             return []
         margins = self.score_presence(ordered)
         # A margin over negative sentences has its own floor: 0, where the crop reads as much as a negative.
         floor = 0.0 if margins else candidate_floor(ordered)
-        removed = clear_absent(self.records, self.mask_slices, decide_presence(ordered, self.settings.presence,
-                                                                                 floor, keep))
+        verdicts = decide_presence(ordered, self.settings.presence, floor, keep)
+        if within is not None:
+            verdicts = {index: why for index, why in verdicts.items() if index in within}
+        removed = clear_absent(self.records, self.mask_slices, verdicts)
         for index in removed:
             self.found.pop(index, None)
         return removed

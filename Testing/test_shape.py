@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from SaLIPSegmentLib.cascade import segment_slice
-from SaLIPSegmentLib.imaging import gray_to_rgb
+from SaLIPSegmentLib.imaging import gray_to_rgb, mask_to_box
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.models.base import Candidate, RefinedMask, Scorer, Segmenter
 from SaLIPSegmentLib.settings import ShapeSettings, VolumeSettings
 from SaLIPSegmentLib.shape import (
-    box_of,
     context_border,
     fill_closed_holes,
     iterate_refine,
@@ -42,7 +41,7 @@ def ring(box, shape=(SIZE, SIZE), wall=3) -> np.ndarray:
 
 
 def candidate(mask) -> Candidate:
-    return Candidate(mask=mask, box=box_of(mask), predicted_iou=0.9, stability=0.95)
+    return Candidate(mask=mask, box=mask_to_box(mask), predicted_iou=0.9, stability=0.95)
 
 
 class GrowingRefiner:
@@ -67,7 +66,7 @@ def test_iterating_grows_a_fragment_to_the_whole_and_stops_when_the_box_holds():
     refine = GrowingRefiner(step=4)
     first = refine([(20, 20, 24, 24)])
     parts, calls = iterate_refine(refine, first, rounds=10, tolerance=0)
-    assert box_of(parts[0].mask) == (10, 10, 37, 37)  # the whole target, not the fragment
+    assert mask_to_box(parts[0].mask) == (10, 10, 37, 37)  # the whole target, not the fragment
     # Masks 16..28 -> 12..32 -> 10..36 -> 10..37 -> 10..37: the fifth mask's box is the box that prompted it.
     assert calls == 4 and refine.calls == 5
     assert iterate_refine(refine, first, rounds=10, tolerance=1)[1] == 3  # 10..36 to 10..37 is within 1 pixel
@@ -76,7 +75,7 @@ def test_iterating_grows_a_fragment_to_the_whole_and_stops_when_the_box_holds():
 def test_iterating_stops_at_the_cap_when_the_box_keeps_moving():
     refine = GrowingRefiner(target=(0, 0, SIZE - 1, SIZE - 1), step=2)
     parts, calls = iterate_refine(refine, refine([(22, 22, 24, 24)]), rounds=2, tolerance=0)
-    assert calls == 2 and box_of(parts[0].mask) == (16, 16, 30, 30)
+    assert calls == 2 and mask_to_box(parts[0].mask) == (16, 16, 30, 30)
 
 
 def test_no_rounds_or_a_box_within_tolerance_costs_no_decoder_call():

@@ -11,10 +11,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .imaging import Box, gray_to_rgb
+from .imaging import Box, gray_to_rgb, mask_to_box
 from .models.base import Candidate, ProposalSettings, RefinedMask, Scorer, Segmenter
 from .settings import ShapeSettings
-from .shape import box_of, refine_in_shape, unite_parts
+from .shape import refine_in_shape, unite_parts
 
 NO_CANDIDATE = "no candidate"
 
@@ -132,7 +132,7 @@ def retrieved_boxes(rgb, candidates: List[Candidate], scores: np.ndarray, best: 
     for i in best:
         union = unite_parts(rgb, candidates, scores, i, scorer, sentences, shape, reference=reference,
                             exclude=[j for j in best if j != i])
-        boxes.append(box_of(union.mask))
+        boxes.append(mask_to_box(union.mask))
         found.append(union.score)
         masks.append(union.mask)
     return boxes, found, masks

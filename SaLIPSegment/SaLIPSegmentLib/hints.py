@@ -234,7 +234,7 @@ def rank_slices_to_fix(rows: Sequence) -> List[int]:
         unflagged = not _field(row, "flags")
         return _field(row, "method") != HINT_METHOD and not ((skipped or _field(row, "absent")) and unflagged)
 
-    painted = sorted((int(_field(row, "index")), _field(row, "area") or 0) for row in rows if _field(row, "area"))
+    painted = [(int(_field(row, "index")), _field(row, "area")) for row in rows if _field(row, "area")]
 
     def size(row) -> float:
         area = _field(row, "area") or 0

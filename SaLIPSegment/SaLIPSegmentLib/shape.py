@@ -24,21 +24,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .imaging import Box
+from .imaging import Box, mask_to_box
 from .models.base import Candidate, RefinedMask, Scorer, Segmenter
 from .settings import ShapeSettings
 
-__all__ = ["ShapeSettings", "Union", "box_of", "fill_closed_holes", "iterate_refine", "refine_in_shape",
+__all__ = ["ShapeSettings", "Union", "fill_closed_holes", "iterate_refine", "refine_in_shape",
            "refine_with_context", "unite_parts"]
-
-
-def box_of(mask: np.ndarray) -> Optional[Box]:
-    """The mask's bounding box (x0, y0, x1, y1), inclusive; None for an empty mask."""
-    ys = np.flatnonzero(mask.any(axis=1))
-    xs = np.flatnonzero(mask.any(axis=0))
-    if not len(ys):
-        return None
-    return int(xs[0]), int(ys[0]), int(xs[-1]), int(ys[-1])
 
 
 @dataclass
@@ -54,7 +45,7 @@ class Union:
 
 
 def _as_candidate(mask: np.ndarray) -> Candidate:
-    return Candidate(mask=mask, box=box_of(mask), predicted_iou=1.0, stability=1.0)
+    return Candidate(mask=mask, box=mask_to_box(mask), predicted_iou=1.0, stability=1.0)
 
 
 def unite_parts(image_rgb: np.ndarray, candidates: Sequence[Candidate], scores: np.ndarray, chosen: int,
@@ -119,7 +110,7 @@ def iterate_refine(refine: Callable[[Sequence[Box]], List[RefinedMask]], first: 
     calls = 0
     active = [i for i, p in enumerate(parts) if p.mask.any()]
     for _ in range(rounds):
-        boxes = {i: box_of(parts[i].mask) for i in active}
+        boxes = {i: mask_to_box(parts[i].mask) for i in active}
         active = [i for i in active if _moved(boxes[i], parts[i].box, tolerance)]
         if not active:
             break

@@ -20,7 +20,7 @@ from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
-from SaLIPSegmentLib.volume import SliceRecord, grow_box, key_positions
+from SaLIPSegmentLib.volume import SliceRecord, _Found, grow_box, key_positions
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -165,6 +165,46 @@ def test_a_slice_the_full_cascade_segmented_between_key_slices_bounds_a_hint_lik
         cascaded | {"flags": [], "quality": {}, "confidence": None}
 
 
+def _spoil(session, index, keep=None):
+    """Give slice `index` a poor mask (one pixel of its reference), or `keep`, as its own result."""
+    reference = session.ref_slices[index]
+    mask = keep if keep is not None else reference & (np.cumsum(reference.ravel()) == 1).reshape(reference.shape)
+    session.mask_slices[index] = mask
+    session.found[index] = _Found([mask], [0.0], [-1.0], index)  # no chain from it is refused for its IoU
+
+
+def test_a_fix_carries_past_the_boundary_while_it_scores_above_what_each_slice_had(segmenter):
+    volume = _volume()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference)
+    session.run()
+    assert session.records[8].method == "cascade"  # key slice 8 bounds the hint's stretch 7
+    _spoil(session, 8)
+    _spoil(session, 9)
+    _spoil(session, 10, keep=reference[10])  # nothing the chain gives scores above the reference itself
+    before = session.mask.copy()
+    after, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert correction.changed == [5, 6, 7, 8, 9]
+    assert [after.slices[k].method for k in (8, 9)] == ["propagated", "propagated"]
+    np.testing.assert_array_equal(after.mask[10:], before[10:])
+
+
+def test_where_the_hints_chain_is_refused_no_cascade_runs_and_the_slices_keep_their_result(segmenter):
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100)
+    before = session.run()
+    old_mask, old_records = before.mask.copy(), {r.index: r.to_dict() for r in before.slices}
+    refuse_all = PropagationSettings(key_interval=4, max_iou_drop=-10.0)  # no predicted IoU is 10 above its anchor's
+    session.settings = replace(session.settings, propagation=refuse_all)
+    segmenter.proposals = 0
+    after, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert segmenter.proposals == 0, "a correction runs no full cascade"
+    assert correction.changed == [6]
+    np.testing.assert_array_equal(np.delete(after.mask, 6, 0), np.delete(old_mask, 6, 0))
+    qa_outputs = {"flags": [], "quality": {}, "confidence": None}
+    assert all(after.slices[k].to_dict() | qa_outputs == old_records[k] | qa_outputs for k in (5, 7))
+
+
 def _inside(box, shape):
     x0, y0, x1, y1 = box
     inside = np.zeros(shape, dtype=bool)
@@ -228,13 +268,18 @@ def test_a_hint_outside_the_key_slices_walks_outwards_until_the_target_ends(segm
     assert not after.mask[8:].any()
 
 
-def test_every_slice_mode_changes_only_the_hinted_slice(segmenter):
+def test_every_slice_mode_changes_the_hinted_slice_and_only_the_neighbours_it_improves(segmenter):
     volume = _volume(6)
-    session = _session(segmenter, volume, volume > 100, mode="every-slice")
-    before = session.run().mask.copy()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference, mode="every-slice")
+    session.run()
+    for index in (1, 4):
+        _spoil(session, index, keep=reference[index])
+    _spoil(session, 3)
+    before = session.mask.copy()
     after, correction = session.correct([Hint(2, "box", box=(20, 14, 45, 44))])
-    assert correction.changed == [2]
-    np.testing.assert_array_equal(np.delete(after.mask, 2, 0), np.delete(before, 2, 0))
+    assert correction.changed == [2, 3], "every slice is a boundary; the fix carries only onto slice 3"
+    np.testing.assert_array_equal(np.delete(after.mask, [2, 3], 0), np.delete(before, [2, 3], 0))
 
 
 def test_points_are_refused_for_a_box_only_model_and_used_by_sam(segmenter, tiny_sam):

@@ -3,8 +3,10 @@
 `CorrectionSession` is a VolumeRunner that keeps every slice's embedding after `run()`; its
 `correct(hints)` segments each hinted slice from its hint (no retrieval) and re-propagates from
 it in both directions up to the next boundary: a key slice, another hinted slice, or the target's
-end (where the walk stops). Slices beyond those boundaries keep their result voxel for voxel, and
-only slices never encoded before are encoded. Numpy in, numpy out; no Slicer, no files.
+end (where the walk stops). Past a boundary the fix carries on slice by slice while the scorer
+ranks the hint's chain above what the slice had (carry_past). Every other slice keeps its result
+voxel for voxel, and only slices never encoded before are encoded. Numpy in, numpy out; no Slicer,
+no files.
 
 Memory: a kept embedding is the encoder's 256 x 64 x 64 float32 features (4 MiB, LiteMedSAM and
 SAM alike) plus the slice's RGB image: 181 slices hold about 0.75 GB.
@@ -23,10 +25,10 @@ from .errors import InputError
 from .hints import HINT_METHOD, Hint, HintGeometry, rank_slices_to_fix  # noqa: F401 (re-exported)
 from .imaging import mask_to_box, resize_mask
 from .volume import (
-    BEYOND_ORGAN,
     SliceRecord,
     VolumeResult,
     VolumeRunner,
+    _Attempt,
     _Found,
     flag_slices,
     grow_box,
@@ -76,6 +78,8 @@ class CorrectionSession(VolumeRunner):
         self.hints: Dict[int, Hint] = {}
         self.key_slices: set = set()
         self.encodings = 0
+        self.correcting = False
+        """True inside correct(): refused slices then get no full cascade (refill)."""
         self.automatic_state: Optional[_SavedState] = None
         """The result of the automatic pass, to come back to when a hint is taken away."""
 
@@ -135,6 +139,7 @@ class CorrectionSession(VolumeRunner):
         for hint in fresh:
             self._check_cancel()
             self.memory.run(self.segment_hint, hint)
+        self.correcting = True
         changed = {h.slice for h in fresh}
         away = {h.slice: self.side_without_target(h.slice) for h in fresh if h.kind == "absent"}
         for index, side in away.items():
@@ -142,8 +147,10 @@ class CorrectionSession(VolumeRunner):
         try:
             for low, high in self._gaps_around([h.slice for h in fresh if h.slice in self.tissue], away):
                 changed.update(self.refill(low, high))
+                changed.update(self.carry_past(low, high))
         finally:
             self.kept.clear()
+            self.correcting = False
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         boxed = [k for k, hint in self.hints.items() if hint.kind != "absent"]
         # What the refill painted past the target loses its mask; no other slice does: presence judged
@@ -248,8 +255,7 @@ class CorrectionSession(VolumeRunner):
         redoing it from a hint's chain lost it (a 1 mm thalamus: three slices 0.14-0.15 Dice worse)."""
         away = away or {}
         position = {index: p for p, index in enumerate(self.tissue)}
-        cascaded = {index for index, record in self.records.items() if record.method == "cascade"}
-        boundaries = sorted(position[i] for i in self.key_slices | cascaded | set(self.hints) if i in position)
+        boundaries = self._boundaries()
         gaps = set()
         for index in hinted:
             p = position[index]
@@ -261,17 +267,76 @@ class CorrectionSession(VolumeRunner):
                 gaps.add((p, above[0] if above else None))
         return sorted(gaps, key=lambda gap: (gap[0] if gap[0] is not None else -1, gap[1] or 0))
 
+    def _boundaries(self) -> List[int]:
+        """Tissue positions a correction's stretch ends at: key slices, hinted slices, cascaded slices."""
+        position = {index: p for p, index in enumerate(self.tissue)}
+        cascaded = {index for index, record in self.records.items() if record.method == "cascade"}
+        return sorted(position[i] for i in self.key_slices | cascaded | set(self.hints) if i in position)
+
+    def carry_past(self, low: Optional[int], high: Optional[int]) -> List[int]:
+        """Carry a hint's stretch (low, high) on past the boundary at its far end, slice by slice, while the
+        chain's result ranks above the slice's own (take_over); the slices carried.
+
+        A boundary's result came from retrieval, and a chain from a poor hint mask must not overwrite it
+        (see _gaps_around); but where the scorer prefers the chain's result, the hint's fix has more to
+        give beyond it. The carry stops at the first slice it does not improve, a hint, or the end."""
+        hinted = {p for p, index in enumerate(self.tissue) if index in self.hints}
+        step = 1 if low in hinted else -1
+        position = high if step > 0 else low
+        carried: List[int] = []
+        while position is not None and 0 <= position < len(self.tissue) and position not in hinted:
+            self._check_cancel()
+            if not self.take_over(position, step):
+                break
+            carried.append(self.tissue[position])
+            position += step
+        return carried
+
+    def take_over(self, position: int, step: int) -> bool:
+        """Prompt the slice at `position` from its neighbour at position - step; keep the result, and say
+        True, when it is not refused and the scorer ranks it above the slice's current mask (each mask
+        scored whole: a cascade's several parts are not judged by their weakest)."""
+        index = self.tissue[position]
+        source, current = self.found.get(self.tissue[position - step]), self.found.get(index)
+        if source is None or current is None:
+            return False  # nothing carried this far, or no target here: the carry ends
+        result = self.attempt(index, source)
+        if result.fallback is not None or not any(p.any() for p in result.parts):
+            return False
+        if self._whole_score(index, result.pixels, result.parts) <= self._whole_score(index, result.pixels,
+                                                                                        current.parts):
+            return False
+        self._accept(index, result)
+        return True
+
+    def _whole_score(self, index: int, pixels: np.ndarray, parts: List[np.ndarray]) -> float:
+        """The scorer's score for the union of a slice's parts, as one candidate."""
+        union = np.logical_or.reduce(parts)
+        return max(self._score_parts(pixels, [union], [1.0], self._reference(index)), default=-np.inf)
+
+    def after_refusal(self, index: int, result: _Attempt) -> bool:
+        """In a correction, a refused slice ends the walk and keeps its result (refill): no full cascade."""
+        return False if self.correcting else super().after_refusal(index, result)
+
+    def contested(self, refusal, other):
+        """In a correction, no contested slice splits a stretch with a full cascade: the other chain holds."""
+        return None if self.correcting else super().contested(refusal, other)
+
     def refill(self, low: Optional[int], high: Optional[int]) -> List[int]:
         """Redo the slices strictly between tissue positions low and high (None: past the end); their indices.
 
         Between two boundaries a chain runs from each end (fill_between); past the last one a single
-        walk goes outwards until the target ends (fill_gaps); what no chain reaches is beyond the organ.
-        As in the automatic pass, a slice where both chains are refused gets the full cascade (measured:
-        without it, the brain's Dice after 3 corrections was 0.50 instead of 0.58, at no lower cost).
+        walk goes outwards (fill_gaps). Unlike the automatic pass, a correction runs no full cascade
+        where the chains are refused: a slice no chain reaches keeps the result it had, and is not
+        counted as redone. The cascade cost 4-5 s of a correction on 2 cores and changed no 3D Dice in
+        the simulated corrections (RESULTS.md, issue 19); a "no target" hint clears what is painted
+        past the target's end.
         """
         first = 0 if low is None else low + 1
         stop = len(self.tissue) if high is None else high
         redone = self.tissue[first:stop]
+        before = {index: (self.records.get(index), self.found.get(index), self.mask_slices[index].copy())
+                  for index in redone}
         for index in redone:
             self.records.pop(index, None)
             self.found.pop(index, None)
@@ -280,9 +345,12 @@ class CorrectionSession(VolumeRunner):
             self.fill_between(low, high)
         else:
             self.fill_gaps(first, stop)
-        for index in redone:
-            if index not in self.records:
-                self._finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
+        for index in [i for i in redone if i not in self.records]:  # no chain reached it: as it was
+            record, found, mask = before[index]
+            self.records[index], self.mask_slices[index] = record, mask
+            if found is not None:
+                self.found[index] = found
+            redone.remove(index)
         return redone
 
     def result(self, seconds: float) -> VolumeResult:

@@ -551,10 +551,6 @@ class VolumeRunner:
         if result.fallback is None:
             self._accept(index, result)
             return True
-        return self.after_refusal(index, result)
-
-    def after_refusal(self, index: int, result: _Attempt) -> bool:
-        """A walk's refused slice gets the full cascade; True when it found the target there."""
         return self.cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
                             fallback=result.fallback)
 

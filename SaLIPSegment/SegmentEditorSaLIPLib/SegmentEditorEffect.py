@@ -71,8 +71,9 @@ its preview stay when you leave the effect); the result is shown as a separate p
 <li><b>Apply:</b> writes the preview into a new segment (or the selected one), within the editable area,
 intensity range and "modify other segments" setting of the Masking section. Undo reverts it.</li>
 <li><b>Fix slices</b> (after Preview): on the slice a view shows, take the box of a markups ROI or say
-"no target on this slice"; <b>Update</b> re-runs only the slices between that slice and the next key slice or
-fixed slice. <b>Next slice to fix</b> shows the slice the checks rank worst.</li>
+"no target on this slice"; <b>Update</b> re-runs the slices between that slice and the next key slice or
+fixed slice, and beyond them those the fix improves. <b>Next slice to fix</b> shows the slice the checks
+rank worst.</li>
 <li><b>Cancel:</b> stops a running preview (nothing is changed), or discards the preview.</li>
 </ul><p>Models, device and weights are chosen in the <b>SaLIP</b> module.""")
 

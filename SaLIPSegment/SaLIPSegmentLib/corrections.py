@@ -300,8 +300,10 @@ class CorrectionSession(VolumeRunner):
         result = self.attempt(index, source)
         if result.fallback is not None or not any(p.any() for p in result.parts):
             return False
-        if self._whole_score(index, result.pixels, result.parts) <= self._whole_score(index, result.pixels,
-                                                                                        current.parts):
+        # One part, scored already by judge (a CLIP-like scorer): the same crop, not scored twice.
+        single = len(result.parts) == 1 and len(result.scores) == 1
+        chained = result.scores[0] if single else self._whole_score(index, result.pixels, result.parts)
+        if chained <= self._whole_score(index, result.pixels, current.parts):
             return False
         self._accept(index, result)
         return True

@@ -17,6 +17,7 @@ from SaLIPSegmentLib.corrections import (
 )
 from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
+from SaLIPSegmentLib.imaging import mask_to_box
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
@@ -35,9 +36,11 @@ class Counting(CountingSegmenter):
     def __init__(self, inner):
         super().__init__(inner)
         self.proposals, self.name, self.takes_points = 0, inner.name, inner.takes_points
+        self.regions = []  # where each call proposed (ProposalSettings.region)
 
     def propose(self, settings):
         self.proposals += 1
+        self.regions.append(settings.region)
         return super().propose(settings)
 
     def refine_points(self, points, labels):
@@ -202,6 +205,31 @@ def test_the_carry_stops_where_the_model_refuses_the_chain(segmenter):
     np.testing.assert_array_equal(after.mask[8:], before[8:])
     assert after.slices[8].to_dict() | {"flags": [], "quality": {}, "confidence": None} == \
         record | {"flags": [], "quality": {}, "confidence": None}
+
+
+@pytest.mark.parametrize("margin", [0.25, None])
+def test_a_corrections_cascade_proposes_around_the_fix_and_the_automatic_pass_everywhere(segmenter, margin):
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100)
+    segmenter.regions.clear()
+    session.run()
+    assert segmenter.regions and set(segmenter.regions) == {None}, "the automatic pass: whole slices"
+    refuse_all = PropagationSettings(key_interval=4, max_iou_drop=-10.0, correction_region_margin=margin)
+    session.settings = replace(session.settings, propagation=refuse_all)
+    segmenter.regions.clear()
+    after, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert correction.changed == [5, 6, 7] and [after.slices[k].method for k in (5, 7)] == ["cascade"] * 2
+    if margin is None:
+        assert segmenter.regions == [None, None]
+        assert all(after.slices[k].candidates_median_score is not None for k in (5, 7))
+        return
+    # Each refused slice proposes around its walk's source, grown: key slice 4's mask for slice 5 (the
+    # stretch 4-6 walks forwards first), the hinted slice's for slice 7.
+    assert segmenter.regions == [grow_box(mask_to_box(after.mask[k]), margin, volume.shape[1:]) for k in (4, 6)]
+    assert segmenter.regions[1] != (0, 0, 63, 63), "the hint's region is part of the slice"
+    # A region's candidates are mostly the target: their median is no floor for presence.
+    assert all(after.slices[k].candidates_median_score is None for k in (5, 7))
+    assert after.mask[5].any() and after.mask[7].any()
 
 
 def _inside(box, shape):

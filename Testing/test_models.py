@@ -1,5 +1,7 @@
 """Backends on real architectures: SAM's roles, CLIP's scoring, LiteMedSAM's real weights."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import ProposalSettings, create_scorer, create_segmenter, get_segmenter_spec
 from SaLIPSegmentLib.models.litemedsam import box_grid
+from SaLIPSegmentLib.volume import grow_box
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
 
@@ -122,6 +125,52 @@ def test_box_grid_covers_the_image_at_each_scale():
     assert boxes[:, 2].max() <= 59 and boxes[:, 3].max() <= 99 and boxes.min() >= 0
     sides = np.round(boxes[:, 2] - boxes[:, 0])
     assert set(sides) == {25.0, 50.0}
+
+
+def test_a_region_keeps_the_grid_boxes_mostly_in_it_and_the_points_inside_it():
+    from SaLIPSegmentLib.models.base import boxes_in_region, points_in_region
+
+    region = (40, 40, 80, 80)
+    boxes = np.array([
+        [45, 45, 60, 60],  # inside
+        [70, 50, 90, 70],  # half in
+        [75, 50, 95, 70],  # a quarter in
+        [0, 0, 120, 120],  # holds the whole region
+        [0, 0, 30, 30],  # apart
+        [80, 80, 100, 100],  # touches a corner
+    ], dtype=np.float32)
+    assert boxes_in_region(boxes, region).tolist() == [True, True, False, True, False, False]
+    points = np.array([[40, 40], [80, 60], [81, 60], [10, 70]], dtype=float)
+    assert points_in_region(points, region).tolist() == [True, True, False, False]
+
+
+def test_litemedsam_proposes_in_a_region_from_its_boxes_only_and_finds_the_target_there(mni152, monkeypatch):
+    """Real weights, a real slice: a region around the brain decodes fewer grid boxes, and what it proposes
+    holds a candidate as close to the brain as the whole slice's best."""
+    from SaLIPSegmentLib.models.base import boxes_in_region
+
+    volume, reference = mni152
+    k = 150  # high in the head: the brain covers a small part of the slice
+    segmenter = create_segmenter("litemedsam", CPU, download=False)
+    segmenter.set_image(gray_to_rgb(window_to_uint8(volume[k], robust_window(volume))))
+    settings = ProposalSettings.from_dict(dict(get_segmenter_spec("litemedsam").proposal_defaults))
+    decode, decoded = segmenter._decode, []
+
+    def recording(embedding, points, boxes, multimask):
+        decoded.append(boxes)
+        return decode(embedding, points, boxes, multimask)
+
+    monkeypatch.setattr(segmenter, "_decode", recording)
+    whole = segmenter.propose(settings)
+    grid = torch.cat(decoded).numpy()
+    region = grow_box(mask_to_box(reference[k]), 0.25, reference[k].shape)
+    decoded.clear()
+    local = segmenter.propose(replace(settings, region=region))
+    kept = torch.cat(decoded).numpy()
+    np.testing.assert_array_equal(kept, grid[boxes_in_region(grid, region)])
+    assert 0 < len(kept) < 0.75 * len(grid)
+    best = max(dice(c.mask, reference[k]) for c in whole)
+    assert max(dice(c.mask, reference[k]) for c in local) >= best - 0.02 and best > 0.5
 
 
 def test_litemedsam_real_weights_refine_a_real_brain(mni152):

@@ -53,6 +53,11 @@ class ProposalSettings:
     """Box-grid side lengths as fractions of the longest image side (box-only models)."""
     box_stride_fraction: float = 0.5
     """Box-grid stride as a fraction of the box side (0.5: half-overlapping boxes)."""
+    region: Optional[Tuple[int, int, int, int]] = None
+    """Propose only from prompts in this box (x0, y0, x1, y1, pixels of the image proposed on): grid
+    points inside it, grid boxes overlapping it by half the smaller of the two. None: the whole image.
+    The runner sets it per slice where it knows where the target is (a correction's cascades,
+    PropagationSettings.correction_region_margin); decoding the prompts is most of a cascade's time."""
 
     @classmethod
     def from_dict(cls, values: dict) -> ProposalSettings:
@@ -104,6 +109,12 @@ class PropagationSettings:
     """Keep a propagated mask whose CLIP score is at most this many points below its anchor's."""
     min_area_ratio: float = 0.2
     """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
+    correction_region_margin: Optional[float] = 0.25
+    """In a correction (corrections.py), a slice whose chain from the user's fix is refused gets the
+    full cascade with proposals only around that chain's boxes, grown by this fraction of their
+    width and height on each side (ProposalSettings.region): the fix says where the target is, and
+    the proposals were most of the slowest corrections' time (figures: RESULTS.md, issue 19). None: the
+    whole slice, as in the automatic pass."""
 
     def interval_for(self, thickness_mm: Optional[float]) -> int:
         """The key interval in slices for slices `thickness_mm` apart (None: unknown, key_interval)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from .cascade import SliceResult, segment_slice
 from .errors import Cancelled, InputError
 from .imaging import (
+    Box,
     gray_to_rgb,
     mask_to_box,
     resize_mask,
@@ -552,7 +553,14 @@ class VolumeRunner:
             self._accept(index, result)
             return True
         return self.cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
-                            fallback=result.fallback)
+                            fallback=result.fallback, region=self.fallback_region(source))
+
+    def fallback_region(self, source: _Found) -> Optional[Box]:
+        """Where a refused chain's full cascade proposes (ProposalSettings.region); None: the whole slice.
+
+        The automatic pass proposes everywhere: a chain may carry the wrong structure, and its cascade
+        is what finds the target again (CorrectionSession narrows it where a user's fix leads)."""
+        return None
 
     # -- one slice -------------------------------------------------------------------------
 
@@ -608,11 +616,16 @@ class VolumeRunner:
                             seconds={"encode": self.embed(index, pixels, upcoming)})
 
     def cascade(self, index: int, pixels: np.ndarray, already_embedded: bool = False,
-                seconds: Optional[Dict[str, float]] = None, fallback: Optional[str] = None) -> bool:
-        """One full cascade (propose, retrieve, refine), written into the mask; True when it found something."""
+                seconds: Optional[Dict[str, float]] = None, fallback: Optional[str] = None,
+                region: Optional[Box] = None) -> bool:
+        """One full cascade (propose, retrieve, refine), written into the mask; True when it found something.
+
+        With a `region`, proposals come from there only, and the slice gives presence no floor: its
+        candidates' median is not what the scorer gives what mostly is not the target."""
+        proposal = self.memory.proposal if region is None else replace(self.memory.proposal, region=tuple(region))
         result: SliceResult = segment_slice(
             pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
-            proposal=self.memory.proposal, reference=self._reference(index),
+            proposal=proposal, reference=self._reference(index),
             reencode_for_refine=self.settings.reencode_for_refine, already_embedded=already_embedded,
             shape=self.settings.shape,
             keep_candidates=True,  # only for the agreement below; dropped with the result
@@ -622,7 +635,8 @@ class VolumeRunner:
             timing[stage] = round(timing.get(stage, 0.0) + value, 4)
         self._finish(SliceRecord(index=index, reason=result.reason, method="cascade", clip_scores=result.clip_scores,
                                  predicted_ious=result.predicted_ious, candidate_count=result.candidate_count,
-                                 candidates_median_score=result.candidates_median_score, seconds=timing,
+                                 candidates_median_score=None if region else result.candidates_median_score,
+                                 seconds=timing,
                                  fallback=fallback, anchor=index,
                                  candidate_agreement=candidate_agreement(result)), result.mask)
         if result.mask.any():

@@ -183,8 +183,9 @@ class PromptableSegmenter(Segmenter):
     @abstractmethod
     def _proposal_prompts(
         self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int
-    ) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
-        """Batches of (points (B, 2), boxes (B, 4)) in pixels; one of the two is None."""
+    ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """Every proposal prompt on an image of `image_size`: (points (n, 2), boxes (n, 4)) in pixels;
+        one of the two is None."""
 
     # -- the roles ------------------------------------------------------------------
 
@@ -288,6 +289,8 @@ class PromptableSegmenter(Segmenter):
         with torch.inference_mode(), autocast(self.device, self.precision):
             for crop_box, layer in zip(crop_boxes, layer_indices):
                 x0, y0, x1, y1 = crop_box
+                if settings.region is not None and not _meets(crop_box, settings.region):
+                    continue  # nothing of the region in this crop: not worth its encoding
                 if layer == 0:
                     embedding = full
                 else:
@@ -390,7 +393,7 @@ class PromptableSegmenter(Segmenter):
         crop_h, crop_w = embedding.original_size
         x0, y0, _, _ = crop_box
         kept = []
-        for points, boxes in self._proposal_prompts(settings, (crop_h, crop_w), layer):
+        for points, boxes in self._prompt_batches(settings, (crop_h, crop_w), layer, (x0, y0)):
             low_res, iou = self._decode(embedding, points, boxes, multimask=self.multimask_proposals)
             low_res, iou = low_res.flatten(0, 1), iou.flatten()
             stability = amg.calculate_stability_score(
@@ -416,6 +419,24 @@ class PromptableSegmenter(Segmenter):
                 kept.append((mask, float(score), float(stab)))
         return kept
 
+    def _prompt_batches(self, settings: ProposalSettings, crop_size: Tuple[int, int], layer: int,
+                        origin: Tuple[int, int]) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """The crop's proposal prompts in the settings' region (if any), points_per_batch at a time.
+
+        `origin` is the crop's (x, y) in the image, whose pixels the region is given in."""
+        points, boxes = self._proposal_prompts(settings, crop_size, layer)
+        if settings.region is not None:
+            x0, y0, x1, y1 = settings.region
+            region = (x0 - origin[0], y0 - origin[1], x1 - origin[0], y1 - origin[1])
+            if points is not None:
+                points = points[points_in_region(points, region)]
+            if boxes is not None:
+                boxes = boxes[boxes_in_region(boxes, region)]
+        prompts = points if points is not None else boxes
+        for start in range(0, len(prompts), settings.points_per_batch):
+            batch = torch.as_tensor(prompts[start : start + settings.points_per_batch], device=self.device)
+            yield (batch, None) if points is not None else (None, batch)
+
     def _deduplicate(self, found, settings: ProposalSettings, size) -> List[Candidate]:
         height, width = size
         candidates = []
@@ -435,6 +456,32 @@ class PromptableSegmenter(Segmenter):
         scores = torch.tensor([c.predicted_iou for c in candidates])
         keep = batched_nms(boxes, scores, torch.zeros(len(candidates), dtype=torch.long), settings.box_nms_thresh)
         return [candidates[i] for i in keep.tolist()]  # batched_nms returns best first
+
+
+REGION_OVERLAP = 0.5
+"""A grid box proposes in a region when their overlap is at least this share of the smaller of the two:
+a box mostly inside the region, or a larger box holding most of it (whose mask may be the whole target)."""
+
+
+def points_in_region(points: np.ndarray, region) -> np.ndarray:
+    """Which (x, y) points (n, 2) lie inside the box region (x0, y0, x1, y1), as a boolean array."""
+    x0, y0, x1, y1 = region
+    return (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+
+
+def boxes_in_region(boxes: np.ndarray, region) -> np.ndarray:
+    """Which boxes (n, 4) overlap the box region by REGION_OVERLAP of the smaller one's area, as a boolean array."""
+    x0, y0, x1, y1 = (float(v) for v in region)
+    width = np.clip(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), 0, None)
+    height = np.clip(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), 0, None)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    smaller = np.minimum(areas, max(x1 - x0, 0.0) * max(y1 - y0, 0.0))
+    return (width * height >= REGION_OVERLAP * smaller) & (width * height > 0)
+
+
+def _meets(a, b) -> bool:
+    """Whether two boxes (x0, y0, x1, y1) share any pixel."""
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from a multi-scale grid of boxes; duplicates are removed by the shared NMS.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,7 +81,5 @@ class LiteMedSamSegmenter(PromptableSegmenter):
 
     def _proposal_prompts(
         self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int
-    ) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
-        boxes = box_grid(image_size, settings.box_scales, settings.box_stride_fraction)
-        for start in range(0, len(boxes), settings.points_per_batch):
-            yield None, torch.as_tensor(boxes[start : start + settings.points_per_batch], device=self.device)
+    ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        return None, box_grid(image_size, settings.box_scales, settings.box_stride_fraction)

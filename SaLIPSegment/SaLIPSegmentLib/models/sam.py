@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -77,10 +77,7 @@ class SamSegmenter(PromptableSegmenter):
 
     def _proposal_prompts(
         self, settings: ProposalSettings, image_size: Tuple[int, int], crop_layer: int
-    ) -> Iterator[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
         per_side = max(1, settings.points_per_side // (settings.crop_n_points_downscale_factor**crop_layer))
         grid = amg.build_point_grid(per_side)  # (n, 2) in [0, 1], x then y
-        points = grid * np.array(image_size[::-1])[None, :]
-        for start in range(0, len(points), settings.points_per_batch):
-            batch = torch.as_tensor(points[start : start + settings.points_per_batch], device=self.device)
-            yield batch, None
+        return grid * np.array(image_size[::-1])[None, :], None

@@ -127,6 +127,25 @@ def test_box_grid_covers_the_image_at_each_scale():
     assert set(sides) == {25.0, 50.0}
 
 
+def test_the_image_grids_positional_encoding_is_computed_once_and_decodes_the_same(
+        tiny_sam, tiny_sam_checkpoint, monkeypatch):
+    image = gray_to_rgb(disk_image(size=70))
+    fresh = create_segmenter(tiny_sam, CPU, tiny_sam_checkpoint, download=False)
+    fresh.set_image(image)
+    expected = fresh.model.prompt_encoder.get_dense_pe()
+    calls = []
+    encode = fresh.model.prompt_encoder.get_dense_pe
+    monkeypatch.setattr(fresh.model.prompt_encoder, "get_dense_pe", lambda: calls.append(1) or encode())
+    first = fresh.refine([(10, 5, 30, 40)])[0]
+    second = fresh.refine([(10, 5, 30, 40)])[0]
+    fresh.refine_points([(20, 20)], [1])
+    assert len(calls) == 1 and torch.equal(fresh._image_pe(), expected)
+    np.testing.assert_array_equal(first.mask, second.mask)
+    fresh.precision = "bf16"  # another precision: computed again, as its decoder calls run
+    fresh._image_pe()
+    assert len(calls) == 2
+
+
 def test_a_region_keeps_the_grid_boxes_mostly_in_it_and_the_points_inside_it():
     from SaLIPSegmentLib.models.base import boxes_in_region, points_in_region
 

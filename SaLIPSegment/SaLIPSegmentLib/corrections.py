@@ -81,8 +81,6 @@ class CorrectionSession(VolumeRunner):
         self.encodings = 0
         self.automatic_state: Optional[_SavedState] = None
         """The result of the automatic pass, to come back to when a hint is taken away."""
-        self.correcting = False
-        """True once the automatic pass is done: every slice redone from then on follows a hint."""
 
     # -- the automatic pass, remembered ----------------------------------------------------
 
@@ -94,16 +92,16 @@ class CorrectionSession(VolumeRunner):
             interval = self.settings.propagation.key_interval
             self.key_slices = {self.tissue[k] for k in key_positions(len(self.tissue), interval)}
         self.automatic_state = self.save_state()
-        self.correcting = True
         return result
 
     def fallback_region(self, source: _Found) -> Optional[Box]:
-        """In a correction, around the refused chain's boxes (PropagationSettings.correction_region_margin):
-        a correction redoes slices next to the user's fix, from it or from the boundary slice the fix
-        left as it was, so the target lies near the chain's source; in the automatic pass, the whole slice."""
+        """Around the boxes of a chain from a user's box or clicks (PropagationSettings.correction_region_margin):
+        the user said where the target is. A chain from anywhere else (the automatic pass, or a boundary a
+        correction left as it was) may carry the wrong structure, and its cascade proposes everywhere."""
         margin = self.settings.propagation.correction_region_margin
+        hint = self.hints.get(source.anchor)
         boxes = [mask_to_box(part) for part in source.parts if part.any()]
-        if not self.correcting or margin is None or not boxes:
+        if margin is None or hint is None or hint.kind == "absent" or not boxes:
             return None
         union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
         return grow_box(union, margin, self.shape)

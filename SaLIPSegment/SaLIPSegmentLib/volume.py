@@ -491,7 +491,7 @@ class VolumeRunner:
         if index in self.kept:
             self.segmenter.use_embedding(self.kept[index])
             self.cascade(index, refused.pixels, already_embedded=True, seconds=dict(refused.seconds),
-                         fallback=refused.fallback)
+                         fallback=refused.fallback, region=self.fallback_region(refused.found))
         else:  # no embedding kept (a segmenter without one): encode again
             self._cascade_on(index)
         found = self.found.get(index)
@@ -556,10 +556,11 @@ class VolumeRunner:
                             fallback=result.fallback, region=self.fallback_region(source))
 
     def fallback_region(self, source: _Found) -> Optional[Box]:
-        """Where a refused chain's full cascade proposes (ProposalSettings.region); None: the whole slice.
+        """Where the full cascade proposes on a slice a chain from `source` was refused on (ProposalSettings.region);
+        None: the whole slice.
 
         The automatic pass proposes everywhere: a chain may carry the wrong structure, and its cascade
-        is what finds the target again (CorrectionSession narrows it where a user's fix leads)."""
+        is what finds the target again (CorrectionSession narrows it for a chain from a user's fix)."""
         return None
 
     # -- one slice -------------------------------------------------------------------------

@@ -232,6 +232,21 @@ def test_a_corrections_cascade_proposes_around_the_fix_and_the_automatic_pass_ev
     assert after.mask[5].any() and after.mask[7].any()
 
 
+def test_a_contested_slice_proposes_around_the_fixs_chain_only(segmenter):
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100)
+    session.run()
+    session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    for source, expected_from_chain in ((6, True), (4, False)):  # the box's chain; key slice 4's
+        refused = session.attempt(7, session.found[source])
+        session.kept[7] = session.embeddings[7]  # as where two chains met on the slice
+        segmenter.regions.clear()
+        session.split_contested((7, refused))
+        region = grow_box(mask_to_box(np.logical_or.reduce(refused.parts)), 0.25, volume.shape[1:])
+        assert segmenter.regions == [region if expected_from_chain else None]
+    session.kept.clear()
+
+
 def _inside(box, shape):
     x0, y0, x1, y1 = box
     inside = np.zeros(shape, dtype=bool)

@@ -100,11 +100,10 @@ class CorrectionSession(VolumeRunner):
         correction left as it was) may carry the wrong structure, and its cascade proposes everywhere."""
         margin = self.settings.propagation.correction_region_margin
         hint = self.hints.get(source.anchor)
-        boxes = [mask_to_box(part) for part in source.parts if part.any()]
-        if margin is None or hint is None or hint.kind == "absent" or not boxes:
+        if margin is None or hint is None or hint.kind == "absent" or not source.parts:
             return None
-        union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-        return grow_box(union, margin, self.shape)
+        box = mask_to_box(np.logical_or.reduce(source.parts))
+        return None if box is None else grow_box(box, margin, self.shape)
 
     def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
         """The runner's embed, except that a slice encoded once in the session is never encoded again."""

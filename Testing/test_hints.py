@@ -247,6 +247,26 @@ def test_a_contested_slice_proposes_around_the_fixs_chain_only(segmenter):
     session.kept.clear()
 
 
+def test_a_walk_from_the_fix_proposes_around_its_last_slice_after_each_cascade(segmenter):
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100, interval=8)
+    session.run()
+    assert session.key_slices == {0, 6, 13, 19}
+    refuse_all = PropagationSettings(key_interval=8, max_iou_drop=-10.0)
+    session.settings = replace(session.settings, propagation=refuse_all)
+    segmenter.regions.clear()
+    after, correction = session.correct([Hint(7, "box", box=(20, 14, 45, 44))])
+    # Every step of the walk from the box to key slice 13 is refused, so each runs the cascade; its
+    # anchor is then that cascade's slice, but the walk still descends from the box.
+    assert correction.changed == list(range(7, 13))
+    assert [after.slices[k].method for k in range(8, 13)] == ["cascade"] * 5
+    assert all(session.found[k].hint == 7 for k in range(8, 13))
+    assert segmenter.regions == [grow_box(mask_to_box(after.mask[k - 1]), 0.25, volume.shape[1:]) for k in range(8, 13)]
+    # Once the box is taken back, nothing descends from a hint in force: the whole slice again.
+    del session.hints[7]
+    assert session.fallback_region(session.found[10]) is None
+
+
 def _inside(box, shape):
     x0, y0, x1, y1 = box
     inside = np.zeros(shape, dtype=bool)

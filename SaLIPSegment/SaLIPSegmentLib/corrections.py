@@ -95,11 +95,12 @@ class CorrectionSession(VolumeRunner):
         return result
 
     def fallback_region(self, source: _Found) -> Optional[Box]:
-        """Around the boxes of a chain from a user's box or clicks (PropagationSettings.correction_region_margin):
-        the user said where the target is. A chain from anywhere else (the automatic pass, or a boundary a
-        correction left as it was) may carry the wrong structure, and its cascade proposes everywhere."""
+        """Around the boxes of a chain that descends from a user's box or clicks, still in force
+        (PropagationSettings.correction_region_margin): the user said where the target is. A chain from
+        anywhere else (the automatic pass, or a boundary a correction left as it was) may carry the wrong
+        structure, and its cascade proposes everywhere."""
         margin = self.settings.propagation.correction_region_margin
-        hint = self.hints.get(source.anchor)
+        hint = self.hints.get(source.hint) if source.hint is not None else None
         if margin is None or hint is None or hint.kind == "absent" or not source.parts:
             return None
         box = mask_to_box(np.logical_or.reduce(source.parts))
@@ -198,7 +199,7 @@ class CorrectionSession(VolumeRunner):
                                  method=HINT_METHOD, clip_scores=scores, predicted_ious=ious, anchor=index,
                                  seconds=seconds), mask)
         if mask.any() and (scores or not self.scorer.scores_like_clip):
-            self.found[index] = _Found(parts, scores, ious, index)
+            self.found[index] = _Found(parts, scores, ious, index, hint=index)
 
     def refine_hint(self, hint: Hint) -> list:
         """The segmenter's masks (at the models' size) for a box or clicks on the current image.

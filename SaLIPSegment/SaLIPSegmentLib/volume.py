@@ -220,6 +220,9 @@ class _Found:
     anchor_ious: List[float]
     anchor: Optional[int] = None
     """The anchor's slice index."""
+    hint: Optional[int] = None
+    """The hinted slice this chain descends from (through propagation and the cascades its refusals ran),
+    or None: a chain of the automatic pass, or from a boundary a correction left as it was."""
 
 
 @dataclass
@@ -491,7 +494,7 @@ class VolumeRunner:
         if index in self.kept:
             self.segmenter.use_embedding(self.kept[index])
             self.cascade(index, refused.pixels, already_embedded=True, seconds=dict(refused.seconds),
-                         fallback=refused.fallback, region=self.fallback_region(refused.found))
+                         fallback=refused.fallback, source=refused.found)
         else:  # no embedding kept (a segmenter without one): encode again
             self._cascade_on(index)
         found = self.found.get(index)
@@ -553,7 +556,7 @@ class VolumeRunner:
             self._accept(index, result)
             return True
         return self.cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
-                            fallback=result.fallback, region=self.fallback_region(source))
+                            fallback=result.fallback, source=source)
 
     def fallback_region(self, source: _Found) -> Optional[Box]:
         """Where the full cascade proposes on a slice a chain from `source` was refused on (ProposalSettings.region);
@@ -585,7 +588,7 @@ class VolumeRunner:
         ious = [r.predicted_iou for r in refined]
         fallback, scores = self.judge(pixels, parts, ious, source, seconds, self._reference(index))
         return _Attempt(pixels, parts, ious, scores, fallback, seconds,
-                        _Found(parts, source.anchor_scores, source.anchor_ious, source.anchor))
+                        _Found(parts, source.anchor_scores, source.anchor_ious, source.anchor, source.hint))
 
     def judge(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], source: _Found,
               seconds: Dict[str, float], reference: Optional[np.ndarray] = None) -> Tuple[Optional[str], List[float]]:
@@ -618,11 +621,14 @@ class VolumeRunner:
 
     def cascade(self, index: int, pixels: np.ndarray, already_embedded: bool = False,
                 seconds: Optional[Dict[str, float]] = None, fallback: Optional[str] = None,
-                region: Optional[Box] = None) -> bool:
+                source: Optional[_Found] = None) -> bool:
         """One full cascade (propose, retrieve, refine), written into the mask; True when it found something.
 
-        With a `region`, proposals come from there only, and the slice gives presence no floor: its
-        candidates' median is not what the scorer gives what mostly is not the target."""
+        `source`: the chain that was refused here, if any. Where fallback_region gives it a region,
+        proposals come from there only, the slice gives presence no floor (its candidates' median is
+        not what the scorer gives what mostly is not the target), and what it finds descends from the
+        same hint, so the chain's next refusal proposes around it again."""
+        region = self.fallback_region(source) if source is not None else None
         proposal = self.memory.proposal if region is None else replace(self.memory.proposal, region=tuple(region))
         result: SliceResult = segment_slice(
             pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
@@ -641,7 +647,8 @@ class VolumeRunner:
                                  fallback=fallback, anchor=index,
                                  candidate_agreement=candidate_agreement(result)), result.mask)
         if result.mask.any():
-            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index)
+            lineage = source.hint if region is not None else None
+            self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index, lineage)
             return True
         return False
 

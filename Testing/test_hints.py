@@ -232,18 +232,26 @@ def test_a_corrections_cascade_proposes_around_the_fix_and_the_automatic_pass_ev
     assert after.mask[5].any() and after.mask[7].any()
 
 
-def test_a_contested_slice_proposes_around_the_fixs_chain_only(segmenter):
+def test_a_contested_slice_proposes_around_the_fixs_chain_whichever_chain_was_refused(segmenter):
     volume = _volume()
     session = _session(segmenter, volume, volume > 100)
     session.run()
     session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
-    for source, expected_from_chain in ((6, True), (4, False)):  # the box's chain; key slice 4's
-        refused = session.attempt(7, session.found[source])
+    from_box, from_key, from_other_key = (session.attempt(7, session.found[k]) for k in (6, 4, 8))
+
+    def around(attempt):
+        return grow_box(mask_to_box(np.logical_or.reduce(attempt.parts)), 0.25, volume.shape[1:])
+
+    # (refused chain, the chain that reached the slice) -> where the cascade proposes
+    for refused, reached, expected in ((from_box, from_key, around(from_box)), (from_key, from_box, around(from_box)),
+                                       (from_key, from_other_key, None), (from_key, None, None)):
         session.kept[7] = session.embeddings[7]  # as where two chains met on the slice
         segmenter.regions.clear()
-        session.split_contested((7, refused))
-        region = grow_box(mask_to_box(np.logical_or.reduce(refused.parts)), 0.25, volume.shape[1:])
-        assert segmenter.regions == [region if expected_from_chain else None]
+        session.split_contested((7, refused), reached)
+        assert segmenter.regions == [expected]
+        # What the slice hands on descends from the box when the cascade around the box's chain is kept.
+        cascade_kept = session.records[7].method == "cascade"
+        assert session.found[7].hint == ((6 if expected is not None else None) if cascade_kept else refused.found.hint)
     session.kept.clear()
 
 

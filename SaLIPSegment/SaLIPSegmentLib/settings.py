@@ -110,11 +110,12 @@ class PropagationSettings:
     min_area_ratio: float = 0.2
     """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
     correction_region_margin: Optional[float] = 0.25
-    """In a correction (corrections.py), a slice where a chain from the user's box or clicks is refused
-    (or contested) gets the full cascade with proposals only around that chain's boxes, grown by this
-    fraction of their width and height on each side (ProposalSettings.region): the fix says where the
-    target is, and the proposals were most of the slowest corrections' time (figures: RESULTS.md,
-    issue 19). None: the whole slice, as in the automatic pass."""
+    """In a correction (corrections.py), a slice where a chain descending from the user's box or clicks
+    is refused, or where it meets a contested chain, gets the full cascade with proposals only around
+    that chain's boxes, grown by this fraction of their width and height on each side
+    (ProposalSettings.region): the fix says where the target is, and the proposals were most of the
+    slowest corrections' time (figures: RESULTS.md, issue 19). None: the whole slice, as in the
+    automatic pass."""
 
     def interval_for(self, thickness_mm: Optional[float]) -> int:
         """The key interval in slices for slices `thickness_mm` apart (None: unknown, key_interval)."""

@@ -444,12 +444,12 @@ class VolumeRunner:
             return
         forward, forward_refusal = self.memory.run(self.chain, low + 1, high - 1, 1)
         backward, backward_refusal = self.memory.run(self.chain, high - 1, low + 1, -1)
-        split = self.contested(forward_refusal, backward) or self.contested(backward_refusal, forward)
-        if split is not None:
-            self.memory.run(self.split_contested, split)
-            self._between(low, split[0])
-            self._between(split[0], high)
-            return
+        for refusal, other in ((forward_refusal, backward), (backward_refusal, forward)):
+            if self.contested(refusal, other) is not None:
+                self.memory.run(self.split_contested, refusal, other[refusal[0]])
+                self._between(low, refusal[0])
+                self._between(refusal[0], high)
+                return
         for i in range(low + 1, high):
             options = [o for o in (forward.get(i), backward.get(i)) if o is not None]
             if options:
@@ -485,16 +485,19 @@ class VolumeRunner:
         position, refused = refusal
         return refusal if self._rank(position, refused) > self._rank(position, other[position]) else None
 
-    def split_contested(self, refusal: Tuple[int, _Attempt]) -> None:
+    def split_contested(self, refusal: Tuple[int, _Attempt], reached: Optional[_Attempt] = None) -> None:
         """A contested slice becomes a boundary between two stretches: the full cascade runs on it (on
         the embedding its chains made), and the refused result is kept instead where it ranks higher
-        (the cascade's retrieval can pick a poor part, which its chains would then carry)."""
+        (the cascade's retrieval can pick a poor part, which its chains would then carry). `reached`:
+        the other chain's result there. The cascade proposes around whichever of the two chains
+        fallback_region gives a region, the refused one first (see guiding_chain)."""
         position, refused = refusal
         index = self.tissue[position]
         if index in self.kept:
             self.segmenter.use_embedding(self.kept[index])
+            guide = self.guiding_chain([refused.found] + ([reached.found] if reached is not None else []))
             self.cascade(index, refused.pixels, already_embedded=True, seconds=dict(refused.seconds),
-                         fallback=refused.fallback, source=refused.found)
+                         fallback=refused.fallback, source=guide)
         else:  # no embedding kept (a segmenter without one): encode again
             self._cascade_on(index)
         found = self.found.get(index)
@@ -557,6 +560,15 @@ class VolumeRunner:
             return True
         return self.cascade(index, result.pixels, already_embedded=True, seconds=result.seconds,
                             fallback=result.fallback, source=source)
+
+    def guiding_chain(self, chains: Sequence[_Found]) -> Optional[_Found]:
+        """Of the chains that met on a slice, the first that fallback_region gives a region, or None.
+
+        In a correction, the chain from the user's fix may be the one that reached a contested slice
+        while the other, from a boundary the user never confirmed, was refused there: its region
+        still says where the target is, and whole-slice proposals there were most of a slow
+        correction's time (RESULTS.md, issue 19)."""
+        return next((chain for chain in chains if self.fallback_region(chain) is not None), None)
 
     def fallback_region(self, source: _Found) -> Optional[Box]:
         """Where the full cascade proposes on a slice a chain from `source` was refused on (ProposalSettings.region);

@@ -571,8 +571,8 @@ class VolumeRunner:
         return next((chain for chain in chains if self.fallback_region(chain) is not None), None)
 
     def fallback_region(self, source: _Found) -> Optional[Box]:
-        """Where the full cascade proposes on a slice a chain from `source` was refused on (ProposalSettings.region);
-        None: the whole slice.
+        """Where the full cascade proposes on a slice that a chain from `source` was refused on, or
+        reached where the other chain was contested (ProposalSettings.region); None: the whole slice.
 
         The automatic pass proposes everywhere: a chain may carry the wrong structure, and its cascade
         is what finds the target again (CorrectionSession narrows it for a chain from a user's fix)."""
@@ -636,7 +636,8 @@ class VolumeRunner:
                 source: Optional[_Found] = None) -> bool:
         """One full cascade (propose, retrieve, refine), written into the mask; True when it found something.
 
-        `source`: the chain that was refused here, if any. Where fallback_region gives it a region,
+        `source`: the chain that guides it here, if any (the one refused here; on a contested slice,
+        the one guiding_chain picks). Where fallback_region gives it a region,
         proposals come from there only, the slice gives presence no floor (its candidates' median is
         not what the scorer gives what mostly is not the target), and what it finds descends from the
         same hint, so the chain's next refusal proposes around it again."""

@@ -21,6 +21,7 @@ from SaLIPSegmentLib.imaging import mask_to_box
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
+from SaLIPSegmentLib.shape import zoom_window
 from SaLIPSegmentLib.volume import SliceRecord, _Found, grow_box, key_positions
 
 from conftest import TINY_SAM_PROPOSALS, disk_image
@@ -299,6 +300,35 @@ def test_a_box_prompts_the_model_grown_and_its_mask_stays_inside_the_box(segment
     assert (unclipped & ~_inside(box, volume.shape[1:])).any(), "the clip is tested on a mask that spills"
     np.testing.assert_array_equal(mask, unclipped & _inside(box, volume.shape[1:]))
     assert mask.any()
+
+
+@pytest.mark.parametrize("zoom", [4.0, 0.0])
+def test_a_small_box_is_refined_zoomed_in_on_its_window(segmenter, zoom, monkeypatch):
+    """A box a few of the model's tokens wide is refined on a window around it, which the model
+    enlarges to its input; the slice's own embedding stays the session's."""
+    volume = np.stack([disk_image(size=200, center=(90, 110), radius=6 + i) for i in range(6)]).astype(np.float32)
+    session = _session(segmenter, volume, volume > 100)
+    session.settings = replace(session.settings, propagation=replace(session.settings.propagation,
+                                                                     hint_zoom_factor=zoom))
+    session.run()
+    images, prompts = [], []
+    set_image, refine = segmenter.set_image, segmenter.refine
+    monkeypatch.setattr(segmenter, "set_image", lambda image: images.append(image.shape) or set_image(image))
+    monkeypatch.setattr(segmenter, "refine", lambda boxes: prompts.append(list(boxes)) or refine(boxes))
+    box = (102, 82, 118, 98)
+    after, correction = session.correct([Hint(2, "box", box=box)])
+    prompt = grow_box(box, 0.1, volume.shape[1:])
+    window = zoom_window(volume.shape[1:], [prompt], zoom, session.settings.shape.zoom_min_side)
+    assert not session.settings.shape.zoom_factor  # the automatic pass's boxes are not zoomed
+    if zoom:
+        x0, y0, x1, y1 = window
+        assert images[0] == (y1 - y0, x1 - x0, 3) == (96, 96, 3)  # the window alone, encoded once
+        assert prompts[0] == [tuple(v - (x0, y0)[k % 2] for k, v in enumerate(prompt))]
+        assert after.slices[2].seconds["encode"] > 0 and correction.encodings == 1
+    else:
+        assert window is None and prompts[0] == [prompt] and correction.encodings == 0
+    assert session.embeddings[2].original_size == (200, 200)  # the slice's own kept, not the window's
+    assert after.mask[2].any() and not (after.mask[2] & ~_inside(box, volume.shape[1:])).any()
 
 
 def test_no_target_clears_the_slice_and_the_far_side_and_a_later_box_brings_a_slice_back(segmenter):

@@ -10,14 +10,16 @@ from SaLIPSegmentLib.cascade import segment_slice
 from SaLIPSegmentLib.imaging import gray_to_rgb, mask_to_box
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.models.base import Candidate, RefinedMask, Scorer, Segmenter
-from SaLIPSegmentLib.settings import ShapeSettings, VolumeSettings
+from SaLIPSegmentLib.settings import PropagationSettings, ShapeSettings, VolumeSettings
 from SaLIPSegmentLib.shape import (
     context_border,
     fill_closed_holes,
     iterate_refine,
     refine_in_shape,
     refine_with_context,
+    refine_zoomed,
     unite_parts,
+    zoom_window,
 )
 from SaLIPSegmentLib.volume import segment_volume
 
@@ -242,6 +244,31 @@ def test_padding_maps_boxes_and_masks_back_to_the_slices_pixels():
     assert painter.embedding is own
 
 
+def test_a_zoom_window_shows_small_boxes_enlarged_and_stays_inside_the_slice():
+    shape = (200, 240)
+    assert zoom_window(shape, [(100, 100, 109, 109)], 4, 16) == (85, 85, 125, 125)  # 4 x the box, centred
+    assert zoom_window(shape, [(100, 100, 101, 101)], 4, 16) == (93, 93, 109, 109)  # at least min_side
+    assert zoom_window(shape, [(0, 190, 9, 199)], 4, 16) == (0, 160, 40, 200)  # moved inside at a corner
+    assert zoom_window(shape, [(10, 10, 19, 19), (40, 30, 49, 39)], 2, 16) == (0, 0, 80, 80)  # the union
+    assert zoom_window(shape, [(100, 100, 130, 130)], 4, 16) is None  # 124 px: less than twice enlarged
+    assert zoom_window(shape, [(100, 100, 109, 109)], 0, 16) is None  # off
+
+
+def test_zooming_maps_boxes_into_the_window_and_masks_back_to_the_slices_pixels():
+    painter = BoxPainter()
+    image = np.zeros((60, 80, 3), np.uint8)
+    painter.set_image(image)
+    own = painter.embedding
+    refine, restore = refine_zoomed(painter, image, (20, 10, 52, 42))
+    assert painter.images[-1] == (32, 32, 3)  # the window alone is encoded
+    found = refine([(30, 15, 40, 25)])
+    assert painter.boxes[-1] == [(10, 5, 20, 15)]  # moved into the window's frame
+    assert found[0].box == (30, 15, 40, 25)
+    np.testing.assert_array_equal(found[0].mask, box_mask((30, 15, 40, 25), (60, 80)))
+    restore()
+    assert painter.embedding is own
+
+
 def test_refine_in_shape_restores_the_slices_embedding_and_fills_after_the_rounds(segmenter):
     image = gray_to_rgb(disk_image())
     segmenter.set_image(image)
@@ -304,7 +331,13 @@ def segmenter(tiny_sam, tiny_sam_checkpoint):
 def test_the_command_line_and_the_worker_build_the_same_shape_settings():
     from SaLIPSegmentLib.cli import build_parser
     from SaLIPSegmentLib.errors import InputError
-    from SaLIPSegmentLib.pipeline import SHAPE_STEPS_OFF, apply_profile, evaluation_settings, settings_from_args
+    from SaLIPSegmentLib.pipeline import (
+        SHAPE_STEPS_OFF,
+        ZOOM_FIELDS,
+        apply_profile,
+        evaluation_settings,
+        settings_from_args,
+    )
     from SaLIPSegmentLib.worker import settings_from_request
 
     args = build_parser().parse_args(["segment", "in.nii", "-o", "out.seg.nrrd", "-p", "brain", "--profile", "fast",
@@ -333,6 +366,14 @@ def test_the_command_line_and_the_worker_build_the_same_shape_settings():
     for key in ("device", "precision", "model_dir", "presence", "shape"):
         before.pop(key)
     assert off.fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    # Zoom off (the default) is how masks were made before it existed: those folders stay done too.
+    now = plain.describe()
+    for key in ("device", "precision", "model_dir"):
+        now.pop(key)
+    for name in ZOOM_FIELDS:
+        now["shape"].pop(name)
+    assert plain.fingerprint() == hashlib.sha256(json.dumps(now, sort_keys=True).encode()).hexdigest()
+    assert replace(plain, shape=ShapeSettings(zoom_factor=2.5)).fingerprint() != plain.fingerprint()
     with pytest.raises(InputError, match="Unknown shape settings: roundz"):
         settings_from_request({**request, "shape": {"roundz": 1}})
     negative = build_parser().parse_args(["segment", "in.nii", "-o", "o.seg.nrrd", "-p", "brain", "--profile", "fast",
@@ -343,3 +384,42 @@ def test_the_command_line_and_the_worker_build_the_same_shape_settings():
                                           "--refine-rounds", "2"])
     apply_profile(evaluate)
     assert evaluation_settings(evaluate, 1).shape == ShapeSettings(refine_rounds=2)
+
+
+# -- zoom, with LiteMedSAM's real weights on the real template --------------------------------
+
+def _benchmark_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "Benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_litemedsam_outlines_a_small_lesion_from_its_box_better_zoomed_in(mni152):
+    """The evaluation volumes' textured lesion, on its four smallest slices (boxes 15 to 21 pixels on
+    a 233-pixel slice), boxed as a user would: LiteMedSAM sees such a box a few tokens wide, and
+    outlines it poorly unless the window around it is enlarged to its input."""
+    from SaLIPSegmentLib.imaging import dice, robust_window, window_to_uint8
+    from SaLIPSegmentLib.volume import grow_box
+
+    t1, brain = mni152
+    first = 58
+    lesioned, lesion = _benchmark_module("make_eval_volumes").lesion(t1[first:92], brain[first:92], first_slice=first)
+    smallest = [int(k) for k in np.flatnonzero(lesion.sum(axis=(1, 2)) > 100)[[0, 1, -2, -1]]]
+    segmenter = create_segmenter("litemedsam", torch.device("cpu"), download=False)
+    window = robust_window(t1)
+    users_box = ShapeSettings(zoom_factor=PropagationSettings().hint_zoom_factor)  # as a correction's box is refined
+    plain, zoomed = [], []
+    for k in smallest:
+        image = gray_to_rgb(window_to_uint8(lesioned[k], window))
+        segmenter.set_image(image)
+        box = grow_box(mask_to_box(lesion[k]), 0.1, image.shape[:2])
+        for settings, found in ((ShapeSettings(zoom_factor=0), plain), (users_box, zoomed)):
+            shaped = refine_in_shape(segmenter, image, [box], settings)
+            found.append(dice(shaped.parts[0].mask, lesion[k]))
+            assert ("encode" in shaped.seconds) == (settings.zoom_factor > 0)  # the window's own encoding
+    assert min(z - p for z, p in zip(zoomed, plain)) > 0.05
+    assert np.mean(zoomed) > np.mean(plain) + 0.2 and min(zoomed) > 0.6

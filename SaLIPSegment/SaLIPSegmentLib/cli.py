@@ -115,6 +115,10 @@ def _add_shape_options(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--context-padding", type=float, metavar="F",
                        help="refine on the slice padded with F x its longest side of background on each side; "
                             f"one more encoding per slice (default {defaults.context_padding})")
+    shape.add_argument("--zoom-factor", type=float, metavar="F",
+                       help="refine a small box on a window F x as wide, enlarged to the model's input, where that "
+                            f"enlarges it at least twice; one more encoding per such slice; 0: never "
+                            f"(default {defaults.zoom_factor})")
 
 
 def _add_presence_option(parser: argparse.ArgumentParser) -> None:

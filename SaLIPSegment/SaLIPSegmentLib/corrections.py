@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import InputError
 from .hints import HINT_METHOD, Hint, HintGeometry, rank_slices_to_fix  # noqa: F401 (re-exported)
-from .imaging import Box, mask_to_box, resize_mask
+from .imaging import Box, gray_to_rgb, mask_to_box, resize_mask
+from .shape import Shaped, refine_in_shape
 from .volume import (
     BEYOND_ORGAN,
     SliceRecord,
@@ -49,7 +50,7 @@ class Correction:
     """Every slice recomputed: the hinted ones, those between them and the next boundary, and those the
     fix carried onto past it."""
     encodings: int
-    """Slices encoded for this correction (those never encoded before)."""
+    """Images encoded for this correction: slices never encoded before, and small boxes' zoomed windows."""
     seconds: float
 
     def to_dict(self) -> dict:
@@ -188,11 +189,14 @@ class CorrectionSession(VolumeRunner):
                                               absent=ABSENT_BY_HINT, anchor=index)
             return
         pixels = self._image(index)
-        seconds = {"encode": round(self.embed(index, pixels, ()), 4)}
-        clock = time.perf_counter()
-        refined = self.refine_hint(hint)
-        seconds["refine"] = round(time.perf_counter() - clock, 4)
-        parts, ious = [r.mask for r in refined], [r.predicted_iou for r in refined]
+        seconds = {"encode": self.embed(index, pixels, ())}
+        shaped = self.refine_hint(hint, pixels)
+        seconds["refine"] = shaped.seconds.get("refine", 0.0)
+        if "encode" in shaped.seconds:  # a small box's zoomed window
+            seconds["encode"] += shaped.seconds["encode"]
+            self.encodings += 1
+        seconds = {name: round(value, 4) for name, value in seconds.items()}
+        parts, ious = [r.mask for r in shaped.parts], [r.predicted_iou for r in shaped.parts]
         scores = self._score_parts(pixels, parts, ious, self._reference(index)) if any(p.any() for p in parts) else []
         mask = np.logical_or.reduce(parts)
         self._finish(SliceRecord(index=index, reason=None if mask.any() else "refined mask is empty",
@@ -201,11 +205,13 @@ class CorrectionSession(VolumeRunner):
         if mask.any() and (scores or not self.scorer.scores_like_clip):
             self.found[index] = _Found(parts, scores, ious, index, hint=index)
 
-    def refine_hint(self, hint: Hint) -> list:
-        """The segmenter's masks (at the models' size) for a box or clicks on the current image.
+    def refine_hint(self, hint: Hint, pixels: np.ndarray) -> Shaped:
+        """The segmenter's masks (at the models' size) for a box or clicks on the slice's `pixels`,
+        whose embedding is current.
 
-        A box prompts grown by the settings' hint_box_margin, and its mask keeps only what lies
-        inside the box as given (the user said the target is in there)."""
+        A box prompts grown by the settings' hint_box_margin through the shape steps a retrieved box
+        takes, a small one zoomed in on (hint_zoom_factor), and its mask keeps only what lies inside
+        the box as given (the user said the target is in there)."""
         scale = np.array(self.shape[::-1], dtype=float) / np.array(self.full_shape[::-1], dtype=float)
         if hint.kind == "box":
             margin = self.settings.propagation.hint_box_margin
@@ -214,16 +220,23 @@ class CorrectionSession(VolumeRunner):
             inside = np.zeros(self.shape, dtype=bool)
             inside[int(y0 * scale[1]) : int(np.ceil((y1 + 1) * scale[1])),
                    int(x0 * scale[0]) : int(np.ceil((x1 + 1) * scale[0]))] = True
-            refined = self.segmenter.refine([tuple(int(v * scale[k % 2]) for k, v in enumerate(prompt))])
-            return [replace(r, mask=r.mask & inside) for r in refined]
-        return [self.segmenter.refine_points([tuple(np.asarray(p) * scale) for p in hint.points], hint.labels)]
+            box = tuple(int(v * scale[k % 2]) for k, v in enumerate(prompt))
+            zoomed = replace(self.settings.shape, zoom_factor=self.settings.propagation.hint_zoom_factor)
+            shaped = refine_in_shape(self.segmenter, gray_to_rgb(pixels), [box], zoomed)
+            shaped.parts = [replace(r, mask=r.mask & inside) for r in shaped.parts]
+            return shaped
+        clock = time.perf_counter()
+        clicked = self.segmenter.refine_points([tuple(np.asarray(p) * scale) for p in hint.points], hint.labels)
+        return Shaped(parts=[clicked], seconds={"refine": time.perf_counter() - clock})
 
     def hint_mask(self, hint: Hint) -> np.ndarray:
         """What a hint alone gives on its slice, at full size, without changing the session's result."""
         if hint.kind == "absent":
             return np.zeros(self.full_shape, dtype=bool)
-        self.embed(hint.slice, self._image(hint.slice), ())
-        return resize_mask(np.logical_or.reduce([r.mask for r in self.refine_hint(hint)]), self.full_shape)
+        pixels = self._image(hint.slice)
+        self.embed(hint.slice, pixels, ())
+        parts = self.refine_hint(hint, pixels).parts
+        return resize_mask(np.logical_or.reduce([r.mask for r in parts]), self.full_shape)
 
     def side_without_target(self, index: int) -> Optional[int]:
         """Which side of a "no target" slice the target is not on either (+1: above, -1: below), or None.

@@ -23,7 +23,9 @@ from .models.base import ProposalSettings
 from .prompts import Prompt
 from .settings import CleanupSettings, PresenceSettings, PropagationSettings, ShapeSettings, VolumeSettings
 
-SHAPE_STEPS_OFF = ShapeSettings(unite_parts=False, refine_rounds=0, fill_holes=False, context_padding=0.0)
+ZOOM_FIELDS = ("zoom_factor", "zoom_min_side")
+SHAPE_STEPS_OFF = ShapeSettings(unite_parts=False, refine_rounds=0, fill_holes=False, context_padding=0.0,
+                                zoom_factor=0.0)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class SegmentSettings:
             values.pop("presence")
         if self.shape == SHAPE_STEPS_OFF:  # likewise: every step off is how masks were made before they existed
             values.pop("shape")
+        elif not self.shape.zoom_factor:  # and zoom off, how they were made before it existed
+            for name in ZOOM_FIELDS:
+                values["shape"].pop(name)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def volume_settings(self, axis: int, slice_range: Optional[Tuple[int, int]]) -> VolumeSettings:
@@ -110,11 +115,12 @@ def settings_from_args(args) -> SegmentSettings:
 def shape_settings(args) -> ShapeSettings:
     """The shape steps (shape.py) from the command line's options; the defaults where none were given."""
     values = {name: getattr(args, name) for name in ("unite_parts", "union_max_gap", "refine_rounds", "fill_part_holes",
-                                                     "context_padding") if getattr(args, name, None) is not None}
+                                                     "context_padding", "zoom_factor")
+              if getattr(args, name, None) is not None}
     if "fill_part_holes" in values:
         values["fill_holes"] = values.pop("fill_part_holes")
-    if min(values.get("refine_rounds", 0), values.get("context_padding", 0.0), values.get("union_max_gap", 0.0)) < 0:
-        raise InputError("--refine-rounds, --context-padding and --union-max-gap must not be negative.")
+    if min(values.get(name, 0) for name in ("refine_rounds", "context_padding", "union_max_gap", "zoom_factor")) < 0:
+        raise InputError("--refine-rounds, --context-padding, --union-max-gap and --zoom-factor must not be negative.")
     return replace(ShapeSettings(), **values)
 
 

@@ -6,6 +6,9 @@ small and so is the mask. Each step here is named and set in ShapeSettings (sett
 
   unite_parts     add other candidates to the retrieved one while the same scorer ranks the
                   union higher (cascade only: propagation has no candidates);
+  zoom            the refine step on a window around small boxes, which the model enlarges to
+                  its input (a box a few tokens wide outlines poorly); one extra encoding; for
+                  a user's box (corrections.py), not for retrieved or propagated ones;
   context         the refine step on the slice padded with a border of background (box-only
                   models judge a box against its surroundings); costs one extra encoding;
   refine_rounds   prompt again with the box of the refined mask until the box stops changing;
@@ -29,7 +32,7 @@ from .models.base import Candidate, RefinedMask, Scorer, Segmenter
 from .settings import ShapeSettings
 
 __all__ = ["ShapeSettings", "Union", "fill_closed_holes", "iterate_refine", "refine_in_shape",
-           "refine_with_context", "unite_parts"]
+           "refine_on_view", "refine_with_context", "refine_zoomed", "unite_parts", "zoom_window"]
 
 
 @dataclass
@@ -134,23 +137,42 @@ def context_border(shape: Tuple[int, int], fraction: float) -> int:
     return int(round(max(0.0, fraction) * max(shape)))
 
 
-def refine_with_context(segmenter: Segmenter, image_rgb: np.ndarray, border: int) -> Tuple[Callable, Callable]:
-    """A refine function that works on the image padded by `border` pixels of zeros, and a restore.
+def zoom_window(shape: Tuple[int, int], boxes: Sequence[Box], factor: float, min_side: int) -> Optional[Box]:
+    """The square part of the image (x0, y0, x1, y1, ends excluded) that shows the boxes' union
+    `factor` times as wide as it is (at least `min_side` pixels), moved inside the image; None
+    where it would not enlarge them at least twice (the model then sees the slice as it is)."""
+    if factor <= 0 or not boxes:
+        return None
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    side = int(max(min_side, np.ceil(factor * max(x1 - x0 + 1, y1 - y0 + 1))))
+    if 2 * side > max(shape):
+        return None
+    left = int(np.clip(round((x0 + x1 + 1) / 2 - side / 2), 0, max(0, shape[1] - side)))
+    top = int(np.clip(round((y0 + y1 + 1) / 2 - side / 2), 0, max(0, shape[0] - side)))
+    return left, top, min(shape[1], left + side), min(shape[0], top + side)
 
-    The padded image is encoded once (its own embedding); boxes are shifted into it and masks
-    cropped back, so callers see the slice's own pixels. `restore()` makes the slice's own
-    embedding current again (taken back where the segmenter hands it, else encoded again).
+
+def refine_on_view(segmenter: Segmenter, image_rgb: np.ndarray, view: np.ndarray,
+                   offset: Tuple[int, int]) -> Tuple[Callable, Callable]:
+    """A refine function that works on `view`, an image whose pixel (x, y) is the slice's pixel
+    (x + offset[0], y + offset[1]), and a restore.
+
+    The view is encoded once (its own embedding); boxes are moved into it and masks back, so
+    callers see the slice's own pixels (zeros where the view does not reach). `restore()` makes
+    the slice's own embedding current again (taken back where the segmenter hands it, else
+    encoded again).
     """
     saved = segmenter.embedding
-    padded = np.pad(image_rgb, ((border, border), (border, border), (0, 0)))
-    segmenter.set_image(padded)
-    height, width = image_rgb.shape[:2]
+    segmenter.set_image(np.ascontiguousarray(view))
+    shape = image_rgb.shape[:2]
+    dx, dy = offset
 
     def refine(boxes: Sequence[Box]) -> List[RefinedMask]:
-        shifted = [tuple(int(v) + border for v in box) for box in boxes]
-        found = segmenter.refine(shifted)
-        return [RefinedMask(mask=r.mask[border: border + height, border: border + width].copy(), box=tuple(box),
-                            predicted_iou=r.predicted_iou) for r, box in zip(found, boxes)]
+        moved = [(int(x0) - dx, int(y0) - dy, int(x1) - dx, int(y1) - dy) for x0, y0, x1, y1 in boxes]
+        found = segmenter.refine(moved)
+        return [RefinedMask(mask=_paste(r.mask, offset, shape), box=tuple(box), predicted_iou=r.predicted_iou)
+                for r, box in zip(found, boxes)]
 
     def restore() -> None:
         if saved is not None:
@@ -159,6 +181,29 @@ def refine_with_context(segmenter: Segmenter, image_rgb: np.ndarray, border: int
             segmenter.set_image(image_rgb)
 
     return refine, restore
+
+
+def _paste(mask: np.ndarray, offset: Tuple[int, int], shape: Tuple[int, int]) -> np.ndarray:
+    """A view's mask in the slice's pixels: the part of the view inside the slice."""
+    dx, dy = offset
+    full = np.zeros(shape, dtype=bool)
+    top, bottom = max(0, dy), min(shape[0], dy + mask.shape[0])
+    left, right = max(0, dx), min(shape[1], dx + mask.shape[1])
+    if bottom > top and right > left:
+        full[top:bottom, left:right] = mask[top - dy : bottom - dy, left - dx : right - dx]
+    return full
+
+
+def refine_with_context(segmenter: Segmenter, image_rgb: np.ndarray, border: int) -> Tuple[Callable, Callable]:
+    """refine_on_view on the slice padded by `border` pixels of zeros on each side."""
+    padded = np.pad(image_rgb, ((border, border), (border, border), (0, 0)))
+    return refine_on_view(segmenter, image_rgb, padded, (-border, -border))
+
+
+def refine_zoomed(segmenter: Segmenter, image_rgb: np.ndarray, window: Box) -> Tuple[Callable, Callable]:
+    """refine_on_view on the window of the slice (zoom_window), which the model enlarges to its input."""
+    x0, y0, x1, y1 = window
+    return refine_on_view(segmenter, image_rgb, image_rgb[y0:y1, x0:x1], (x0, y0))
 
 
 @dataclass
@@ -182,9 +227,7 @@ def refine_in_shape(segmenter: Segmenter, image_rgb: np.ndarray, boxes: Sequence
     if not boxes:
         return Shaped(parts=[], decoder_calls=0)
     started = time.perf_counter()
-    border = context_border(image_rgb.shape[:2], settings.context_padding)
-    refine, restore = (refine_with_context(segmenter, image_rgb, border) if border
-                       else (segmenter.refine, lambda: None))
+    refine, restore, viewed = _refiner(segmenter, image_rgb, boxes, settings)
     encoded = time.perf_counter()
     try:
         parts = refine(list(boxes))
@@ -196,6 +239,19 @@ def refine_in_shape(segmenter: Segmenter, image_rgb: np.ndarray, boxes: Sequence
     if settings.fill_holes:
         parts = [RefinedMask(mask=fill_closed_holes(p.mask), box=p.box, predicted_iou=p.predicted_iou) for p in parts]
     seconds = {"refine": (decoded - encoded) + (time.perf_counter() - restored)}
-    if border:
+    if viewed:
         seconds["encode"] = (encoded - started) + (restored - decoded)
     return Shaped(parts=parts, seconds=seconds, decoder_calls=1 + calls)
+
+
+def _refiner(segmenter: Segmenter, image_rgb: np.ndarray, boxes: Sequence[Box],
+             settings: ShapeSettings) -> Tuple[Callable, Callable, bool]:
+    """The refine step the settings ask for on these boxes, its restore, and whether it encodes a view:
+    zoomed in on small boxes, else on the padded slice (context_padding), else on the slice itself."""
+    window = zoom_window(image_rgb.shape[:2], boxes, settings.zoom_factor, settings.zoom_min_side)
+    if window is not None:
+        return (*refine_zoomed(segmenter, image_rgb, window), True)
+    border = context_border(image_rgb.shape[:2], settings.context_padding)
+    if border:
+        return (*refine_with_context(segmenter, image_rgb, border), True)
+    return segmenter.refine, lambda: None, False

@@ -73,10 +73,12 @@ def deep_grey(gm: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
-def lesion(t1: np.ndarray, brain: np.ndarray, seed: int = 0) -> tuple:
+def lesion(t1: np.ndarray, brain: np.ndarray, seed: int = 0, first_slice: int = 0) -> tuple:
     """(the template with a tumour-like lesion, the lesion's mask): a textured ellipsoid whose outer
-    shell is brighter than white matter and whose core is darker than grey matter."""
+    shell is brighter than white matter and whose core is darker than grey matter. `t1` and `brain`
+    may be the template's axial slices from `first_slice` on (a quicker lesion for tests)."""
     zz, yy, xx = np.indices(t1.shape, dtype=np.float64)
+    zz += first_slice
     centre, semi = (75.0, 125.0, 62.0), (15.0, 20.0, 18.0)  # voxels (1 mm): right of the midline (x 98)
     radius = np.sqrt(sum(((axis - c) / r) ** 2 for axis, c, r in zip((zz, yy, xx), centre, semi)))
     mask = (radius <= 1.0) & brain

@@ -331,6 +331,23 @@ def test_a_small_box_is_refined_zoomed_in_on_its_window(segmenter, zoom, monkeyp
     assert after.mask[2].any() and not (after.mask[2] & ~_inside(box, volume.shape[1:])).any()
 
 
+def test_a_fix_that_gives_no_mask_is_told_and_paints_nothing(segmenter, monkeypatch):
+    volume = _volume(8)
+    session = _session(segmenter, volume, volume > 100)
+    session.run()
+    refine = segmenter.refine
+    nothing = lambda boxes: [replace(r, mask=np.zeros_like(r.mask)) for r in refine(boxes)]  # noqa: E731
+    monkeypatch.setattr(segmenter, "refine", nothing)
+    after, _ = session.correct([Hint(3, "box", box=(20, 14, 45, 44)), Hint(5, "absent")])
+    assert not after.mask[3].any() and after.slices[3].reason == "refined mask is empty"
+    assert after.warnings == ["Slice 3: the model found nothing from its fix (box); draw a larger box, "
+                              "or paint the slice by hand."]  # "no target" is what the user asked for: no warning
+    assert after.summary()["warnings"] == after.warnings and after.notices == []  # notices: memory recoveries
+    monkeypatch.setattr(segmenter, "refine", refine)
+    after, _ = session.correct([Hint(3, "box", box=(19, 13, 46, 45))])  # drawn again
+    assert after.mask[3].any() and after.warnings == []
+
+
 def test_no_target_clears_the_slice_and_the_far_side_and_a_later_box_brings_a_slice_back(segmenter):
     volume = _volume(12)
     reference = volume > 100

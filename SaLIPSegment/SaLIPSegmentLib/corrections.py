@@ -373,9 +373,17 @@ class CorrectionSession(VolumeRunner):
         return VolumeResult(
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
             slice_range=(self.start, self.stop), window=self.window, seconds=seconds, mode=self.settings.mode,
-            working_shape=self.shape, notices=self.memory.notices, encoder_runtime=self.segmenter.encoder_runtime,
+            working_shape=self.shape, notices=self.memory.notices, warnings=self.empty_fixes(),
+            encoder_runtime=self.segmenter.encoder_runtime,
             decoder_runtime=self.segmenter.decoder_runtime, takes_points=self.segmenter.takes_points,
         )
+
+    def empty_fixes(self) -> List[str]:
+        """A notice for each box or clicks that gave no mask: the user said the target is there, and
+        nothing was painted (a box a pixel or two wide, or a target the model cannot see)."""
+        return [f"Slice {index}: the model found nothing from its fix ({hint.kind}); draw a larger box, "
+                "or paint the slice by hand." for index, hint in sorted(self.hints.items())
+                if hint.kind != "absent" and not self.mask_slices[index].any()]
 
     # -- trying corrections from the same starting point ----------------------------------
 

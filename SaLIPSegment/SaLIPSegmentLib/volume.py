@@ -118,6 +118,8 @@ class VolumeResult:
     """The slice size the models saw: the slice's own, or smaller for very large slices."""
     notices: List[str] = field(default_factory=list)
     """What the run had to change on the way (smaller batches, the CPU after a GPU ran out of memory)."""
+    warnings: List[str] = field(default_factory=list)
+    """What the user should look at in the result: a fix (hint) that gave no mask."""
     encoder_runtime: str = "torch"
     """What ran the image encoder at the end: torch, or onnxruntime on a CPU (models.cpu_runtime)."""
     decoder_runtime: str = "torch"
@@ -140,6 +142,7 @@ class VolumeResult:
             "voxels": int(self.mask.sum()),
             "working_shape": list(self.working_shape),
             "notices": list(self.notices),
+            "warnings": list(self.warnings),
             "encoder_runtime": self.encoder_runtime,
             "decoder_runtime": self.decoder_runtime,
             "seconds": round(self.seconds, 3),

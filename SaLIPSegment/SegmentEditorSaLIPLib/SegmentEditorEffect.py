@@ -683,7 +683,7 @@ rank worst.</li>
         summary = job.result.get("summary", {})
         self.setStatus(effect_options.result_text(summary, job.seconds))
         self.showFlaggedSlices(effect_options.flagged_from_report(report))
-        notices = list(summary.get("notices") or []) + job.notices
+        notices = list(summary.get("notices") or []) + list(summary.get("warnings") or []) + job.notices
         if notices:
             slicer.util.warningDisplay("\n".join(notices), windowTitle=_("SaLIP"))
 

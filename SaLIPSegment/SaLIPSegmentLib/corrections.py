@@ -50,7 +50,8 @@ class Correction:
     """Every slice recomputed: the hinted ones, those between them and the next boundary, and those the
     fix carried onto past it."""
     encodings: int
-    """Images encoded for this correction: slices never encoded before, and small boxes' zoomed windows."""
+    """Images encoded for this correction: slices never encoded before, and the views hints were refined on
+    (small boxes' zoomed windows; the padded slice with context_padding)."""
     seconds: float
 
     def to_dict(self) -> dict:
@@ -192,7 +193,7 @@ class CorrectionSession(VolumeRunner):
         seconds = {"encode": self.embed(index, pixels, ())}
         shaped = self.refine_hint(hint, pixels)
         seconds["refine"] = shaped.seconds.get("refine", 0.0)
-        if "encode" in shaped.seconds:  # a small box's zoomed window
+        if "encode" in shaped.seconds:  # a view encoded: a small box's zoomed window (or context_padding)
             seconds["encode"] += shaped.seconds["encode"]
             self.encodings += 1
         seconds = {name: round(value, 4) for name, value in seconds.items()}

@@ -380,7 +380,7 @@ def run_segment(args) -> int:
         write_json(args.report, {"input": str(args.input.resolve()), "output": str(output.resolve()),
                                  "output_kind": target.kind, "device": str(device),
                                  "model_load_seconds": round(load_seconds, 3), **report})
-    for notice in report["summary"]["notices"] + report["summary"].get("warnings", []):
+    for notice in report["summary"]["notices"] + report["summary"]["warnings"]:
         say(notice)
     say(_final_line(output, target.kind, prompt.display_name, int(mask.sum()), report, args.report))
     return 0

@@ -380,7 +380,7 @@ class CorrectionSession(VolumeRunner):
         )
 
     def empty_fixes(self) -> List[str]:
-        """A notice for each box or clicks that gave no mask: the user said the target is there, and
+        """A warning for each box or clicks that gave no mask: the user said the target is there, and
         nothing was painted (a box a pixel or two wide, or a target the model cannot see)."""
         return [f"Slice {index}: the model found nothing from its fix ({hint.kind}); draw a larger box, "
                 "or paint the slice by hand." for index, hint in sorted(self.hints.items())

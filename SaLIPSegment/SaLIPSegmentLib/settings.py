@@ -104,9 +104,9 @@ class PropagationSettings:
     one, and nothing of the target lies outside the box the user drew (figures: RESULTS.md,
     issue 19, boxes). 0: the box as drawn."""
     hint_zoom_factor: float = 2.5
-    """A user's box is refined zoomed in on (ShapeSettings.zoom_factor) with this factor: where the
-    window 2.5 x its grown side enlarges it at least twice, LiteMedSAM outlines a small target much
-    better (figures: RESULTS.md, issue 19, sixth measurement). 0: never."""
+    """A user's box is refined zoomed in on (ShapeSettings.zoom_factor) with this factor: where a
+    window this many times its grown side enlarges it at least twice, LiteMedSAM outlines a small
+    target much better (figures: RESULTS.md, issue 19, sixth measurement). 0: never."""
     max_iou_drop: float = 0.1
     """Keep a propagated mask whose predicted IoU is at most this much below its anchor's."""
     max_score_drop: float = 2.0
@@ -203,9 +203,8 @@ class ShapeSettings:
     zoom_min_side pixels), which the model enlarges to its input; only where that enlarges them at
     least twice, for one extra encoding per such slice; 0: never. Before context_padding. Off for
     retrieved and propagated boxes: a neighbour's box is loose around a shrinking target, and zoomed
-    in LiteMedSAM filled more of it (a 6 mm lesion's 3D Dice 0.891 -> 0.848 at 2.5); a user's box is
-    tight, and is zoomed (PropagationSettings.hint_zoom_factor; figures: RESULTS.md, issue 19,
-    sixth measurement)."""
+    in LiteMedSAM filled more of it; a user's box is tight, and is zoomed
+    (PropagationSettings.hint_zoom_factor; figures: RESULTS.md, issue 19, sixth measurement)."""
     zoom_min_side: int = 64
     """The smallest window zoom_factor makes, in the slice's pixels."""
 

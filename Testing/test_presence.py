@@ -11,7 +11,7 @@ from SaLIPSegmentLib.presence import (
     negative_ensembles,
     presence_signal,
 )
-from SaLIPSegmentLib.quality import EDGE_FLAG
+from SaLIPSegmentLib.quality import CUT_TAIL_FLAG, EDGE_FLAG
 from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
 from SaLIPSegmentLib.volume import LOW_SCORE_ABSENT, OUTSIDE_RUN, SliceRecord, decide_presence, segment_volume
 
@@ -223,6 +223,30 @@ def test_the_runner_removes_the_mask_where_the_target_is_judged_absent(segmenter
             assert record.absent is None
             assert np.array_equal(after.mask[record.index], before.mask[record.index])
     assert after.summary()["slices_judged_absent"] == sum(1 for s in after.slices if s.absent) > 0
+
+
+class ThreeLevelScorer(Scorer):
+    """The bright disk scores 29, a dimmer one 24 (a poor part of the target), the dimmest 22 (not it)."""
+
+    name = "three-levels"
+    reads_sentences = False
+
+    def score(self, image_rgb, candidates, sentences, reference=None):
+        top = image_rgb.max()  # after the volume's window: 255, about 204, about 153
+        return np.full(len(candidates), 29.0 if top > 230 else 24.0 if top > 180 else 22.0)
+
+
+def test_the_run_flags_a_cut_stretch_that_scored_part_of_the_way_up_to_the_target(segmenter):
+    """Presence cuts slices 10-12 (they score 24, low against the target's 29); they are flagged as far
+    as they scored above the floor (22), past the one edge slice, and the slices at the floor are not."""
+    values = [200 if k in TARGET else 160 if k in (10, 11, 12) else 120 for k in range(18)]
+    volume = np.stack([disk_image(radius=10, value=v) for v in values]).astype(np.float32)
+    settings = VolumeSettings(proposal=ProposalSettings.from_dict(TINY_SAM_PROPOSALS), presence=ON)
+    result = segment_volume(volume, segmenter, ThreeLevelScorer(), ["x"], settings)
+    assert {s.index for s in result.slices if s.area} == set(TARGET)
+    assert {s.index for s in result.slices if s.absent} >= {10, 11, 12}
+    edges = {s.index: s.flags for s in result.slices if s.absent and s.flags}
+    assert edges == {3: [EDGE_FLAG], 10: [EDGE_FLAG], 11: [CUT_TAIL_FLAG], 12: [CUT_TAIL_FLAG]}
 
 
 def test_presence_with_the_noisy_oracle_never_needs_its_zeros(segmenter):

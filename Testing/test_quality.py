@@ -6,6 +6,7 @@ import pytest
 
 from SaLIPSegmentLib.hints import rank_slices_to_fix
 from SaLIPSegmentLib.quality import (
+    CUT_TAIL_FLAG,
     EDGE_FLAG,
     QualityRules,
     area_change,
@@ -196,6 +197,29 @@ def test_the_slice_just_past_where_presence_cut_the_target_is_flagged_and_no_fur
                                 "method": "hint"})
     flag_slices(records, masks)
     assert not records[6].flags
+
+
+def test_past_the_edge_a_cut_stretch_that_scored_part_of_the_way_up_is_flagged_until_the_floor():
+    """Presence's scores (floor 20, kept masks about 60): the cut slices after the kept run scored 40, 36,
+    30, 33 (a poor part of the target), then the floor's level; those before it at the floor at once."""
+    masks = clean_masks(14)
+    scores = [21, 20, 19, 60, 61, 59, 60, 40, 36, 30, 33, 21, 20, 38]
+    absent = {f"s{k}": {"absent": LOW_SCORE_ABSENT, "reason": "target absent", "area": 0}
+              for k in (0, 1, 2, *range(7, 14))}
+    records = run_of(masks, **absent)
+    for record, score in zip(records, scores):
+        record.presence_score = float(score)
+        record.candidates_median_score = 20.0
+    flag_slices(records, masks)  # no floor: one slice past each end, as before
+    assert {r.index for r in records if r.flags} == {2, 7}
+    flag_slices(records, masks, presence_floor=20.0)
+    assert {r.index: r.flags[0] for r in records if r.flags} == {
+        2: EDGE_FLAG, 7: EDGE_FLAG, 8: CUT_TAIL_FLAG, 9: CUT_TAIL_FLAG, 10: CUT_TAIL_FLAG}
+    # Slice 13 scores high but lies past two slices at the floor: another object, not the target's tail.
+    flag_slices(records, masks, QualityRules(tail_height=0.5), presence_floor=20.0)
+    assert {r.index for r in records if r.flags} == {2, 7}  # 36 is 0.4 of the way up: the walk stops at 8
+    flag_slices(records, masks, presence_floor=70.0)  # kept masks under the floor: no height to measure
+    assert {r.index for r in records if r.flags} == {2, 7}
 
 
 def test_empty_masks_and_missing_candidates_are_flagged_with_no_confidence_left():

@@ -367,7 +367,7 @@ class CorrectionSession(VolumeRunner):
     def result(self, seconds: float) -> VolumeResult:
         """The session's current mask and table, flagged again (hinted slices are never flagged)."""
         ordered = [self.records[index] for index in range(self.start, self.stop)]
-        flag_slices(ordered, thickness_mm=self.settings.slice_thickness_mm)
+        flag_slices(ordered, thickness_mm=self.settings.slice_thickness_mm, presence_floor=self.presence_floor(ordered))
         for record in ordered:
             if record.method == HINT_METHOD:
                 record.flags = []

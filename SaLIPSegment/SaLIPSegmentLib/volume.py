@@ -195,7 +195,8 @@ def choose_window(volume: np.ndarray, window: Optional[Tuple[float, float]]) -> 
 
 
 def flag_slices(records: Sequence[SliceRecord], masks: Optional[Sequence[np.ndarray]] = None,
-                rules: Optional[QualityRules] = None, thickness_mm: Optional[float] = None) -> None:
+                rules: Optional[QualityRules] = None, thickness_mm: Optional[float] = None,
+                presence_floor: Optional[float] = None) -> None:
     """Mark slices worth a look, with reasons and a confidence (quality.flag_records): no candidate,
     an empty mask, and masks whose label-free signals (fragments, solidity, agreement with the
     retrieved part and with the neighbouring slices, area change, predicted IoU, relative score)
@@ -203,10 +204,11 @@ def flag_slices(records: Sequence[SliceRecord], masks: Optional[Sequence[np.ndar
 
     `masks` are the slices' masks in the records' order (without them, the mask signals measured
     before are kept). Slices skipped before any model ran (air, or beyond the organ) and slices
-    where the target was judged absent (decide_presence) are never flagged.
+    where the target was judged absent (decide_presence) are not flagged, except near the kept masks
+    (quality.flag_target_edges; `presence_floor`: VolumeRunner.presence_floor, where presence ran).
     Records are in slice order; flags are written into them.
     """
-    flag_records(records, masks, rules, thickness_mm)
+    flag_records(records, masks, rules, thickness_mm, presence_floor)
 
 
 @dataclass
@@ -351,7 +353,8 @@ class VolumeRunner:
             self.run_propagate()
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         self.judge_presence(ordered)
-        flag_slices(ordered, self.mask_slices[self.start : self.stop], thickness_mm=self.settings.slice_thickness_mm)
+        flag_slices(ordered, self.mask_slices[self.start : self.stop], thickness_mm=self.settings.slice_thickness_mm,
+                    presence_floor=self.presence_floor(ordered))
         return VolumeResult(
             mask=self.mask.reshape(self.original_shape), slices=ordered, axis=self.axis,
             slice_range=(self.start, self.stop), window=self.window, seconds=time.perf_counter() - started,
@@ -368,10 +371,8 @@ class VolumeRunner:
         whose mask was removed."""
         if not self.settings.presence.enabled:
             return []
-        margins = self.score_presence(ordered)
-        # A margin over negative sentences has its own floor: 0, where the crop reads as much as a negative.
-        floor = 0.0 if margins else candidate_floor(ordered)
-        verdicts = decide_presence(ordered, self.settings.presence, floor, keep)
+        self.score_presence(ordered)
+        verdicts = decide_presence(ordered, self.settings.presence, self.presence_floor(ordered), keep)
         if within is not None:
             verdicts = {index: why for index, why in verdicts.items() if index in within}
         removed = clear_absent(self.records, self.mask_slices, verdicts)
@@ -379,12 +380,21 @@ class VolumeRunner:
             self.found.pop(index, None)
         return removed
 
-    def score_presence(self, ordered: List[SliceRecord]) -> bool:
+    def presence_margins(self) -> bool:
+        """Whether presence scores a mask as its margin over negative sentences (a scorer that reads text)."""
+        return self.settings.presence.negatives and self.scorer.reads_sentences
+
+    def presence_floor(self, ordered: List[SliceRecord]) -> Optional[float]:
+        """What presence's scores read where the target is not: 0 for a margin (the crop reads as much as a
+        negative), else the volume's candidate floor; None where presence is off."""
+        if not self.settings.presence.enabled:
+            return None
+        return 0.0 if self.presence_margins() else candidate_floor(ordered)
+
+    def score_presence(self, ordered: List[SliceRecord]) -> None:
         """One scorer call per painted slice on its final mask: a score even where propagation gave none.
-        Slices scored already (a correction's untouched ones) keep their score. True when the scores are
-        margins over negative sentences."""
-        rules = self.settings.presence
-        negatives = negative_ensembles(self.sentences) if rules.negatives and self.scorer.reads_sentences else []
+        Slices scored already (a correction's untouched ones) keep their score."""
+        negatives = negative_ensembles(self.sentences) if self.presence_margins() else []
         for record in ordered:
             if record.area <= 0 or record.presence_score is not None:
                 continue
@@ -395,7 +405,6 @@ class VolumeRunner:
             record.presence_score = self.memory.run(presence_signal, self.scorer, image, mask, self.sentences,
                                                     negatives, self._reference(record.index))
             record.seconds["presence"] = round(time.perf_counter() - clock, 4)
-        return bool(negatives)
 
     def find_tissue(self) -> None:
         """Record uniform slices as skipped; the others, in order, are `tissue`."""

@@ -82,12 +82,12 @@ class QualityRules:
         if not thickness_mm or thickness_mm <= 0:
             return 1
         return max(1, int(round(self.edge_depth_mm / thickness_mm)))
-    tail_height: float = 0.1
+    tail_height: float = 0.05
     """Past the edge depth, an emptied slice is still flagged while it and every emptied slice between it
     and the kept run scored (presence's score) at least this fraction of the way from presence's floor up
-    to the kept masks' median: a stretch of target segmented poorly that presence
-    cut, not the target's end. On the 1 mm cerebellum with the exact oracle it found 14 more of 19 cut
-    slices and nothing new with the noisy one, where such masks score like noise (RESULTS.md, issue 18)."""
+    to the kept masks' median: a stretch of target segmented poorly that presence cut, not the target's
+    end, where slices without the target score at the floor. 0.1 stopped one cerebellum's walk at a
+    slice 0.098 of the way up (RESULTS.md, issue 18, tail flags)."""
     inherit: bool = False
     """Flag a propagated slice whose chain's anchor (the full cascade its box came from) is flagged.
     Off: it found more poor slices but flagged 63% of the good ones (a key slice flagged for its

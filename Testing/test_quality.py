@@ -220,6 +220,13 @@ def test_past_the_edge_a_cut_stretch_that_scored_part_of_the_way_up_is_flagged_u
     assert {r.index for r in records if r.flags} == {2, 7}  # 36 is 0.4 of the way up: the walk stops at 8
     flag_slices(records, masks, presence_floor=70.0)  # kept masks under the floor: no height to measure
     assert {r.index for r in records if r.flags} == {2, 7}
+    # A noisy scorer, kept masks little above its floor (22 -> 25): the slices without the target scatter
+    # from 20 to 25, and 24.5, 24.0 past the run are that scatter, not a stretch of target.
+    scores = [21.5, 20.5, 22.0, 25.0, 25.5, 24.5, 25.0, 24.5, 24.0, 23.8, 21.0, 23.9, 20.5, 22.2]
+    for record, score in zip(records, scores):
+        record.presence_score = float(score)
+    flag_slices(records, masks, presence_floor=22.0)
+    assert {r.index for r in records if r.flags} == {2, 7}
 
 
 def test_empty_masks_and_missing_candidates_are_flagged_with_no_confidence_left():

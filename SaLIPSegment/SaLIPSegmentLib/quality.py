@@ -87,7 +87,9 @@ class QualityRules:
     and the kept run scored (presence's score) at least this fraction of the way from presence's floor up
     to the kept masks' median: a stretch of target segmented poorly that presence cut, not the target's
     end, where slices without the target score at the floor. 0.1 stopped one cerebellum's walk at a
-    slice 0.098 of the way up (RESULTS.md, issue 18, tail flags)."""
+    slice 0.098 of the way up (RESULTS.md, issue 18, tail flags). Where the emptied slices' heights
+    spread more than this (a noisy scorer, kept masks scoring little above the floor), their robust
+    spread is the limit instead."""
     inherit: bool = False
     """Flag a propagated slice whose chain's anchor (the full cascade its box came from) is flagged.
     Off: it found more poor slices but flagged 63% of the good ones (a key slice flagged for its
@@ -261,8 +263,10 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
     if rules.inherit:
         inherit_from_anchors(records)
     if rules.flag_edges:
-        flag_target_edges(records, rules.edge_slices(thickness_mm), cut_heights(records, presence_floor),
-                          rules.tail_height)
+        heights = cut_heights(records, presence_floor)
+        # A height counts only above the emptied slices' own spread: under noise the floor is a blur.
+        least = max(rules.tail_height, robust_spread(np.array(list(heights.values()))))
+        flag_target_edges(records, rules.edge_slices(thickness_mm), heights, least)
 
 
 def _is_kept(record) -> bool:

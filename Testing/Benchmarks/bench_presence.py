@@ -60,9 +60,10 @@ def with_presence(result, rules: PresenceSettings, thickness_mm=None):
     slices = np.moveaxis(after.mask, after.axis, 0)  # a view: clearing a slice clears the mask
     for record in after.slices:
         record.flags = []
-    clear_absent({r.index: r for r in after.slices}, slices,
-                 decide_presence(after.slices, rules, candidate_floor(after.slices)))
-    flag_slices(after.slices, slices[slice(*after.slice_range)], thickness_mm=thickness_mm)  # masks as presence left
+    floor = candidate_floor(after.slices)  # the oracles' scores are plain, not margins
+    clear_absent({r.index: r for r in after.slices}, slices, decide_presence(after.slices, rules, floor))
+    flag_slices(after.slices, slices[slice(*after.slice_range)], thickness_mm=thickness_mm,  # masks as presence left
+                presence_floor=floor)
     return after
 
 

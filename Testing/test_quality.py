@@ -200,33 +200,35 @@ def test_the_slice_just_past_where_presence_cut_the_target_is_flagged_and_no_fur
 
 
 def test_past_the_edge_a_cut_stretch_that_scored_part_of_the_way_up_is_flagged_until_the_floor():
-    """Presence's scores (floor 20, kept masks about 60): the cut slices after the kept run scored 40, 36,
-    30, 33 (a poor part of the target), then the floor's level; those before it at the floor at once."""
-    masks = clean_masks(14)
-    scores = [21, 20, 19, 60, 61, 59, 60, 40, 36, 30, 33, 21, 20, 38]
+    """Presence's scores (floor 20, kept masks 6-9 about 60): the cut slices 10-13 after the kept run
+    scored 40, 36, 30, 33 (a poor part of the target), then the floor's level; those before it and
+    after the stretch sit at the floor."""
+    masks = clean_masks(20)
+    scores = [20, 21, 19, 20, 20, 21, 60, 61, 59, 60, 40, 36, 30, 33, 21, 20, 20, 19, 20, 38]
     absent = {f"s{k}": {"absent": LOW_SCORE_ABSENT, "reason": "target absent", "area": 0}
-              for k in (0, 1, 2, *range(7, 14))}
+              for k in (*range(6), *range(10, 20))}
     records = run_of(masks, **absent)
     for record, score in zip(records, scores):
         record.presence_score = float(score)
         record.candidates_median_score = 20.0
     flag_slices(records, masks)  # no floor: one slice past each end, as before
-    assert {r.index for r in records if r.flags} == {2, 7}
+    assert {r.index for r in records if r.flags} == {5, 10}
     flag_slices(records, masks, presence_floor=20.0)
     assert {r.index: r.flags[0] for r in records if r.flags} == {
-        2: EDGE_FLAG, 7: EDGE_FLAG, 8: CUT_TAIL_FLAG, 9: CUT_TAIL_FLAG, 10: CUT_TAIL_FLAG}
-    # Slice 13 scores high but lies past two slices at the floor: another object, not the target's tail.
+        5: EDGE_FLAG, 10: EDGE_FLAG, 11: CUT_TAIL_FLAG, 12: CUT_TAIL_FLAG, 13: CUT_TAIL_FLAG}
+    # Slice 19 scores high but lies past slices at the floor: another object, not the target's tail.
     flag_slices(records, masks, QualityRules(tail_height=0.5), presence_floor=20.0)
-    assert {r.index for r in records if r.flags} == {2, 7}  # 36 is 0.4 of the way up: the walk stops at 8
+    assert {r.index for r in records if r.flags} == {5, 10}  # 36 is 0.4 of the way up: the walk stops at 11
     flag_slices(records, masks, presence_floor=70.0)  # kept masks under the floor: no height to measure
-    assert {r.index for r in records if r.flags} == {2, 7}
+    assert {r.index for r in records if r.flags} == {5, 10}
     # A noisy scorer, kept masks little above its floor (22 -> 25): the slices without the target scatter
-    # from 20 to 25, and 24.5, 24.0 past the run are that scatter, not a stretch of target.
-    scores = [21.5, 20.5, 22.0, 25.0, 25.5, 24.5, 25.0, 24.5, 24.0, 23.8, 21.0, 23.9, 20.5, 22.2]
+    # from 20.5 to 24.5, and 24.5, 24.0 past the run are that scatter, not a stretch of target.
+    scores = [21.5, 20.5, 22.0, 23.1, 20.9, 22.6, 25.0, 25.5, 24.5, 25.0,
+              24.5, 24.0, 23.8, 21.0, 23.9, 20.5, 22.2, 21.4, 22.9, 20.8]
     for record, score in zip(records, scores):
         record.presence_score = float(score)
     flag_slices(records, masks, presence_floor=22.0)
-    assert {r.index for r in records if r.flags} == {2, 7}
+    assert {r.index for r in records if r.flags} == {5, 10}
 
 
 def test_empty_masks_and_missing_candidates_are_flagged_with_no_confidence_left():

@@ -87,9 +87,9 @@ class QualityRules:
     and the kept run scored (presence's score) at least this fraction of the way from presence's floor up
     to the kept masks' median: a stretch of target segmented poorly that presence cut, not the target's
     end, where slices without the target score at the floor. 0.1 stopped one cerebellum's walk at a
-    slice 0.098 of the way up (RESULTS.md, issue 18, tail flags). Where the emptied slices' heights
-    spread more than this (a noisy scorer, kept masks scoring little above the floor), their robust
-    spread is the limit instead."""
+    slice 0.098 of the way up (RESULTS.md, issue 18, tail flags). Where twice the emptied slices'
+    robust spread of heights is more (a noisy scorer, kept masks scoring little above the floor), that
+    is the limit instead: once the spread, a noisy lesion at 6 mm flagged an empty slice."""
     inherit: bool = False
     """Flag a propagated slice whose chain's anchor (the full cascade its box came from) is flagged.
     Off: it found more poor slices but flagged 63% of the good ones (a key slice flagged for its
@@ -264,8 +264,8 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
         inherit_from_anchors(records)
     if rules.flag_edges:
         heights = cut_heights(records, presence_floor)
-        # A height counts only above the emptied slices' own spread: under noise the floor is a blur.
-        least = max(rules.tail_height, robust_spread(np.array(list(heights.values()))))
+        # A height counts only well above the emptied slices' own scatter: under noise the floor is a blur.
+        least = max(rules.tail_height, 2.0 * robust_spread(np.array(list(heights.values()))))
         flag_target_edges(records, rules.edge_slices(thickness_mm), heights, least)
 
 

@@ -454,6 +454,18 @@ def test_the_ranking_offers_first_the_flagged_slice_with_the_most_pixels_likely_
     assert rank_slices_to_fix(records) == [20, 22, 1, 0, 21]
 
 
+def test_the_ranking_offers_the_cut_slice_next_to_the_kept_run_before_those_deeper_in():
+    """Slices presence emptied past a mask of 1500 pixels: the one next to it first, whatever the retrieval
+    scores of the full cascades deeper in (a box there carries outward; one deeper in leaves an island)."""
+    records = [SliceRecord(50, None, area=1500, confidence=0.7),
+               SliceRecord(51, "target absent", area=0, absent="low", flags=["edge"]),
+               SliceRecord(55, "target absent", area=0, absent="low", flags=["edge"]),
+               SliceRecord(62, "target absent", method="cascade", clip_scores=[3.0], area=0, absent="low",
+                           flags=["tail"]),
+               SliceRecord(40, None, area=3000, confidence=0.45, flags=["ragged shape"])]
+    assert rank_slices_to_fix(records) == [40, 51, 55, 62, 50]
+
+
 def test_the_simulated_user_gives_the_references_box_or_no_target():
     reference = np.zeros((10, 12), bool)
     assert reference_hint(reference, 3) == Hint(3, "absent")

@@ -223,9 +223,10 @@ def rank_slices_to_fix(rows: Sequence) -> List[int]:
 
     Flagged slices first, then the others; within each, the most pixels likely wrong first: the
     lack of confidence (1 - quality.py's confidence; a flagged slice without a mask counts as 0)
-    times the slice's mask area (without a mask, the nearest mask's: the size of what may be missing
-    there). A small end slice fixed first changed a brain's 3D Dice by 0.001; a large poor one by 0.06
-    (RESULTS.md, issue 19). The least confident, then the lowest retrieval score, break ties; slices
+    times the slice's mask area (without a mask, the nearest mask's over the distance to it: the size
+    of what may be missing there, and a box next to the kept run carries into the slices past it,
+    where one deep in a cut stretch left an island; RESULTS.md, issue 18, tail flags). A small end
+    slice fixed first changed a brain's 3D Dice by 0.001; a large poor one by 0.06 (RESULTS.md, issue 19). The least confident, then the lowest retrieval score, break ties; slices
     already hinted, or skipped or judged absent without a flag, are not offered. `rows` are
     SliceRecords or the report's rows. The one place the ranking lives.
     """
@@ -241,7 +242,8 @@ def rank_slices_to_fix(rows: Sequence) -> List[int]:
         if area or not painted:
             return float(area)
         index = int(_field(row, "index"))
-        return float(min(painted, key=lambda item: (abs(item[0] - index), item[0]))[1])
+        nearest, area = min(painted, key=lambda item: (abs(item[0] - index), item[0]))
+        return float(area) / abs(nearest - index)
 
     def urgency(row):
         flagged = bool(_field(row, "flags"))

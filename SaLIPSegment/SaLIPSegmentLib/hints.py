@@ -226,9 +226,10 @@ def rank_slices_to_fix(rows: Sequence) -> List[int]:
     times the slice's mask area (without a mask, the nearest mask's over the distance to it: the size
     of what may be missing there, and a box next to the kept run carries into the slices past it,
     where one deep in a cut stretch left an island; RESULTS.md, issue 18, tail flags). A small end
-    slice fixed first changed a brain's 3D Dice by 0.001; a large poor one by 0.06 (RESULTS.md, issue 19). The least confident, then the lowest retrieval score, break ties; slices
-    already hinted, or skipped or judged absent without a flag, are not offered. `rows` are
-    SliceRecords or the report's rows. The one place the ranking lives.
+    slice fixed first changed a brain's 3D Dice by 0.001; a large poor one by 0.06 (RESULTS.md, issue
+    19). The least confident, then the lowest retrieval score, break ties; slices already hinted, or
+    skipped or judged absent without a flag, are not offered. `rows` are SliceRecords or the report's
+    rows. The one place the ranking lives.
     """
     def offered(row) -> bool:
         skipped = _field(row, "method") == "skipped"

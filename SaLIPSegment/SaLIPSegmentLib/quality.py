@@ -292,7 +292,8 @@ def _walks_from_kept(records: Sequence) -> List[List[int]]:
 
 def cut_heights(records: Sequence, floor: Optional[float]) -> Dict[int, float]:
     """Position -> each emptied slice's presence score as a fraction of the way from `floor` up to the
-    kept masks' median (0 where it has none); empty without a floor or kept scores above it."""
+    kept masks' median (0 where it has none); empty without a floor, or where the kept masks do not
+    score above it."""
     def score(record) -> Optional[float]:
         value = record.presence_score
         return value if value is not None and np.isfinite(value) else None

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import ipaddress
+import signal
 import socket
 import threading
 import time
@@ -213,3 +214,15 @@ def disk_image(size=64, center=(30, 36), radius=14, value=200, background=20) ->
     image = np.full((size, size), background, dtype=np.uint8)
     image[(yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2] = value
     return image
+
+
+@pytest.fixture
+def sigint_reaches_children():
+    """Child processes started in the test take SIGINT as a terminal's Ctrl-C. A test run started as a
+    background job (`make test &`) has SIGINT ignored, and children inherit an ignored signal through
+    exec, so a test's interrupt would never land; a handled one is reset to the default instead."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

@@ -116,7 +116,8 @@ def _watch(stream, seen: bytearray, pattern, reached) -> None:
     reached.set()
 
 
-def test_ctrl_c_at_any_point_leaves_the_old_output_exactly(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option):
+def test_ctrl_c_at_any_point_leaves_the_old_output_exactly(tmp_path, tiny_sam, tiny_sam_checkpoint, tiny_clip_option,
+                                                          sigint_reaches_children):
     """A real SIGINT into `salip segment --overwrite`, sent when the progress bar shows slice N."""
     import os
     import re

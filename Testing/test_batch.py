@@ -220,7 +220,7 @@ def _salip(*args, env=None, **kwargs):
 
 
 def test_batch_interrupted_and_resumed_redoes_nothing_and_loses_nothing(dataset, tmp_path, batch_models,
-                                                                        plugin_env):
+                                                                        plugin_env, sigint_reaches_children):
     (dataset / "broken.nii.gz").unlink()
     for index in range(3):  # more cases, so that the interrupt lands mid-run
         shutil.copytree(dataset / "dicom_series", dataset / f"series_copy{index}")

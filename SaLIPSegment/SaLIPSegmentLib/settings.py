@@ -97,7 +97,9 @@ class PropagationSettings:
     cerebellum had one key slice. Leaves 1 mm slices at 16. None or 0: slices only. Why 24:
     Testing/Benchmarks/RESULTS.md, issue 18 (thick slices)."""
     box_margin: float = 0.1
-    """Grow the neighbour's box by this fraction of its width and height on each side."""
+    """Grow the neighbour's box by this fraction of its width and height on each side. 0.05 kept a
+    chain on a head with skull whole (LiteMedSAM outlines the inner brain once the box has grown
+    loose) but lost on the cerebellum, a 6 mm lesion and deep grey (RESULTS.md, issue 19, 2026-12-02)."""
     hint_box_margin: float = 0.1
     """A user's box (a hint) prompts the model grown by this fraction on each side, and its mask is
     then kept inside the user's box: LiteMedSAM segments worse from a tight box than from a looser

@@ -109,9 +109,8 @@ def load_run(root: Path, folder: Path) -> KeptRun:
 
 
 def reflag(run: KeptRun, rules: QualityRules) -> np.ndarray:
-    """Which slices the product's flag_records flags under `rules` (the records keep the flags)."""
-    for record in run.records:
-        record.flags = []
+    """Which slices the product's flag_records flags under `rules` (the records keep the flags). Presence's
+    floor is the runner's for a scorer that reads no text, as the oracles do: the candidates' median."""
     flag_records(run.records, run.masks, rules, run.thickness_mm, candidate_floor(run.records))
     return np.array([bool(r.flags) for r in run.records])
 
@@ -219,7 +218,10 @@ def main() -> None:
     parser.add_argument("--detail", action="store_true", help="per-run figures for each swept value too")
     args = parser.parse_args()
     args.keep.mkdir(parents=True, exist_ok=True)
-    run_all(args) if args.command == "run" else judge_all(args)
+    if args.command == "run":
+        run_all(args)
+    else:
+        judge_all(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from SaLIPSegmentLib.cleanup import cleaned_run_mask
 from SaLIPSegmentLib.cli import main
 from SaLIPSegmentLib.imaging import dice
 from SaLIPSegmentLib.io import read_image, write_segmentation
@@ -48,11 +49,10 @@ def test_segmentation_lands_on_the_input_voxels_in_slicer(tmp_path, models):
     # The same engine run in-process gives the mask the file must hold.
     spec = get_segmenter_spec(models[1])
     image = read_image(volume_path)
-    expected = segment_volume(
-        image.array, create_segmenter(models[1], torch.device("cpu"), models[3]),
-        create_scorer(models[5]), get_preset("brain").sentences,
-        VolumeSettings(axis=0, proposal=ProposalSettings.from_dict(dict(spec.proposal_defaults))),
-    ).mask
+    settings = VolumeSettings(axis=0, proposal=ProposalSettings.from_dict(dict(spec.proposal_defaults)))
+    result = segment_volume(image.array, create_segmenter(models[1], torch.device("cpu"), models[3]),
+                            create_scorer(models[5]), get_preset("brain").sentences, settings)
+    expected = cleaned_run_mask(result, settings)  # what `salip segment` writes: the run after its clean-up
     assert expected.any() and not expected.all()
 
     masks, ijk_to_ras = read_segments_on_reference(output, volume_path)
@@ -225,8 +225,10 @@ def test_cleanup_options_shape_the_written_mask(tmp_path, models):
     assert ndimage.label(written, structure=np.ones((3, 3, 3)))[1] == 1
     for index in range(written.shape[0]):
         np.testing.assert_array_equal(written[index], ndimage.binary_fill_holes(written[index]))
-    cleanup = json.loads(report.read_text())["cleanup"]
-    assert cleanup["keep_largest"] and cleanup["voxels_after"] == int(written.sum())
+    rows = json.loads(report.read_text())
+    cleanup = rows["cleanup"]
+    assert cleanup["keep_largest"] and cleanup["voxels_after"] == int(written.sum()) == rows["summary"]["voxels"]
+    assert cleanup["voxels_before"] > 0
 
 
 def test_qa_draws_a_picture_from_a_report(tmp_path, models, capsys):

@@ -252,9 +252,16 @@ def test_worker_settings_carry_what_the_child_needs():
     settings = eo.worker_settings(options, 2, ("litemedsam", "ViT-B-32:openai", "cpu", None), 0, (3, 9), (-100, 400))
     assert settings == {"prompt": "lungs", "top_k": 2, "sam": "litemedsam", "clip": "ViT-B-32:openai",
                         "device": "cpu", "model_dir": None, "axis": "0", "slices": "3:9", "window": [-100.0, 400.0],
-                        "proposal": {"points_per_side": 12}}
-    whole = eo.worker_settings(eo.EffectOptions(top_k=3), 1, ("vit_b", "oracle", "auto", "/m"), 2, None, None)
+                        "proposal": {"points_per_side": 12}, "fill_holes": True}
+    whole = eo.worker_settings(eo.EffectOptions(top_k=3, fill_holes=False), 1, ("vit_b", "oracle", "auto", "/m"), 2,
+                               None, None)
     assert whole["slices"] is None and whole["window"] is None and whole["top_k"] == 3 and whole["model_dir"] == "/m"
+    assert whole["fill_holes"] is False
+    # The child builds the run from these values: the clean-up the user chose is the one it applies.
+    from SaLIPSegmentLib.worker import settings_from_request
+
+    assert settings_from_request(settings).volume_settings(0, None).cleanup.fill_holes
+    assert not settings_from_request(whole).volume_settings(0, None).cleanup.fill_holes
 
 
 def test_flagged_slices_from_a_worker_report():

@@ -66,7 +66,7 @@ def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_segment_options(parser: argparse.ArgumentParser) -> None:
     """What to segment and how: shared by `segment` and `batch`."""
-    from .settings import MODES, PropagationSettings
+    from .settings import MODES, CleanupSettings, PropagationSettings
 
     _add_prompt_options(parser)
     parser.add_argument("--axis", default="auto", choices=AXES,
@@ -87,12 +87,15 @@ def _add_segment_options(parser: argparse.ArgumentParser) -> None:
                              f"slices (default {key_distance:g}; 0: off)")
     _add_presence_option(parser)
     _add_shape_options(parser)
-    cleanup = parser.add_argument_group("3D clean-up (all off by default)")
+    fill_holes = CleanupSettings.fill_holes
+    cleanup = parser.add_argument_group("3D clean-up")
     cleanup.add_argument("--keep-largest", action="store_true",
-                        help="keep the top-k largest 3D components (top-k from the preset: two lungs)")
-    cleanup.add_argument("--fill-holes", action="store_true", help="fill holes in every slice")
+                        help="keep the top-k largest 3D components (top-k from the preset: two lungs; default off)")
+    cleanup.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=fill_holes,
+                         help="fill holes enclosed in each slice's mask; --no-fill-holes for a target that is a "
+                              f"ring round a lumen (default {'on' if fill_holes else 'off'})")
     cleanup.add_argument("--fill-flagged", action="store_true",
-                        help="replace flagged slices by what their two neighbours agree on")
+                        help="replace flagged slices by what their two neighbours agree on (default off)")
 
 
 def _add_shape_options(parser: argparse.ArgumentParser) -> None:

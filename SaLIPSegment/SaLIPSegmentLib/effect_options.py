@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .settings import PropagationSettings
+from .settings import CleanupSettings, PropagationSettings
 
 RANGE_ALL = "all"
 RANGE_AROUND = "around"
@@ -82,6 +82,8 @@ class EffectOptions:
     proposal: ProposalOverrides = field(default_factory=ProposalOverrides)
     replace_selected_segment: bool = False
     """Other segments, the editable area and intensity range follow the Segment Editor's masking."""
+    fill_holes: bool = CleanupSettings.fill_holes
+    """Fill holes enclosed in each slice's mask (off for a target that is a ring round a lumen)."""
 
     def numpy_axis(self) -> Optional[int]:
         """The chosen numpy axis, or None for the acquisition axis."""
@@ -140,6 +142,7 @@ def worker_settings(
         "slices": None if slice_range is None else f"{int(slice_range[0])}:{int(slice_range[1])}",
         "window": None if window is None else [float(window[0]), float(window[1])],
         "proposal": options.proposal.changed(),
+        "fill_holes": bool(options.fill_holes),
     }
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .cascade import segment_slice
+from .cleanup import cleaned_run_mask
 from .errors import InputError
 from .imaging import dice, mask_to_box, window_to_uint8
 from .models.base import Scorer, Segmenter
@@ -261,17 +262,19 @@ def evaluate_modes(
     reference = as_volume(reference).astype(bool)
     rows = []
     for mode in modes:
-        result = segment_volume(volume, segmenter, scorer, sentences, replace(settings, mode=mode),
-                                reference=reference, progress=progress)
-        rows.append(measure_run(result, reference, spacing))
+        run = replace(settings, mode=mode)
+        result = segment_volume(volume, segmenter, scorer, sentences, run, reference=reference, progress=progress)
+        rows.append(measure_run(result, reference, spacing, run))
     return rows
 
 
-def measure_run(result: VolumeResult, reference: np.ndarray, spacing: Sequence[float]) -> ModeEvaluation:
-    """A run's mask and flags against the reference, over the run's slice range."""
+def measure_run(result: VolumeResult, reference: np.ndarray, spacing: Sequence[float],
+                settings: Optional[VolumeSettings] = None) -> ModeEvaluation:
+    """A run's mask, cleaned up as `salip segment` writes it (the clean-up of `settings`, the run's;
+    None: the defaults'), and its flags against the reference, over the run's slice range."""
     region = [slice(None)] * 3
     region[result.axis] = slice(*result.slice_range)
-    prediction = as_volume(result.mask)[tuple(region)]
+    prediction = as_volume(cleaned_run_mask(result, settings or VolumeSettings()))[tuple(region)]
     truth = as_volume(reference)[tuple(region)]
     pred_slices, ref_slices = np.moveaxis(prediction, result.axis, 0), np.moveaxis(truth, result.axis, 0)
     outcomes = [SliceOutcome(record.index, int(ref.sum()), int(pred.sum()), dice(pred, ref), list(record.flags),

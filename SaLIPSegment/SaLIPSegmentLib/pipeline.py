@@ -47,7 +47,7 @@ class SegmentSettings:
     key_distance_mm: Optional[float] = PropagationSettings.key_distance_mm
     adapt: bool = False
     keep_largest: bool = False
-    fill_holes: bool = False
+    fill_holes: bool = CleanupSettings.fill_holes
     fill_flagged: bool = False
     presence: bool = PresenceSettings.enabled
     shape: ShapeSettings = ShapeSettings()
@@ -295,7 +295,9 @@ def segment_image(
 def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, result, adaptation, started: float,
                say: Callable[[str], None], applied=None) -> Tuple[np.ndarray, dict]:
     """The run's mask after clean-up and laterality, and the report (the hints applied, when there are any)."""
-    mask, side = keep_prompted_side(clean_up(result, run), image, settings.prompt, say)
+    from .cleanup import cleaned_run_mask
+
+    mask, side = keep_prompted_side(cleaned_run_mask(result, run), image, settings.prompt, say)
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,
         "takes_points": result.takes_points, "axis": result.axis, "mode": run.mode,
@@ -303,11 +305,13 @@ def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, r
         "slice_range": list(result.slice_range), "window": list(result.window),
         "proposal": dataclasses.asdict(run.proposal),
         "adaptation": [dataclasses.asdict(row) for row in adaptation] if adaptation else None,
-        "cleanup": {**dataclasses.asdict(run.cleanup), "voxels_after": int(mask.sum())},
+        "cleanup": {**dataclasses.asdict(run.cleanup), "voxels_before": int(result.mask.sum()),
+                    "voxels_after": int(mask.sum())},
         "laterality": side.to_dict() if side else None,
         "seconds": round(time.perf_counter() - started, 3),
         "summary": result.summary(), "slices": [s.to_dict() for s in result.slices],
     }
+    report["summary"]["voxels"] = int(mask.sum())  # what is written, after clean-up and laterality
     if applied is not None:
         report["hints"] = applied
         report["summary"]["slices_hinted"] = len(applied)
@@ -372,17 +376,3 @@ def correct_kept(kept: KeptRun, hints, *, progress=None, should_cancel=None,
                               sorted(applied, key=lambda h: h["slice"]))
     report["correction"] = correction.to_dict()
     return mask, report
-
-
-def clean_up(result, settings: VolumeSettings) -> np.ndarray:
-    """The run's mask after the settings' clean-up (cleanup.py), in this order: flagged slices, holes, components."""
-    from . import cleanup
-
-    mask, chosen = result.mask, settings.cleanup
-    if chosen.fill_flagged:
-        mask = cleanup.fill_from_neighbours(mask, [s.index for s in result.slices if s.flags], result.axis)
-    if chosen.fill_holes:
-        mask = cleanup.fill_holes_per_slice(mask, result.axis)
-    if chosen.keep_largest:
-        mask = cleanup.keep_largest_components(mask, settings.top_k)
-    return mask

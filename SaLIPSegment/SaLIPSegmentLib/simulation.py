@@ -4,7 +4,8 @@ After the automatic pass a simulated user fixes one slice at a time: the slice t
 (corrections.rank_slices_to_fix: label-free, as a user would see the run), or, for a second curve,
 the slice that truly is worst by Dice. The user's hint is the reference's box on that slice, or
 "no target" where the reference is empty; then propagation re-runs (CorrectionSession.correct).
-Both curves start from the same automatic pass and the same kept embeddings.
+Both curves start from the same automatic pass and the same kept embeddings, and every figure
+is taken on the mask the user gets (after the run's clean-up).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .cleanup import clean_up, cleaned_run_mask
 from .corrections import CorrectionSession, rank_slices_to_fix, reference_hint
 from .imaging import dice
 from .models.base import Scorer, Segmenter
@@ -58,65 +60,73 @@ class SimulatedCorrections:
         return asdict(self)
 
 
-def slice_dice(result: VolumeResult, reference: np.ndarray) -> List[float]:
-    """Dice per slice of the run's range (1.0 where both are empty)."""
-    prediction = np.moveaxis(as_volume(result.mask), result.axis, 0)
-    truth = np.moveaxis(reference, result.axis, 0)
-    return [dice(prediction[k], truth[k]) for k in range(*result.slice_range)]
+def shown_slices(result: VolumeResult, settings: VolumeSettings) -> np.ndarray:
+    """The run's mask as the user gets it (cleaned up: cleanup.cleaned_run_mask), slices first."""
+    return np.moveaxis(as_volume(cleaned_run_mask(result, settings)), result.axis, 0)
 
 
-def volume_dice(result: VolumeResult, reference: np.ndarray) -> float:
-    prediction = np.moveaxis(as_volume(result.mask), result.axis, 0)[slice(*result.slice_range)]
-    return dice(prediction, np.moveaxis(reference, result.axis, 0)[slice(*result.slice_range)])
+def slice_dice(shown: np.ndarray, truth: np.ndarray, slice_range) -> List[float]:
+    """Dice per slice of the range (1.0 where both are empty); both masks slices first."""
+    return [dice(shown[k], truth[k]) for k in range(*slice_range)]
 
 
-def worst_by_dice(result: VolumeResult, reference: np.ndarray, hinted) -> Optional[int]:
+def volume_dice(shown: np.ndarray, truth: np.ndarray, slice_range) -> float:
+    region = slice(*slice_range)
+    return dice(shown[region], truth[region])
+
+
+def worst_by_dice(shown: np.ndarray, truth: np.ndarray, slice_range, hinted) -> Optional[int]:
     """The slice with the lowest Dice (the most wrong pixels on a tie), not yet hinted; None when all are perfect."""
-    prediction = np.moveaxis(as_volume(result.mask), result.axis, 0)
-    truth = np.moveaxis(reference, result.axis, 0)
-    start = result.slice_range[0]
-    scores = slice_dice(result, reference)
-    candidates = [(score, -int((prediction[start + n] ^ truth[start + n]).sum()), start + n)
-                  for n, score in enumerate(scores) if start + n not in hinted and score < 1.0]
+    start = slice_range[0]
+    candidates = [(score, -int((shown[start + n] ^ truth[start + n]).sum()), start + n)
+                  for n, score in enumerate(slice_dice(shown, truth, slice_range))
+                  if start + n not in hinted and score < 1.0]
     return min(candidates)[2] if candidates else None
 
 
-def choose_slice(chooser: str, result: VolumeResult, reference: np.ndarray, hinted) -> Optional[int]:
+def choose_slice(chooser: str, result: VolumeResult, shown: np.ndarray, truth: np.ndarray, hinted) -> Optional[int]:
     if chooser == "qa":
         ranked = [k for k in rank_slices_to_fix(result.slices) if k not in hinted]
         return ranked[0] if ranked else None
-    return worst_by_dice(result, reference, hinted)
+    return worst_by_dice(shown, truth, result.slice_range, hinted)
 
 
 def box_bound(session: CorrectionSession, reference: np.ndarray):
-    """(3D Dice, per-slice Dice) of the reference's box refined on every slice of the range."""
+    """(3D Dice, per-slice Dice) of the reference's box refined on every slice of the range, cleaned
+    up as a run is."""
     truth = np.moveaxis(reference, session.axis, 0)
     bound = np.zeros_like(truth)
     for index in session.tissue:
         hint = reference_hint(truth[index], index)
         if hint.kind == "box":
             bound[index] = session.hint_mask(hint)
-    region = slice(session.start, session.stop)
-    per_slice = [dice(bound[k], truth[k]) for k in range(session.start, session.stop)]
-    return dice(bound[region], truth[region]), per_slice
+    bound = clean_up(bound, session.settings.cleanup, 0, top_k=session.settings.top_k)
+    span = (session.start, session.stop)
+    return volume_dice(bound, truth, span), slice_dice(bound, truth, span)
+
+
+def _step(step: int, result: VolumeResult, settings: VolumeSettings, truth: np.ndarray, **found) -> CorrectionStep:
+    """The figures after `step` corrections, on the mask the user gets."""
+    shown = shown_slices(result, settings)
+    return CorrectionStep(step, volume_dice(shown, truth, result.slice_range),
+                          slice_dice(shown, truth, result.slice_range), **found)
 
 
 def _curve(session: CorrectionSession, automatic: VolumeResult, reference: np.ndarray, chooser: str,
            count: int, say: Callable[[str], None]) -> List[CorrectionStep]:
     truth = np.moveaxis(reference, session.axis, 0)
-    steps = [CorrectionStep(0, volume_dice(automatic, reference), slice_dice(automatic, reference),
-                            seconds=automatic.seconds)]
+    steps = [_step(0, automatic, session.settings, truth, seconds=automatic.seconds)]
     result = automatic
     for step in range(1, count + 1):
-        index = choose_slice(chooser, result, reference, set(session.hints))
+        shown = shown_slices(result, session.settings)
+        index = choose_slice(chooser, result, shown, truth, set(session.hints))
         if index is None:
             say(f"{chooser}: nothing left to fix after {step - 1} corrections")
             break
         hint = reference_hint(truth[index], index)
         result, correction = session.correct([hint])
-        steps.append(CorrectionStep(step, volume_dice(result, reference), slice_dice(result, reference), index,
-                                    hint.to_dict(), correction.seconds, correction.changed,
-                                    correction.encodings))
+        steps.append(_step(step, result, session.settings, truth, slice=index, hint=hint.to_dict(),
+                           seconds=correction.seconds, changed=correction.changed, encodings=correction.encodings))
         say(f"{chooser} #{step}: slice {index} ({hint.kind}), Dice {steps[-1].dice_volume:.3f}, "
             f"{correction.seconds:.2f} s, {len(correction.changed)} slices redone")
     return steps

@@ -56,6 +56,7 @@ def settings_from_request(values: dict):
     from .models.base import ProposalSettings
     from .pipeline import SegmentSettings
     from .prompts import resolve_prompt
+    from .settings import CleanupSettings
 
     prompt = resolve_prompt(str(values.get("prompt", "")))
     top_k = int(values.get("top_k") or prompt.top_k)
@@ -71,7 +72,8 @@ def settings_from_request(values: dict):
         axis=str(values.get("axis", "auto")), slices=values.get("slices"),
         window=(float(window[0]), float(window[1])) if window else None,
         mode=str(values.get("mode", "propagate")), adapt=bool(values.get("adapt", False)),
-        keep_largest=bool(values.get("keep_largest", False)), fill_holes=bool(values.get("fill_holes", False)),
+        keep_largest=bool(values.get("keep_largest", False)),
+        fill_holes=bool(values.get("fill_holes", CleanupSettings.fill_holes)),
         fill_flagged=bool(values.get("fill_flagged", False)), shape=_shape(values.get("shape")),
     )
 

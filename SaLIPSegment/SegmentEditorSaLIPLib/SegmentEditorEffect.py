@@ -150,8 +150,14 @@ rank worst.</li>
             _("Unchecked: the result goes into a new segment named after the prompt. Either way the "
               "Segment Editor's masking (editable area, intensity range, modify other segments) applies."))
         self.replaceSelectedCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.fillHolesCheckBox = qt.QCheckBox(_("Fill holes"))
+        self.fillHolesCheckBox.setToolTip(
+            _("Fill holes enclosed in each slice's mask: the models leave bright or dark patches inside an "
+              "organ out. Uncheck for a target that is a ring round a lumen (a wall)."))
+        self.fillHolesCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         outputLayout = qt.QHBoxLayout()
         outputLayout.addWidget(self.replaceSelectedCheckBox)
+        outputLayout.addWidget(self.fillHolesCheckBox)
         self.scriptedEffect.addOptionsWidget(outputLayout)
 
         self.setupAdvancedSection()
@@ -318,6 +324,7 @@ rank worst.</li>
         self.scriptedEffect.setParameterDefault("TopK", 0)
         self.scriptedEffect.setParameterDefault("UseDisplayWindow", 1)
         self.scriptedEffect.setParameterDefault("ReplaceSelectedSegment", 0)
+        self.scriptedEffect.setParameterDefault("FillHoles", 1 if effect_options.EffectOptions.fill_holes else 0)
         self.scriptedEffect.setParameterDefault("PointsPerSide", 0)
         self.scriptedEffect.setParameterDefault("PredIouThresh", UNSET_FRACTION)
         self.scriptedEffect.setParameterDefault("StabilityThresh", UNSET_FRACTION)
@@ -328,7 +335,7 @@ rank worst.</li>
     def _guiWidgets(self):
         return [self.promptComboBox, self.rangeAllButton, self.rangeAroundButton, self.rangeRoiButton,
                 self.halfWidthSpinBox, self.roiSelector, self.axisComboBox, self.topKSpinBox,
-                self.useDisplayWindowCheckBox, self.replaceSelectedCheckBox,
+                self.useDisplayWindowCheckBox, self.replaceSelectedCheckBox, self.fillHolesCheckBox,
                 self.pointsPerSideSpinBox, self.predIouSpinBox, self.stabilitySpinBox, self.cropLayersSpinBox,
                 self.maxAreaSpinBox, self.minRegionSpinBox]
 
@@ -351,6 +358,7 @@ rank worst.</li>
         self.topKSpinBox.value = self.scriptedEffect.integerParameter("TopK")
         self.useDisplayWindowCheckBox.checked = self.scriptedEffect.integerParameter("UseDisplayWindow") != 0
         self.replaceSelectedCheckBox.checked = self.scriptedEffect.integerParameter("ReplaceSelectedSegment") != 0
+        self.fillHolesCheckBox.checked = self.scriptedEffect.integerParameter("FillHoles") != 0
         self.pointsPerSideSpinBox.value = self.scriptedEffect.integerParameter("PointsPerSide")
         self.predIouSpinBox.value = self.scriptedEffect.doubleParameter("PredIouThresh")
         self.stabilitySpinBox.value = self.scriptedEffect.doubleParameter("StabilityThresh")
@@ -376,6 +384,7 @@ rank worst.</li>
         setParameter("TopK", self.topKSpinBox.value)
         setParameter("UseDisplayWindow", 1 if self.useDisplayWindowCheckBox.checked else 0)
         setParameter("ReplaceSelectedSegment", 1 if self.replaceSelectedCheckBox.checked else 0)
+        setParameter("FillHoles", 1 if self.fillHolesCheckBox.checked else 0)
         setParameter("PointsPerSide", self.pointsPerSideSpinBox.value)
         setParameter("PredIouThresh", self.predIouSpinBox.value)
         setParameter("StabilityThresh", self.stabilitySpinBox.value)
@@ -442,6 +451,7 @@ rank worst.</li>
                 min_region_area=unset(integerParameter("MinRegionArea"), UNSET_COUNT),
             ),
             replace_selected_segment=integerParameter("ReplaceSelectedSegment") != 0,
+            fill_holes=integerParameter("FillHoles") != 0,
         )
 
     def sliceNodeForAxis(self, volumeNode, axis):

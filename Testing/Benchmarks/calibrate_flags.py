@@ -15,6 +15,9 @@ well the flags find the slices with Dice < 0.5 (evaluation.POOR_SLICE_DICE, pain
 slices included) in the written mask: per run, per structure, pooled, and per reason (its flags on
 poor and on good slices, and the slices only it flags). Under the defaults it first checks that
 it reproduces the flags each report holds. `--sweep` repeats the pooled figures per value of one rule.
+The mask signals (fragments, solidity, neighbours) are the report's: the product measures them on the
+model's masks, before the clean-up that makes the written mask (holes filled), so `fragment_share`,
+which changes how they are measured, cannot be judged here.
 """
 
 from __future__ import annotations
@@ -79,12 +82,12 @@ def run_all(args) -> None:
 
 @dataclasses.dataclass
 class KeptRun:
-    """A run as flag_records sees it (records and masks in slice order), and which slices are poor."""
+    """A run as flag_records sees it (records in slice order, their mask signals the report's), and
+    which slices of the written mask are poor."""
 
     name: str
     structure: str
     records: List[SliceRecord]
-    masks: np.ndarray
     poor: np.ndarray
     thickness_mm: float
     reported_flags: List[List[str]]
@@ -104,14 +107,14 @@ def load_run(root: Path, folder: Path) -> KeptRun:
     records = [SliceRecord(**{k: v for k, v in row.items() if k in names}) for row in rows]
     poor = np.array([dice(m, t) < POOR_SLICE_DICE for m, t in zip(mask, truth)])
     painted = sum(1 for m, t in zip(mask, truth) if m.any() and not t.any())
-    return KeptRun(folder.name, Path(kept["case"]).name, records, mask, poor, float(reference.spacing_kji[axis]),
+    return KeptRun(folder.name, Path(kept["case"]).name, records, poor, float(reference.spacing_kji[axis]),
                    [list(r.flags) for r in records], f"3D Dice {dice(mask, truth):.3f}  painted {painted}")
 
 
 def reflag(run: KeptRun, rules: QualityRules) -> np.ndarray:
     """Which slices the product's flag_records flags under `rules` (the records keep the flags). Presence's
     floor is the runner's for a scorer that reads no text, as the oracles do: the candidates' median."""
-    flag_records(run.records, run.masks, rules, run.thickness_mm, candidate_floor(run.records))
+    flag_records(run.records, None, rules, run.thickness_mm, candidate_floor(run.records))
     return np.array([bool(r.flags) for r in run.records])
 
 
@@ -178,6 +181,8 @@ def check_reproduced(runs: Sequence[KeptRun]) -> None:
 
 
 def parse_value(name: str, text: str):
+    if name == "fragment_share":
+        raise SystemExit("fragment_share changes how the mask signals are measured; the judge keeps the report's")
     kind = type(getattr(QualityRules(), name))
     return text.lower() in ("1", "true", "yes", "on") if kind is bool else kind(float(text))
 

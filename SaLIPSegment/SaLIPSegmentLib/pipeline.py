@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from .cleanup import cleaned_run_mask
 from .errors import InputError, MissingWeightsError
 from .io import Image3D
 from .models.base import ProposalSettings
@@ -295,8 +296,6 @@ def segment_image(
 def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, result, adaptation, started: float,
                say: Callable[[str], None], applied=None) -> Tuple[np.ndarray, dict]:
     """The run's mask after clean-up and laterality, and the report (the hints applied, when there are any)."""
-    from .cleanup import cleaned_run_mask
-
     mask, side = keep_prompted_side(cleaned_run_mask(result, run), image, settings.prompt, say)
     report = {
         "prompt": settings.prompt.to_dict(), "top_k": run.top_k, "sam": settings.sam, "clip": settings.clip,

@@ -105,27 +105,25 @@ def box_bound(session: CorrectionSession, reference: np.ndarray):
     return volume_dice(bound, truth, span), slice_dice(bound, truth, span)
 
 
-def _step(step: int, result: VolumeResult, settings: VolumeSettings, truth: np.ndarray, **found) -> CorrectionStep:
-    """The figures after `step` corrections, on the mask the user gets."""
-    shown = shown_slices(result, settings)
-    return CorrectionStep(step, volume_dice(shown, truth, result.slice_range),
-                          slice_dice(shown, truth, result.slice_range), **found)
+def _step(step: int, shown: np.ndarray, truth: np.ndarray, slice_range, **found) -> CorrectionStep:
+    """The figures after `step` corrections, on the mask the user gets (shown_slices)."""
+    return CorrectionStep(step, volume_dice(shown, truth, slice_range), slice_dice(shown, truth, slice_range), **found)
 
 
 def _curve(session: CorrectionSession, automatic: VolumeResult, reference: np.ndarray, chooser: str,
            count: int, say: Callable[[str], None]) -> List[CorrectionStep]:
     truth = np.moveaxis(reference, session.axis, 0)
-    steps = [_step(0, automatic, session.settings, truth, seconds=automatic.seconds)]
-    result = automatic
+    result, shown = automatic, shown_slices(automatic, session.settings)
+    steps = [_step(0, shown, truth, result.slice_range, seconds=automatic.seconds)]
     for step in range(1, count + 1):
-        shown = shown_slices(result, session.settings)
         index = choose_slice(chooser, result, shown, truth, set(session.hints))
         if index is None:
             say(f"{chooser}: nothing left to fix after {step - 1} corrections")
             break
         hint = reference_hint(truth[index], index)
         result, correction = session.correct([hint])
-        steps.append(_step(step, result, session.settings, truth, slice=index, hint=hint.to_dict(),
+        shown = shown_slices(result, session.settings)
+        steps.append(_step(step, shown, truth, result.slice_range, slice=index, hint=hint.to_dict(),
                            seconds=correction.seconds, changed=correction.changed, encodings=correction.encodings))
         say(f"{chooser} #{step}: slice {index} ({hint.kind}), Dice {steps[-1].dice_volume:.3f}, "
             f"{correction.seconds:.2f} s, {len(correction.changed)} slices redone")

@@ -153,7 +153,7 @@ rank worst.</li>
         self.fillHolesCheckBox = qt.QCheckBox(_("Fill holes"))
         self.fillHolesCheckBox.setToolTip(
             _("Fill holes enclosed in each slice's mask: the models leave bright or dark patches inside an "
-              "organ out. Uncheck for a target that is a ring round a lumen (a wall)."))
+              "organ out. Uncheck for a target that is a ring round a lumen (a wall). Applies from the next Preview."))
         self.fillHolesCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         outputLayout = qt.QHBoxLayout()
         outputLayout.addWidget(self.replaceSelectedCheckBox)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from SaLIPSegmentLib.cascade import NO_CANDIDATE, segment_slice
+from SaLIPSegmentLib.cascade import NO_CANDIDATE, retrieve, segment_slice
 from SaLIPSegmentLib.errors import Cancelled, InputError, ModelError
 from SaLIPSegmentLib.imaging import dice, gray_to_rgb, mask_to_box, robust_window, window_to_uint8
 from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
-from SaLIPSegmentLib.models.base import Segmenter
+from SaLIPSegmentLib.models.base import Candidate, Segmenter
 from SaLIPSegmentLib.models.device import MemoryFallback
 from SaLIPSegmentLib.settings import PresenceSettings, ShapeSettings, VolumeSettings
 from SaLIPSegmentLib.volume import (
@@ -102,6 +102,24 @@ def test_each_slice_is_embedded_once_unless_asked_otherwise(segmenter):
     segment_slice(image, segmenter, OracleScorer(), ["x"], proposal=PROPOSALS, reference=image > 100,
                   reencode_for_refine=True)
     assert segmenter.encodings == 3
+
+
+def _square(y0, x0, side=10, size=40):
+    mask = np.zeros((size, size), dtype=bool)
+    mask[y0 : y0 + side, x0 : x0 + side] = True
+    return Candidate(mask=mask, box=mask_to_box(mask), predicted_iou=0.9, stability=0.9)
+
+
+def test_retrieval_prefers_the_candidate_that_continues_the_neighbour_by_the_weight_in_points():
+    elsewhere, continuing, overlapping = _square(0, 0), _square(20, 20), _square(25, 25)
+    candidates, scores = [elsewhere, continuing, overlapping], np.array([30.0, 27.0, 28.5])
+    neighbour = continuing.mask
+    assert retrieve(candidates, scores, 1) == [0]  # no neighbour: score alone
+    assert retrieve(candidates, scores, 1, neighbour, 0.0) == [0]
+    assert retrieve(candidates, scores, 1, np.zeros_like(neighbour), 4.0) == [0]  # an empty neighbour says nothing
+    # 4 points x Dice: the continuing square gains 4 (27 -> 31), the overlapping one 4 x 0.25 (28.5 -> 29.5).
+    assert retrieve(candidates, scores, 3, neighbour, 4.0) == [1, 0, 2]
+    assert retrieve(candidates, scores, 1, neighbour, 2.0) == [0]  # 29 and 29: still short of 30
 
 
 def test_a_slice_without_candidates_is_empty_with_a_reason(segmenter):
@@ -267,6 +285,30 @@ def test_a_failed_propagation_falls_back_to_the_cascade_on_the_same_embedding(se
     every = segment_volume(volume, segmenter, OracleScorer(), ["x"],
                            VolumeSettings(proposal=PROPOSALS, mode="every-slice"), reference=volume > 100)
     np.testing.assert_array_equal(result.mask, every.mask)
+
+
+def test_a_refused_chains_cascade_is_handed_the_neighbours_mask_and_a_key_slice_none(segmenter, monkeypatch):
+    import SaLIPSegmentLib.volume as volume_module
+
+    handed = {}
+
+    def recording(pixels, *args, prior=None, prior_weight=0.0, **kwargs):
+        result = segment_slice(pixels, *args, prior=prior, prior_weight=prior_weight, **kwargs)
+        handed[len(handed)] = (None if prior is None else prior.copy(), prior_weight, result.mask.copy())
+        return result
+
+    monkeypatch.setattr(volume_module, "segment_slice", recording)
+    volume = _stack(5)
+    refuse_all = PropagationSettings(key_interval=4, max_iou_drop=-1e9, neighbour_weight=3.0)
+    result = segment_volume(volume, segmenter, OracleScorer(), ["x"],
+                            VolumeSettings(proposal=PROPOSALS, propagation=refuse_all), reference=volume > 100)
+    assert [s.fallback for s in result.slices] == [None, "predicted IoU", "predicted IoU", "predicted IoU", None]
+    # Calls in order: key slices 0 and 4, then the walk 1, 2, 3, each after the slice before it.
+    assert handed[0][0] is None and handed[1][0] is None
+    for call, before in ((2, 0), (3, 2), (4, 3)):
+        prior, weight, _ = handed[call]
+        np.testing.assert_array_equal(prior, handed[before][2])
+        assert weight == 3.0
 
 
 def test_propagation_stops_where_the_cascade_finds_nothing(segmenter):

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .imaging import Box, gray_to_rgb, mask_to_box
+from .imaging import Box, dice, gray_to_rgb, mask_to_box
 from .models.base import Candidate, ProposalSettings, RefinedMask, Scorer, Segmenter
 from .settings import ShapeSettings
 from .shape import refine_in_shape, unite_parts
@@ -66,6 +66,8 @@ def segment_slice(
     already_embedded: bool = False,
     keep_candidates: bool = False,
     shape: Optional[ShapeSettings] = None,
+    prior: Optional[np.ndarray] = None,
+    prior_weight: float = 0.0,
 ) -> SliceResult:
     """Segment the prompt's target on one slice.
 
@@ -75,8 +77,9 @@ def segment_slice(
     (kept only to benchmark against). `already_embedded` says the segmenter holds
     this image's embedding already (a propagation step that fell back to the full
     cascade). `shape` names the steps between retrieval and the mask (shape.py; all
-    off: the paper's single refine). A slice where no candidate survives returns an
-    empty mask and a reason.
+    off: the paper's single refine). `prior` (the neighbouring slice's mask) and
+    `prior_weight` rank the candidates that continue it higher (retrieve). A slice where
+    no candidate survives returns an empty mask and a reason.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -89,7 +92,7 @@ def segment_slice(
 
     started = time.perf_counter()
     scores = np.asarray(scorer.score(rgb, candidates, sentences, reference=reference), dtype=np.float64)
-    best = [int(i) for i in np.argsort(-scores, kind="stable")[:top_k]]
+    best = retrieve(candidates, scores, top_k, prior, prior_weight)
     boxes, retrieval, masks = retrieved_boxes(rgb, candidates, scores, best, scorer, sentences, shape, reference)
     seconds["score"] = time.perf_counter() - started
 
@@ -104,6 +107,16 @@ def segment_slice(
     result.candidates_median_score = float(np.median(scores))  # all candidates', not the retrieved ones'
     result.retrieved_masks = masks if keep_candidates else []
     return result
+
+
+def retrieve(candidates: List[Candidate], scores: np.ndarray, top_k: int, prior: Optional[np.ndarray] = None,
+             prior_weight: float = 0.0) -> List[int]:
+    """The indices of the top_k candidates, best first: by score, plus prior_weight x each candidate's Dice
+    with `prior` (the neighbouring slice's mask, where a chain fell back to the cascade) when given."""
+    ranking = scores
+    if prior is not None and prior_weight > 0 and prior.any():
+        ranking = scores + prior_weight * np.asarray([dice(c.mask, prior) for c in candidates])
+    return [int(i) for i in np.argsort(-ranking, kind="stable")[:top_k]]
 
 
 def propose_candidates(rgb: np.ndarray, segmenter: Segmenter, proposal: ProposalSettings, already_embedded: bool,

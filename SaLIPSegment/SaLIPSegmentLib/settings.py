@@ -115,6 +115,13 @@ class PropagationSettings:
     """Keep a propagated mask whose CLIP score is at most this many points below its anchor's."""
     min_area_ratio: float = 0.2
     """A propagated mask smaller than this fraction of its source's goes to the full cascade."""
+    neighbour_weight: float = 4.0
+    """Where a chain is refused and the slice gets the full cascade, retrieval ranks each candidate by its
+    score plus this many points x its Dice with the neighbour's mask (cascade.retrieve): the target
+    continues from slice to slice, and a CLIP-like score's noise let a fragment elsewhere outrank it.
+    In CLIP's points (100 x cosine); the exact oracle's 0-100 scale barely feels it. Key slices have no
+    neighbour and rank by score alone. 0: score alone everywhere. Why 4: RESULTS.md, issue 18,
+    2026-12-03 (neighbour-consistent retrieval)."""
     correction_region_margin: Optional[float] = 0.25
     """In a correction (corrections.py), a slice where a chain descending from the user's box or clicks
     is refused, or where it meets a contested chain, gets the full cascade with proposals only around

@@ -649,7 +649,8 @@ class VolumeRunner:
         """One full cascade (propose, retrieve, refine), written into the mask; True when it found something.
 
         `source`: the chain that guides it here, if any (the one refused here; on a contested slice,
-        the one guiding_chain picks). Where fallback_region gives it a region,
+        the one guiding_chain picks). Retrieval prefers candidates that continue its mask
+        (PropagationSettings.neighbour_weight). Where fallback_region gives it a region,
         proposals come from there only, the slice gives presence no floor (its candidates' median is
         not what the scorer gives what mostly is not the target), and what it finds descends from the
         same hint, so the chain's next refusal proposes around it again."""
@@ -659,7 +660,8 @@ class VolumeRunner:
             pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
             proposal=proposal, reference=self._reference(index),
             reencode_for_refine=self.settings.reencode_for_refine, already_embedded=already_embedded,
-            shape=self.settings.shape,
+            shape=self.settings.shape, prior=self.neighbour_mask(source),
+            prior_weight=self.settings.propagation.neighbour_weight,
             keep_candidates=True,  # only for the agreement below; dropped with the result
         )
         timing = dict(seconds or {})
@@ -676,6 +678,14 @@ class VolumeRunner:
             self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index, lineage)
             return True
         return False
+
+    @staticmethod
+    def neighbour_mask(source: Optional[_Found]) -> Optional[np.ndarray]:
+        """The mask of the chain that guides a cascade (the neighbour it was refused after): what
+        retrieval prefers candidates to continue; None without a chain."""
+        if source is None or not source.parts:
+            return None
+        return np.logical_or.reduce(source.parts)
 
     def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
         """Make slice `index` the segmenter's image; seconds spent encoding.

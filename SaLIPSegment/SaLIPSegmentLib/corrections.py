@@ -105,7 +105,7 @@ class CorrectionSession(VolumeRunner):
         hint = self.hints.get(source.hint) if source.hint is not None else None
         if margin is None or hint is None or hint.kind == "absent" or not source.parts:
             return None
-        box = mask_to_box(np.logical_or.reduce(source.parts))
+        box = mask_to_box(source.mask)
         return None if box is None else grow_box(box, margin, self.shape)
 
     def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:

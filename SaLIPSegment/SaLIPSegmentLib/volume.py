@@ -229,6 +229,11 @@ class _Found:
     """The hinted slice this chain descends from (through propagation and the cascades its refusals ran),
     or None: a chain of the automatic pass, or from a boundary a correction left as it was."""
 
+    @property
+    def mask(self) -> Optional[np.ndarray]:
+        """The union of the parts: what the slice hands on as its mask (None without parts)."""
+        return np.logical_or.reduce(self.parts) if self.parts else None
+
 
 @dataclass
 class _Attempt:
@@ -660,7 +665,7 @@ class VolumeRunner:
             pixels, self.segmenter, self.scorer, self.sentences, top_k=self.settings.top_k,
             proposal=proposal, reference=self._reference(index),
             reencode_for_refine=self.settings.reencode_for_refine, already_embedded=already_embedded,
-            shape=self.settings.shape, prior=self.neighbour_mask(source),
+            shape=self.settings.shape, prior=source.mask if source is not None else None,
             prior_weight=self.settings.propagation.neighbour_weight,
             keep_candidates=True,  # only for the agreement below; dropped with the result
         )
@@ -678,14 +683,6 @@ class VolumeRunner:
             self.found[index] = _Found(result.parts, result.clip_scores, result.predicted_ious, index, lineage)
             return True
         return False
-
-    @staticmethod
-    def neighbour_mask(source: Optional[_Found]) -> Optional[np.ndarray]:
-        """The mask of the chain that guides a cascade (the neighbour it was refused after): what
-        retrieval prefers candidates to continue; None without a chain."""
-        if source is None or not source.parts:
-            return None
-        return np.logical_or.reduce(source.parts)
 
     def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
         """Make slice `index` the segmenter's image; seconds spent encoding.

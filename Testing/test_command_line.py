@@ -17,6 +17,7 @@ from SaLIPSegmentLib.anatomy import anatomical_plane, keep_patient_side
 from SaLIPSegmentLib.cli import main
 from SaLIPSegmentLib.io import read_image
 from SaLIPSegmentLib.prompts import get_preset, resolve_prompt
+from SaLIPSegmentLib.settings import PropagationSettings
 
 from conftest import disk_image
 from slicer_mrml import read_segments_on_reference
@@ -337,7 +338,8 @@ def test_thick_slices_get_more_key_slices_and_the_report_says_how_many(tmp_path,
 
     interval, keys = cascades(6.0)  # 24 mm apart at most: every 4th slice of 6 mm
     assert interval == 4 and set(key_positions(10, 4)) <= keys
-    assert cascades(1.0)[0] == 16 and cascades(6.0, "--key-distance", "0")[0] == 16
+    slices_only = PropagationSettings.key_interval  # 1 mm slices, or no distance: the interval in slices
+    assert cascades(1.0)[0] == slices_only and cascades(6.0, "--key-distance", "0")[0] == slices_only
     assert cascades(6.0, "--key-interval", "2")[0] == 2
 
 

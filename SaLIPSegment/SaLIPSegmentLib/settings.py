@@ -87,15 +87,18 @@ class PropagationSettings:
     a key slice without the target): the slice then splits the stretch in two.
     """
 
-    key_interval: int = 16
+    key_interval: int = 12
     """Key slices (full cascade) are the first and last slice with tissue and evenly between,
     at most this many slices apart (volume.key_positions); an organ spanning at least this many
-    slices always has a key slice of its own. Why 16: Testing/Benchmarks/RESULTS.md, issue 17."""
+    slices always has a key slice of its own. 16 (issue 17) left a 1 mm thalamus with one key slice,
+    and a CLIP-like score's noise on it decided the whole structure. 12 binds on slices up to 2 mm
+    thick; thicker ones follow key_distance_mm. Figures: Testing/Benchmarks/RESULTS.md, issue 18,
+    2026-12-03 (third)."""
     key_distance_mm: Optional[float] = 24.0
     """Where the slice thickness is known, key slices are also at most this many millimetres apart
     (interval_for): 16 slices of 6.5 mm are 104 mm, more than a tumour, and on 3 mm slices a
-    cerebellum had one key slice. Leaves 1 mm slices at 16. None or 0: slices only. Why 24:
-    Testing/Benchmarks/RESULTS.md, issue 18 (thick slices)."""
+    cerebellum had one key slice. Slices up to 2 mm thick keep key_interval. None or 0: slices only.
+    Why 24: Testing/Benchmarks/RESULTS.md, issue 18 (thick slices)."""
     box_margin: float = 0.1
     """Grow the neighbour's box by this fraction of its width and height on each side. 0.05 kept a
     chain on a head with skull whole (LiteMedSAM outlines the inner brain once the box has grown

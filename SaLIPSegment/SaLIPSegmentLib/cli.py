@@ -563,13 +563,13 @@ def _simulate_corrections(args, volume, reference, segmenter, scorer, prompt, ru
         bar.close()
     print(f"Simulated corrections (reference box or 'no target' on one slice each; box bound "
           f"{found.box_bound_dice_volume:.3f}, embeddings kept: {found.embedding_mib:.0f} MiB):")
-    print(f"  {'':<10}" + "".join(f"{name + ': slice':>18}{'Dice':>8}{'s':>7}" for name in found.curves))
+    print(f"  {'':<10}" + "".join(f"{name + ': slice':>18}{'Dice':>8}{'s':>9}" for name in found.curves))
     for step in range(max(len(c) for c in found.curves.values())):
         cells = []
         for curve in found.curves.values():
             row = curve[step] if step < len(curve) else None
-            cells.append(f"{'':>18}{'':>8}{'':>7}" if row is None else
-                         f"{'auto' if row.slice is None else row.slice:>18}{row.dice_volume:>8.3f}{row.seconds:>7.2f}")
+            cells.append(f"{'':>18}{'':>8}{'':>9}" if row is None else  # an automatic pass can take 1000 s and more
+                         f"{'auto' if row.slice is None else row.slice:>18}{row.dice_volume:>8.3f}{row.seconds:>9.2f}")
         print(f"  {'#' + str(step):<10}" + "".join(cells))
     return found.to_dict()
 

@@ -17,10 +17,10 @@ from SaLIPSegmentLib.corrections import (
 )
 from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
-from SaLIPSegmentLib.imaging import mask_to_box
+from SaLIPSegmentLib.imaging import dice, mask_to_box
 from SaLIPSegmentLib.io import RAS_TO_LPS
-from SaLIPSegmentLib.models import OracleScorer, ProposalSettings, create_segmenter
-from SaLIPSegmentLib.settings import PresenceSettings, PropagationSettings, VolumeSettings
+from SaLIPSegmentLib.models import NoisyOracleScorer, OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.settings import CleanupSettings, PresenceSettings, PropagationSettings, VolumeSettings
 from SaLIPSegmentLib.shape import zoom_window
 from SaLIPSegmentLib.volume import SliceRecord, _Found, grow_box, key_positions
 
@@ -191,6 +191,63 @@ def test_a_fix_carries_past_the_boundary_while_it_scores_above_what_each_slice_h
     assert correction.changed == [5, 6, 7, 8, 9]
     assert [after.slices[k].method for k in (8, 9)] == ["propagated", "propagated"]
     np.testing.assert_array_equal(after.mask[10:], before[10:])
+
+
+def test_a_redone_slice_keeps_its_mask_where_the_scorer_ranks_it_above_the_fixs_chain(segmenter):
+    volume = _volume()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference)
+    session.run()
+    own = reference[5]
+    _spoil(session, 5, keep=own)  # nothing a chain gives scores above the reference itself
+    _spoil(session, 7)  # one pixel: the chain does better
+    fix = Hint(6, "box", box=(20, 14, 45, 44))
+    after, correction = session.correct([fix])
+    assert correction.changed == [5, 6, 7]
+    np.testing.assert_array_equal(after.mask[5], own)
+    assert after.mask[7].sum() > 1 and after.slices[7].method == "propagated"
+    session.restore_state(session.automatic_state)  # without the kept mask, the chain's own result there
+    _spoil(session, 7)
+    chained, _ = session.correct([fix])
+    assert not np.array_equal(chained.mask[5], own), "the test needs a chain that differs from it"
+    np.testing.assert_array_equal(chained.mask[7], after.mask[7])
+
+
+def test_with_a_clip_like_scorer_a_redone_slice_is_ranked_by_the_scores_it_was_made_with(segmenter, monkeypatch):
+    volume = _volume()
+    reference = volume > 100
+    settings = VolumeSettings(proposal=PROPOSALS, propagation=PropagationSettings(key_interval=4),
+                              presence=PresenceSettings(enabled=False))
+    session = CorrectionSession(volume, segmenter, NoisyOracleScorer(), ["disk"], settings, reference=reference)
+    session.run()
+    assert session.records[5].method == "propagated"
+    session.records[5].clip_scores = [99.0]  # above all the noisy oracle gives (22 + 8 x Dice + noise)
+    own = session.mask[5].copy()
+    calls, during = [], []
+    score, keep_better = session.scorer.score, session.keep_better
+    monkeypatch.setattr(session.scorer, "score", lambda *a, **k: calls.append(1) or score(*a, **k))
+    monkeypatch.setattr(session, "keep_better", lambda before: during.append(-len(calls)) or keep_better(before)
+                        or during.append(during.pop() + len(calls)))
+    after, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert 5 in correction.changed and calls
+    np.testing.assert_array_equal(after.mask[5], own)
+    assert during and not any(during), "CLIP is not run again to rank what a correction redid"
+
+
+@pytest.mark.parametrize("fill", [True, False])
+def test_a_corrections_masks_are_compared_as_the_clean_up_will_show_them(segmenter, fill):
+    volume = _volume()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference)
+    session.settings = replace(session.settings, cleanup=CleanupSettings(fill_holes=fill))
+    disk = reference[5]
+    yy, xx = np.nonzero(disk)
+    y, x = np.mgrid[: disk.shape[0], : disk.shape[1]]
+    ring = disk & ((y - yy.mean()) ** 2 + (x - xx.mean()) ** 2 > 25)  # the disk with a hole
+    assert ring.sum() < disk.sum()
+    pixels = session._image(5)
+    score = session._whole_score(5, pixels, [ring])
+    assert score == pytest.approx(100.0 if fill else 100.0 * dice(ring, disk))
 
 
 def test_the_carry_stops_where_the_model_refuses_the_chain(segmenter):

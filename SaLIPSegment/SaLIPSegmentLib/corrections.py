@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 from .errors import InputError
 from .hints import HINT_METHOD, Hint, HintGeometry, rank_slices_to_fix  # noqa: F401 (re-exported)
@@ -335,8 +336,11 @@ class CorrectionSession(VolumeRunner):
         return True
 
     def _whole_score(self, index: int, pixels: np.ndarray, parts: List[np.ndarray]) -> float:
-        """The scorer's score for the union of a slice's parts, as one candidate."""
+        """The scorer's score for the union of a slice's parts, as one candidate, with its holes filled where
+        the run's clean-up fills them: two masks are compared as the user will see them."""
         union = np.logical_or.reduce(parts)
+        if self.settings.cleanup.fill_holes:
+            union = ndimage.binary_fill_holes(union)
         return max(self._score_parts(pixels, [union], [1.0], self._reference(index)), default=-np.inf)
 
     def refill(self, low: Optional[int], high: Optional[int]) -> List[int]:
@@ -351,6 +355,8 @@ class CorrectionSession(VolumeRunner):
         first = 0 if low is None else low + 1
         stop = len(self.tissue) if high is None else high
         redone = self.tissue[first:stop]
+        before = {index: (self.records[index], self.found[index], self.mask_slices[index].copy())
+                  for index in redone if index in self.found and index not in self.hints}
         for index in redone:
             self.records.pop(index, None)
             self.found.pop(index, None)
@@ -362,7 +368,29 @@ class CorrectionSession(VolumeRunner):
         for index in redone:
             if index not in self.records:
                 self._finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))
+        self.keep_better(before)
         return redone
+
+    def keep_better(self, before: Dict[int, Tuple[SliceRecord, _Found, np.ndarray]]) -> None:
+        """Give a redone slice its mask from before the correction back where the scorer ranks that one
+        higher (_kept_rank): a fix's chain can drift a few slices away from it, and a slice it did not
+        improve keeps what it had (RESULTS.md, issue 19, 2026-12-03). Slices the chain left without a
+        mask stay so."""
+        for index, (record, found, mask) in before.items():
+            now = self.found.get(index)
+            if now is None:
+                continue
+            if self._kept_rank(index, record, found) > self._kept_rank(index, self.records[index], now):
+                self.records[index], self.found[index] = record, found
+                self.mask_slices[index] = mask
+
+    def _kept_rank(self, index: int, record: SliceRecord, found: _Found) -> float:
+        """How the scorer ranks a propagated slice's result: with a CLIP-like scorer, its weakest part's
+        score from when the chain reached it (CLIP is not run again on every slice a correction redoes:
+        0.3 s a crop on 2 CPU cores); with the exact oracle, the whole mask as the user will see it."""
+        if self.scorer.scores_like_clip and record.clip_scores:
+            return min(record.clip_scores)
+        return self._whole_score(index, self._image(index), found.parts)
 
     def result(self, seconds: float) -> VolumeResult:
         """The session's current mask and table, flagged again (hinted slices are never flagged)."""

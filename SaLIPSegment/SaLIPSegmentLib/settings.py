@@ -101,8 +101,10 @@ class PropagationSettings:
     Why 24: Testing/Benchmarks/RESULTS.md, issue 18 (thick slices)."""
     box_margin: float = 0.1
     """Grow the neighbour's box by this fraction of its width and height on each side. 0.05 kept a
-    chain on a head with skull whole (LiteMedSAM outlines the inner brain once the box has grown
-    loose) but lost on the cerebellum, a 6 mm lesion and deep grey (RESULTS.md, issue 19, 2026-12-02)."""
+    chain on a head with skull on the brain (from a looser box LiteMedSAM's masks spread past it, and
+    each box grows on the last) but lost on the cerebellum, a 6 mm lesion and deep grey; so did a
+    per-slice choice of the two by predicted IoU in chains from a user's fix (RESULTS.md, issue 19,
+    2026-12-02 and 2026-12-03)."""
     hint_box_margin: float = 0.1
     """A user's box (a hint) prompts the model grown by this fraction on each side, and its mask is
     then kept inside the user's box: LiteMedSAM segments worse from a tight box than from a looser

@@ -223,11 +223,16 @@ def test_with_a_clip_like_scorer_a_redone_slice_is_ranked_by_the_scores_it_was_m
     assert session.records[5].method == "propagated"
     session.records[5].clip_scores = [99.0]  # above all the noisy oracle gives (22 + 8 x Dice + noise)
     own = session.mask[5].copy()
-    calls, during = [], []
+    calls, during = [], []  # every scorer call; those keep_better made, per call of it
     score, keep_better = session.scorer.score, session.keep_better
     monkeypatch.setattr(session.scorer, "score", lambda *a, **k: calls.append(1) or score(*a, **k))
-    monkeypatch.setattr(session, "keep_better", lambda before: during.append(-len(calls)) or keep_better(before)
-                        or during.append(during.pop() + len(calls)))
+
+    def counted_keep_better(before):
+        start = len(calls)
+        keep_better(before)
+        during.append(len(calls) - start)
+
+    monkeypatch.setattr(session, "keep_better", counted_keep_better)
     after, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
     assert 5 in correction.changed and calls
     np.testing.assert_array_equal(after.mask[5], own)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_volume import CountingSegmenter
 
+from SaLIPSegmentLib import volume as volume_module
 from SaLIPSegmentLib.corrections import (
     ABSENT_BY_HINT,
     BEYOND_ABSENT_HINT,
@@ -17,9 +18,10 @@ from SaLIPSegmentLib.corrections import (
 )
 from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
-from SaLIPSegmentLib.imaging import dice, mask_to_box
+from SaLIPSegmentLib.imaging import dice, intersect_boxes, mask_to_box, union_box
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import NoisyOracleScorer, OracleScorer, ProposalSettings, create_segmenter
+from SaLIPSegmentLib.models.base import RefinedMask
 from SaLIPSegmentLib.settings import CleanupSettings, PresenceSettings, PropagationSettings, VolumeSettings
 from SaLIPSegmentLib.shape import zoom_window
 from SaLIPSegmentLib.volume import SliceRecord, _Found, grow_box, key_positions
@@ -268,6 +270,66 @@ def test_the_carry_stops_where_the_model_refuses_the_chain(segmenter):
     np.testing.assert_array_equal(after.mask[8:], before[8:])
     assert after.slices[8].to_dict() | {"flags": [], "quality": {}, "confidence": None} == \
         record | {"flags": [], "quality": {}, "confidence": None}
+
+
+class Overreaching(Counting):
+    """The tiny SAM, except that its mask for a box fills the box grown by a fifth on each side, with a
+    confident predicted IoU: a model whose masks reach past the target, as LiteMedSAM's do on a head
+    with skull, so that a chain's boxes grow slice by slice."""
+
+    def __init__(self, inner, shape):
+        super().__init__(inner)
+        self.shape = shape
+
+    def refine(self, boxes):
+        refined = []
+        for box in boxes:
+            x0, y0, x1, y1 = grow_box(box, 0.2, self.shape)
+            mask = np.zeros(self.shape, dtype=bool)
+            mask[y0 : y1 + 1, x0 : x1 + 1] = True
+            refined.append(RefinedMask(mask=mask, box=(x0, y0, x1, y1), predicted_iou=0.9))
+        return refined
+
+
+@pytest.mark.parametrize("margin", [0.1, None])
+def test_a_fixs_chains_prompt_inside_the_boxes_of_the_stretchs_two_ends(tiny_sam, tiny_sam_checkpoint, margin,
+                                                                         monkeypatch):
+    volume = _volume()
+    shape, reference = volume.shape[1:], volume > 100
+    model = Overreaching(create_segmenter(tiny_sam, torch.device("cpu"), tiny_sam_checkpoint), shape)
+    session = _session(model, volume, reference, interval=8)
+    session.run()
+    assert [session.tissue[k] for k in key_positions(20, 8)] == [0, 6, 13, 19]
+    for index in (6, 13):  # the ends of the fix's two stretches: the reference's own masks
+        _spoil(session, index, keep=reference[index])
+    session.settings = replace(session.settings, propagation=PropagationSettings(
+        key_interval=8, hint_zoom_factor=0, correction_envelope_margin=margin))
+    prompted, attempt, refine = {}, session.attempt, volume_module.refine_in_shape
+
+    def attempted(index, source, upcoming=()):
+        prompted["slice"] = index
+        return attempt(index, source, upcoming)
+
+    def recording(segmenter, image, boxes, settings):
+        prompted.setdefault(prompted["slice"], []).extend(boxes)
+        return refine(segmenter, image, boxes, settings)
+
+    monkeypatch.setattr(session, "attempt", attempted)
+    monkeypatch.setattr(volume_module, "refine_in_shape", recording)
+    _, correction = session.correct([Hint(9, "box", box=mask_to_box(reference[9]))])
+    assert {7, 8, 9, 10, 11, 12} <= set(correction.changed)
+    hinted = mask_to_box(session.mask_slices[9])
+
+    def envelope(end):
+        return grow_box(union_box([mask_to_box(reference[end]), hinted]), 0.1, shape)
+
+    stretches = {7: envelope(6), 8: envelope(6), 10: envelope(13), 11: envelope(13), 12: envelope(13)}
+    assert set(stretches) <= set(prompted)
+    outside = [k for k, bound in stretches.items() if any(intersect_boxes(b, bound) != b for b in prompted[k])]
+    if margin is None:
+        assert outside, "without the envelope the overreaching chains' boxes walk past both ends"
+    else:
+        assert not outside
 
 
 @pytest.mark.parametrize("margin", [0.25, None])

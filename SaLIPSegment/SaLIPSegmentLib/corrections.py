@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .hints import HINT_METHOD, Hint, HintGeometry, rank_slices_to_fix  # noqa: F401 (re-exported)
-from .imaging import Box, gray_to_rgb, mask_to_box, resize_mask
+from .imaging import Box, gray_to_rgb, intersect_boxes, mask_to_box, resize_mask, union_box
 from .shape import Shaped, refine_in_shape
 from .volume import (
     BEYOND_ORGAN,
@@ -84,6 +84,8 @@ class CorrectionSession(VolumeRunner):
         self.encodings = 0
         self.automatic_state: Optional[_SavedState] = None
         """The result of the automatic pass, to come back to when a hint is taken away."""
+        self.envelope: Optional[Box] = None
+        """While refill redoes a stretch between two boundaries: the box its chains prompt inside (stretch_envelope)."""
 
     # -- the automatic pass, remembered ----------------------------------------------------
 
@@ -108,6 +110,27 @@ class CorrectionSession(VolumeRunner):
             return None
         box = mask_to_box(source.mask)
         return None if box is None else grow_box(box, margin, self.shape)
+
+    def prompt_boxes(self, source: _Found, shape: Tuple[int, int]) -> List[Box]:
+        """The runner's boxes, cut to the stretch's envelope while refill redoes one (a box wholly outside it
+        stays as it was: the envelope bounds a walk, it does not move a chain)."""
+        boxes = super().prompt_boxes(source, shape)
+        if self.envelope is None:
+            return boxes
+        return [intersect_boxes(box, self.envelope) or box for box in boxes]
+
+    def stretch_envelope(self, low: Optional[int], high: Optional[int]) -> Optional[Box]:
+        """The union of the masks' boxes at tissue positions low and high, grown by
+        PropagationSettings.correction_envelope_margin; None where a side is open (past the last boundary
+        the walk goes on until the target ends), an end has no mask, or the setting is None."""
+        margin = self.settings.propagation.correction_envelope_margin
+        if margin is None or low is None or high is None:
+            return None
+        ends = [self.found.get(self.tissue[position]) for position in (low, high)]
+        boxes = [mask_to_box(end.mask) if end is not None and end.parts else None for end in ends]
+        if any(box is None for box in boxes):
+            return None
+        return grow_box(union_box(boxes), margin, self.shape)
 
     def embed(self, index: int, pixels: np.ndarray, upcoming: Sequence[int]) -> float:
         """The runner's embed, except that a slice encoded once in the session is never encoded again."""
@@ -346,8 +369,9 @@ class CorrectionSession(VolumeRunner):
     def refill(self, low: Optional[int], high: Optional[int]) -> List[int]:
         """Redo the slices strictly between tissue positions low and high (None: past the end); their indices.
 
-        Between two boundaries a chain runs from each end (fill_between); past the last one a single
-        walk goes outwards until the target ends (fill_gaps); what no chain reaches is beyond the organ.
+        Between two boundaries a chain runs from each end (fill_between), its boxes inside the ends'
+        envelope (stretch_envelope); past the last one a single walk goes outwards until the target ends
+        (fill_gaps); what no chain reaches is beyond the organ.
         As in the automatic pass, a slice where both chains are refused gets the full cascade (measured:
         without it, the brain's Dice after 3 corrections was 0.50 instead of 0.58; a 3 mm lesion's 0.817
         instead of 0.869, as the cascade found the lesion's end slice the chain had lost).
@@ -361,10 +385,14 @@ class CorrectionSession(VolumeRunner):
             self.records.pop(index, None)
             self.found.pop(index, None)
             self.mask_slices[index] = False
-        if low is not None and high is not None:
-            self.fill_between(low, high)
-        else:
-            self.fill_gaps(first, stop)
+        self.envelope = self.stretch_envelope(low, high)
+        try:
+            if low is not None and high is not None:
+                self.fill_between(low, high)
+            else:
+                self.fill_gaps(first, stop)
+        finally:
+            self.envelope = None
         for index in redone:
             if index not in self.records:
                 self._finish(SliceRecord(index=index, reason=BEYOND_ORGAN, method="skipped"))

@@ -5,7 +5,7 @@ Pure numpy: no torch, no Slicer, no files.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,6 +85,17 @@ def mask_to_box(mask: np.ndarray) -> Optional[Box]:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def union_box(boxes: Sequence[Box]) -> Box:
+    """The smallest box holding every one of `boxes` (inclusive corners)."""
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def intersect_boxes(box: Box, other: Box) -> Optional[Box]:
+    """The part of `box` inside `other` (inclusive corners), or None where they do not overlap."""
+    x0, y0, x1, y1 = max(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), min(box[3], other[3])
+    return (x0, y0, x1, y1) if x0 <= x1 and y0 <= y1 else None
 
 
 def masked_crop(image_rgb: np.ndarray, mask: np.ndarray, box: Box) -> np.ndarray:

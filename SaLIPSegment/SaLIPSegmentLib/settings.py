@@ -134,6 +134,14 @@ class PropagationSettings:
     (ProposalSettings.region): the fix says where the target is, and the proposals were most of the
     slowest corrections' time (figures: RESULTS.md, issue 19). None: the whole slice, as in the
     automatic pass."""
+    correction_envelope_margin: Optional[float] = 0.1
+    """In a correction, the chains between a fix and the boundary across from it prompt inside the union
+    of the two ends' mask boxes, grown by this fraction of its width and height on each side. Each slice's
+    box is its neighbour's mask's box grown by box_margin, so where the model's mask reaches past the
+    target the boxes walk further off slice by slice (a head with skull: mask boxes 1.55 x 1.83 the
+    reference's ten slices from a fix); the fix and the boundary say how far the target reaches in
+    between. None: no bound, as in the automatic pass, where both ends came from retrieval (figures:
+    RESULTS.md, issue 19, 2026-12-03, second)."""
 
     def interval_for(self, thickness_mm: Optional[float]) -> int:
         """The key interval in slices for slices `thickness_mm` apart (None: unknown, key_interval)."""

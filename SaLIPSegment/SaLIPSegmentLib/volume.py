@@ -606,8 +606,7 @@ class VolumeRunner:
             self.encode_seconds[index] = self.encode_seconds.get(index, 0.0) + self.embed(index, pixels, upcoming)
         seconds: Dict[str, float] = {}
         clock = time.perf_counter()
-        margin = self.settings.propagation.box_margin
-        boxes = [grow_box(mask_to_box(part), margin, pixels.shape) for part in source.parts if part.any()]
+        boxes = self.prompt_boxes(source, pixels.shape)
         shaped = refine_in_shape(self.segmenter, gray_to_rgb(pixels), boxes, self.settings.shape)
         refined = shaped.parts
         seconds["refine"] = time.perf_counter() - clock - shaped.seconds.get("encode", 0.0)
@@ -618,6 +617,12 @@ class VolumeRunner:
         fallback, scores = self.judge(pixels, parts, ious, source, seconds, self._reference(index))
         return _Attempt(pixels, parts, ious, scores, fallback, seconds,
                         _Found(parts, source.anchor_scores, source.anchor_ious, source.anchor, source.hint))
+
+    def prompt_boxes(self, source: _Found, shape: Tuple[int, int]) -> List[Box]:
+        """The boxes a chain prompts its next slice with: each part's box grown by the margin
+        (CorrectionSession bounds them between a fix and its boundary)."""
+        margin = self.settings.propagation.box_margin
+        return [grow_box(mask_to_box(part), margin, shape) for part in source.parts if part.any()]
 
     def judge(self, pixels: np.ndarray, parts: List[np.ndarray], ious: List[float], source: _Found,
               seconds: Dict[str, float], reference: Optional[np.ndarray] = None) -> Tuple[Optional[str], List[float]]:

@@ -38,9 +38,11 @@ class Widget:
     def __init__(self):
         self.text, self.enabled, self.visible, self.items = "", True, True, []
         self.minimum = self.maximum = self.value = 0
+        self.formats = []
 
     def setFormat(self, text):
         self.format = text
+        self.formats.append(text)
 
     def clear(self):
         self.items = []
@@ -351,12 +353,19 @@ def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_on
         "Slice 1: box 13 x 13 px (new)", "Slice 3: no target (new)",
         "Slice 4: 2 points (1 off the target) (new)"], editor.messages
 
+    shown = len(effect.progressBar.formats)
     effect.onUpdate()
     assert session.running and session.correcting
     drive(effect, lambda: not session.running)
     assert session.job.state == jobs.DONE, editor.messages
     correction = session.job.result["correction"]
     assert correction["encodings"] == 0 and correction["hinted"] == [1, 3, 4]
+    # Update's bar counts the slices it redoes, never the volume's, and never steps back.
+    words = effect.progressBar.formats[shown:]
+    counted = [int(w.split()[2]) - 1 if w.startswith("Redoing slice ") else int(w.split()[0])
+               for w in words if w != "Applying the fixes..."]
+    assert words[-1].endswith(" slices redone") and counted == sorted(counted), words
+    assert len(correction["hinted"]) <= int(words[-1].split()[0]) <= len(correction["changed"])
     corrected = np.load(session.job.result["mask"]).astype(bool)
     assert not corrected[3].any()
     kept = [k for k in range(6) if k not in correction["changed"]]

@@ -86,6 +86,9 @@ def test_durations_and_progress_read_well():
     assert eo.progress_text(0, 5) == "Slice 1 of 5"
     assert eo.progress_text(4, 5) == "Slice 5 of 5"
     assert eo.progress_text(5, 5) == "5 of 5 slices done"
+    assert eo.progress_text(0, 0, correcting=True) == "Applying the fixes..."
+    assert eo.progress_text(2, 7, correcting=True) == "Redoing slice 3 of 7"
+    assert eo.progress_text(7, 7, correcting=True) == "7 slices redone"
 
 
 # -- flagged slices and jumping to them -----------------------------------------------------------

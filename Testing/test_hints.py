@@ -1,6 +1,7 @@
 """Hints: the schema, and corrections that re-run only what a hint changes (tiny real SAM, the oracle)."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -156,6 +157,26 @@ def test_a_hint_redoes_only_the_slices_up_to_the_next_key_slices_and_encodes_not
     grown = segmenter.inner.refine([grow_box(box, 0.1, volume.shape[1:])])[0].mask
     np.testing.assert_array_equal(after.mask[6], grown & _inside(box, volume.shape[1:]))
     assert {after.slices[k].method for k in (5, 7)} <= {"propagated", "cascade"}
+
+
+def test_a_corrections_progress_counts_the_slices_it_redoes_and_never_steps_back(segmenter):
+    volume = _volume()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference)
+    session.run()
+    _spoil(session, 8)  # as in the carry's test: the fix carries past key slice 8, beyond its plan
+    _spoil(session, 9)
+    _spoil(session, 10, keep=reference[10])
+    reports = []
+    session.progress = lambda done, total: reports.append((done, total))
+    _, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44)), Hint(16, "absent")])
+    assert {8, 9} <= set(correction.changed) and reports[0][1] < reports[-1][1], "the count grew past its plan"
+    done = [d for d, _ in reports]
+    assert done == sorted(done) and all(d <= t for d, t in reports), reports
+    assert reports[0] == (2, reports[0][1]), "the hints' two slices are done when the plan is told"
+    redone = [k for k in correction.changed if k <= 16]  # past 16 the "no target" hint cleared: no model ran
+    assert reports[-1] == (len(redone), len(redone)) and len(redone) > 2
+    assert reports[-1][1] < session.total
 
 
 def test_a_slice_the_full_cascade_segmented_between_key_slices_bounds_a_hint_like_a_key_slice(segmenter):
@@ -636,6 +657,13 @@ def test_segment_with_a_hints_file_applies_them_and_marks_them_in_the_report(tmp
     assert written["summary"]["slices_hinted"] == 2
     mask = read_image(output).array > 0
     assert mask[3].any() and not mask[6].any()
+
+    # Without -q: a bar for the automatic pass, then one for the slices the hints redo, then the hints' line.
+    assert main([a for a in base if a != "-q"] + ["-o", str(output), "--overwrite", "--hints", str(hints)]) == 0
+    err = capsys.readouterr().err
+    counts = re.findall(r"applying hints: +\d+%\|[^|]*\| (\d+)/(\d+)", err)
+    assert counts and counts[-1][0] == counts[-1][1] and 2 <= int(counts[-1][1]) < 8, err
+    assert re.search(r"segmenting: +100%\|[^|]*\| 8/8", err) and "\nHints: 2 slices (3, 6)" in err, err
 
     hints.write_text(json.dumps([{"slice": 8, "box": [0, 0, 5, 5]}]))
     bad = tmp_path / "bad.nii.gz"

@@ -290,10 +290,13 @@ def _add_tool_commands(commands) -> None:
 
 
 class _ProgressBar:
-    """A tqdm bar on stderr driven by progress(done, total) callbacks; silent with --quiet."""
+    """A tqdm bar on stderr driven by progress(done, total) callbacks; silent with --quiet.
 
-    def __init__(self, quiet: bool, description: str):
-        self.quiet, self.description, self.bar = quiet, description, None
+    `after`: the bar of the phase before this one, closed when this one starts.
+    """
+
+    def __init__(self, quiet: bool, description: str, after: Optional[_ProgressBar] = None):
+        self.quiet, self.description, self.bar, self.after = quiet, description, None, after
 
     def __call__(self, done: int, total: int) -> None:
         if self.quiet:
@@ -301,7 +304,10 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="slice", desc=self.description, file=sys.stderr)
+            if self.after is not None:
+                self.after.close()
+            self.bar = tqdm(total=total, initial=done, unit="slice", desc=self.description, file=sys.stderr)
+        self.bar.total = total  # a correction's count can grow past its plan (corrections._Redo)
         self.bar.n = done
         self.bar.refresh()
 
@@ -313,6 +319,15 @@ class _ProgressBar:
 
 def _say(quiet: bool):
     return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+
+
+def _say_past(bars: List[_ProgressBar], say):
+    """`say`, which closes the open bars first: a line written under an open tqdm bar lands on its line."""
+    def said(*text) -> None:
+        for bar in bars:
+            bar.close()
+        say(*text)
+    return said
 
 
 def _check_prompt_and_profile(args) -> str:
@@ -367,13 +382,16 @@ def run_segment(args) -> int:
         f"(loaded in {load_seconds:.1f} s)")
 
     progress = _ProgressBar(args.quiet, "segmenting")
+    hint_progress = _ProgressBar(args.quiet, "applying hints", after=progress)
     try:
         mask, report = segment_image(image, settings, segmenter, scorer, reference=reference,
-                                     progress=progress, say=say, hints=hints)
+                                     progress=progress, say=_say_past([progress, hint_progress], say), hints=hints,
+                                     hint_progress=hint_progress)
     except KeyboardInterrupt:
         raise Cancelled("Cancelled; nothing was written.") from None
     finally:
         progress.close()
+        hint_progress.close()
 
     if target.kind == "segmentation" and ascii_segment_name(prompt.display_name) != prompt.display_name:
         say(f"NRRD headers hold ASCII only: the segment is named '{ascii_segment_name(prompt.display_name)}'.")
@@ -554,11 +572,11 @@ def _simulate_corrections(args, volume, reference, segmenter, scorer, prompt, ru
     """The two correction curves (simulation.py), printed as a table; their JSON field."""
     from .simulation import simulate_corrections
 
-    bar = _ProgressBar(args.quiet, "segmenting, then correcting")
+    bar = _ProgressBar(args.quiet, "segmenting")
     try:
         found = simulate_corrections(volume, reference, segmenter, scorer, prompt.sentences,
                                      dataclasses.replace(run, mode="propagate"), args.simulate_corrections,
-                                     progress=bar)
+                                     progress=bar, say=_say_past([bar], _say(args.quiet)))
     finally:
         bar.close()
     print(f"Simulated corrections (reference box or 'no target' on one slice each; box bound "

@@ -191,9 +191,13 @@ def format_duration(seconds: float) -> str:
     return f"{minutes / 60.0:.1f} h"
 
 
-def progress_text(done: int, total: int) -> str:
+def progress_text(done: int, total: int, correcting: bool = False) -> str:
+    """The progress bar's words: a run counts the volume's slices, a correction (Update) only the
+    slices it redoes (corrections._Redo)."""
     if total <= 0:
-        return "Loading models..."
+        return "Applying the fixes..." if correcting else "Loading models..."
+    if correcting:
+        return f"Redoing slice {min(done + 1, total)} of {total}" if done < total else f"{total} slices redone"
     return f"Slice {min(done + 1, total)} of {total}" if done < total else f"{total} of {total} slices done"
 
 

@@ -251,12 +251,15 @@ def segment_image(
     should_cancel: Optional[Callable[[], bool]] = None,
     say: Callable[[str], None] = lambda text: None,
     hints=None,
+    hint_progress: Optional[Callable[[int, int], None]] = None,
     keep: Optional[Callable[[KeptRun], None]] = None,
 ) -> Tuple[np.ndarray, dict]:
     """The cleaned-up mask on the image's own shape, and the report (per-slice table included).
 
     `hints` (JSON-ready data in hints.py's schema) correct the automatic pass: each hinted
     slice is segmented from its hint and propagation re-runs around it (corrections.py).
+    `progress(done, total)` follows the automatic pass's slices, `hint_progress` the slices the
+    hints redo after it.
     `keep` receives the run (a KeptRun) so that correct_kept can correct it later.
     """
     from .volume import as_volume, parse_slice_range, segment_volume
@@ -284,7 +287,7 @@ def segment_image(
     else:
         session, result, applied = run_with_hints(image, volume, segmenter, scorer, settings.prompt.sentences, run,
                                                   hints or [], reference=reference, progress=progress,
-                                                  should_cancel=should_cancel)
+                                                  hint_progress=hint_progress, should_cancel=should_cancel)
         if applied:
             say(f"Hints: {len(applied)} slices ({', '.join(str(h['slice']) for h in applied)}) segmented from "
                 "their hint and propagated.")
@@ -318,7 +321,7 @@ def finish_run(image: Image3D, settings: SegmentSettings, run: VolumeSettings, r
 
 
 def run_with_hints(image: Image3D, volume: np.ndarray, segmenter, scorer, sentences, run: VolumeSettings, hints,
-                   *, reference=None, progress=None, should_cancel=None):
+                   *, reference=None, progress=None, hint_progress=None, should_cancel=None):
     """(the CorrectionSession, its VolumeResult, the hints applied as JSON): the automatic pass, then the hints.
 
     The hints are checked against the run (slices, slice size, the segmenter's prompts) before any
@@ -334,6 +337,7 @@ def run_with_hints(image: Image3D, volume: np.ndarray, segmenter, scorer, senten
     automatic = session.run()
     if not parsed:
         return session, automatic, []
+    session.progress = hint_progress  # a correction counts the slices it redoes (corrections._Redo)
     result, _ = session.correct(parsed)
     result.seconds += automatic.seconds
     return session, result, [h.to_dict() for h in parsed]

@@ -134,11 +134,14 @@ def simulate_corrections(volume: np.ndarray, reference: np.ndarray, segmenter: S
                          sentences: Sequence[str], settings: VolumeSettings, count: int, *,
                          choosers: Sequence[str] = CHOOSERS, progress=None,
                          say: Callable[[str], None] = lambda text: None) -> SimulatedCorrections:
-    """The automatic pass, then `count` simulated corrections per chooser, from the same start."""
+    """The automatic pass, then `count` simulated corrections per chooser, from the same start.
+
+    `progress(done, total)` follows the automatic pass; `say` tells each correction as it ends."""
     reference = as_volume(reference).astype(bool)
     session = CorrectionSession(volume, segmenter, scorer, sentences, settings, reference=reference,
                                 progress=progress)
     automatic = session.run()
+    session.progress = None
     automatic_state = session.automatic_state
     curves = {}
     for chooser in choosers:

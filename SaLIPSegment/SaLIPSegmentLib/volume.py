@@ -730,6 +730,10 @@ class VolumeRunner:
             self.mask_slices[record.index] = resize_mask(result_mask, self.full_shape)
             record.area = int(self.mask_slices[record.index].sum())
         self.records[record.index] = record
+        self.report_progress(record.index)
+
+    def report_progress(self, index: int) -> None:
+        """Slice `index` has its record: the run's progress counts the slices of its range that have one."""
         if self.progress:
             self.progress(len(self.records), self.total)
 

@@ -655,7 +655,7 @@ rank worst.</li>
         if job.total > 0:
             self.progressBar.maximum = job.total
             self.progressBar.value = job.done
-        self.progressBar.setFormat(effect_options.progress_text(job.done, job.total))
+        self.progressBar.setFormat(effect_options.progress_text(job.done, job.total, session.correcting))
         if not job.finished:
             return
         self.timer.stop()

@@ -353,6 +353,16 @@ def test_fixing_slices_after_preview_updates_only_around_them_and_apply_stays_on
         "Slice 1: box 13 x 13 px (new)", "Slice 3: no target (new)",
         "Slice 4: 2 points (1 off the target) (new)"], editor.messages
 
+    # Cancel during an Update stops only the Update: the preview, the fixes and the engine's kept run stay.
+    effect.onUpdate()
+    effect.onCancel()
+    stopped = session.job
+    drive(effect, lambda: not session.running)
+    assert stopped.state == jobs.CANCELLED and not session.correcting, editor.messages
+    assert effect.previewNode() is first_preview and session.hints.pending and effect.updateButton.enabled
+    assert effect.statusLabel.text.startswith("Update stopped")
+    assert not [m for m in editor.messages if m[0] == "error"], editor.messages
+
     shown = len(effect.progressBar.formats)
     effect.onUpdate()
     assert session.running and session.correcting

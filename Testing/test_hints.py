@@ -179,6 +179,40 @@ def test_a_corrections_progress_counts_the_slices_it_redoes_and_never_steps_back
     assert reports[-1][1] < session.total
 
 
+@pytest.mark.parametrize("failure", ["cancel", "model error"])
+def test_a_correction_stopped_half_way_leaves_the_run_as_it_was_and_can_be_made_again(segmenter, failure):
+    from SaLIPSegmentLib.errors import Cancelled
+
+    volume = _volume()
+    session = _session(segmenter, volume, volume > 100)
+    session.run()
+    session.correct([Hint(16, "absent")])  # a fix in force before the one that fails
+    shown = session.result(0)
+    mask, records, hints = shown.mask.copy(), [r.to_dict() for r in shown.slices], dict(session.hints)
+    attempts = []
+    real_attempt = session.attempt
+
+    def attempt(index, source, upcoming=()):
+        attempts.append(index)
+        if failure == "model error" and len(attempts) == 2:
+            raise RuntimeError("the decoder failed")
+        return real_attempt(index, source, upcoming)
+
+    session.attempt = attempt
+    session.should_cancel = lambda: failure == "cancel" and len(attempts) >= 2
+    with pytest.raises(Cancelled if failure == "cancel" else RuntimeError):
+        session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert len(attempts) >= 2, "it stopped inside the refill, after slices were redone"
+    after = session.result(0)
+    np.testing.assert_array_equal(after.mask, mask)
+    assert [r.to_dict() for r in after.slices] == records and session.hints == hints
+
+    session.should_cancel = None
+    del session.attempt
+    again, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert correction.hinted == [6] and again.slices[6].method == "hint" and not again.mask[16:].any()
+
+
 def test_a_slice_the_full_cascade_segmented_between_key_slices_bounds_a_hint_like_a_key_slice(segmenter):
     volume = _volume()
     session = _session(segmenter, volume, volume > 100)

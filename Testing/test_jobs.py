@@ -1,5 +1,7 @@
 """The effect's Preview state and the settings panel's download state, which are Qt-free."""
 
+import types
+
 # -- the effect's Preview state: one job per Segment Editor, outliving the effect object ----------
 
 
@@ -82,3 +84,20 @@ def test_a_download_job_follows_bytes_per_file():
     assert (job.file, job.files, job.filename, job.done, job.total) == (1, 2, "c.bin", 300, 0)
     job.handle({"event": "done", "id": 1, "paths": ["/cache/a.pth", "/cache/c.bin"]})
     assert job.state == jobs.DONE and job.paths == ["/cache/a.pth", "/cache/c.bin"] and not job.cancelled
+
+
+def test_cancel_during_an_update_asks_the_engine_to_stop_it_once_and_never_a_preview(tmp_path):
+    from SaLIPSegmentLib import jobs
+
+    session = jobs.SessionRegistry().get("vtkMRMLSegmentEditorNode1")
+    session.begin(jobs.PreviewJob(1, str(tmp_path / "run" / "result")), {"folder": str(tmp_path / "run")})
+    assert not session.stop_correction(), "a running Preview is ended by killing the engine, not stopped"
+    session.job.handle({"event": "done", "id": 1, "mask": "m", "report": "r"})
+    session.hints = types.SimpleNamespace(hints={3: {"slice": 3, "absent": True}})
+    update = jobs.PreviewJob(2, str(tmp_path / "run" / "correction1"))
+    session.begin_correction(update)
+    assert session.stop_correction()
+    assert (tmp_path / "run" / "correction1" / jobs.STOP_FILE).exists()
+    assert not session.stop_correction(), "asked once: a second Cancel ends the session instead"
+    update.handle({"event": "error", "id": 2, "kind": "Cancelled", "message": "stopped"})
+    assert not session.running and not session.stop_correction()

@@ -270,6 +270,18 @@ def test_a_correction_reuses_the_kept_preview_and_taking_a_hint_away_brings_the_
     report = json.loads(Path(fixed.result["report"]).read_text())
     assert report["hints"] == [{"slice": 3, "absent": True}] and report["slices"][3]["method"] == "hint"
 
+    # Stopped (the effect's Cancel during an Update): the kept run stays as this result showed it, even
+    # where the stopped request had taken the automatic pass back first (a hint removed).
+    stopped_folder = tmp_path / "stopped"
+    stopped_folder.mkdir()
+    (stopped_folder / jobs.STOP_FILE).touch()
+    stopped = wait(worker, worker.submit({"type": "correct", "hints": []}, str(stopped_folder)))
+    assert stopped.state == jobs.CANCELLED and not (stopped_folder / "mask.npy").exists()
+    same = wait(worker, worker.submit({"type": "correct", "hints": [{"slice": 3, "absent": True}]},
+                                      str(tmp_path / "same")))
+    assert same.state == jobs.DONE and same.result["correction"]["hinted"] == []  # nothing new to apply
+    np.testing.assert_array_equal(np.load(same.result["mask"]), mask)
+
     bad = wait(worker, worker.submit({"type": "correct", "hints": [{"slice": 9, "absent": True}]},
                                      str(tmp_path / "bad")))
     assert bad.state == jobs.FAILED and "outside the run's slices 0:6" in bad.error.message

@@ -185,40 +185,54 @@ class CorrectionSession(VolumeRunner):
     # -- corrections -----------------------------------------------------------------------
 
     def correct(self, hints: Sequence[Hint]) -> Tuple[VolumeResult, Correction]:
-        """Apply hints (new or changed ones; the others are in force already) and re-propagate around them."""
+        """Apply hints (new or changed ones; the others are in force already) and re-propagate around them.
+
+        All or nothing: a correction that fails or is cancelled half-way leaves the run (and the hints in
+        force) as they were, so the preview it started from can be corrected again."""
         started, encoded = time.perf_counter(), self.encodings
         fresh = [h for h in hints if self.hints.get(h.slice) != h]
         for hint in fresh:
             self._check_hint(hint)
-        self.hints.update({h.slice: h for h in fresh})
-        changed = {h.slice for h in fresh}
-        self.redo = _Redo(planned=set(changed))
+        before = self.save_state()
         try:
-            for hint in fresh:
-                self._check_cancel()
-                self.memory.run(self.segment_hint, hint)
-            away = {h.slice: self.side_without_target(h.slice) for h in fresh if h.kind == "absent"}
-            for index, side in away.items():
-                changed.update(self.clear_beyond(index, side))
-            gaps = self._gaps_around([h.slice for h in fresh if h.slice in self.tissue], away)
-            self.announce(gaps)
-            for low, high in gaps:
-                changed.update(self.refill(low, high))
-                changed.update(self.carry_past(low, high))
-            self.redo.done |= self.redo.planned
-            self.redo.report(self.progress)
+            changed = self._apply(fresh)
+        except BaseException:
+            self.restore_state(before)
+            raise
         finally:
             self.kept.clear()
             self.redo = None
+        seconds = time.perf_counter() - started
+        correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
+                                encodings=self.encodings - encoded, seconds=seconds)
+        return self.result(seconds), correction
+
+    def _apply(self, fresh: Sequence[Hint]) -> set:
+        """correct()'s work on the session's state: the hinted slices, what "no target" clears, the stretches
+        around each fix and the carry past them, then presence; the slices it changed."""
+        self._check_cancel()  # stopped before anything: also where no hint is new (one was taken away)
+        self.hints.update({h.slice: h for h in fresh})
+        changed = {h.slice for h in fresh}
+        self.redo = _Redo(planned=set(changed))
+        for hint in fresh:
+            self._check_cancel()
+            self.memory.run(self.segment_hint, hint)
+        away = {h.slice: self.side_without_target(h.slice) for h in fresh if h.kind == "absent"}
+        for index, side in away.items():
+            changed.update(self.clear_beyond(index, side))
+        gaps = self._gaps_around([h.slice for h in fresh if h.slice in self.tissue], away)
+        self.announce(gaps)
+        for low, high in gaps:
+            changed.update(self.refill(low, high))
+            changed.update(self.carry_past(low, high))
+        self.redo.done |= self.redo.planned
+        self.redo.report(self.progress)
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         boxed = [k for k, hint in self.hints.items() if hint.kind != "absent"]
         # What the refill painted past the target loses its mask; no other slice does: presence judged
         # again moved its run and cleared or kept far slices the correction never touched (RESULTS.md).
         changed.update(self.judge_presence(ordered, keep=boxed, within=set(changed)))
-        seconds = time.perf_counter() - started
-        correction = Correction(hinted=sorted(h.slice for h in fresh), changed=sorted(changed),
-                                encodings=self.encodings - encoded, seconds=seconds)
-        return self.result(seconds), correction
+        return changed
 
     def announce(self, gaps: Sequence[Tuple[Optional[int], Optional[int]]]) -> None:
         """The correction's plan is whole: its progress reports from here (the hints' slices are done)."""

@@ -419,6 +419,10 @@ class WeightsDownload:
         self.process.discard_log()
 
 
+STOP_FILE = "stop"
+"""A file of this name in a correct request's output folder asks the engine to stop that request."""
+
+
 @dataclass
 class PreviewSession:
     """What one Segment Editor (its parameter node) has going: the running job and the preview.
@@ -468,6 +472,20 @@ class PreviewSession:
                                   segmenter_name=str(report.get("sam") or "this segmenter"))
         elif applied:
             self.hints.applied = self._sent
+
+    def stop_correction(self) -> bool:
+        """Ask the engine to stop the running Update (STOP_FILE in its output folder) without ending the
+        engine: the kept run and the preview stay as they were before it (corrections.CorrectionSession
+        undoes a correction stopped half-way). False when no Update runs or one was asked to stop already."""
+        if not (self.running and self.correcting) or self.job.folder == "":
+            return False
+        stop = os.path.join(self.job.folder, STOP_FILE)
+        if os.path.exists(stop):
+            return False
+        os.makedirs(self.job.folder, exist_ok=True)
+        with open(stop, "w", encoding="utf-8"):
+            pass
+        return True
 
     def end(self) -> Tuple[Optional[PreviewJob], Optional[str]]:
         """Forget the job and the preview; returns them so that the caller can kill and remove them."""

@@ -362,7 +362,8 @@ def correct_kept(kept: KeptRun, hints, *, progress=None, should_cancel=None,
 
     Hints new or changed since the last call are applied incrementally; when one was removed, the
     automatic pass's state comes back first and every hint is applied again (no slice is encoded
-    again either way). The report's `correction` says what was redone and what it took.
+    again either way). The report's `correction` says what was redone and what it took. One that
+    fails or is stopped (`should_cancel`) leaves the kept run as the last result showed it.
     """
     from .hints import parse_hints
     from .io import RAS_TO_LPS
@@ -370,10 +371,16 @@ def correct_kept(kept: KeptRun, hints, *, progress=None, should_cancel=None,
     session = kept.session
     parsed = parse_hints(hints, session.geometry(RAS_TO_LPS @ kept.image.ijk_to_lps))
     session.progress, session.should_cancel = progress, should_cancel
-    if set(session.hints) - {h.slice for h in parsed}:
+    shown = session.save_state() if set(session.hints) - {h.slice for h in parsed} else None
+    if shown is not None:
         session.restore_state(session.automatic_state)
     started = time.perf_counter()
-    result, correction = session.correct(parsed)
+    try:
+        result, correction = session.correct(parsed)  # all or nothing
+    except BaseException:
+        if shown is not None:  # back to the preview the user sees, not the automatic pass
+            session.restore_state(shown)
+        raise
     applied = [h.to_dict() for h in session.hints.values()]
     mask, report = finish_run(kept.image, kept.settings, kept.run, result, kept.adaptation, started, say,
                               sorted(applied, key=lambda h: h["slice"]))

@@ -11,7 +11,8 @@ Line protocol, one JSON object per line:
   "output": "/tmp/out", "settings": {...}}`` (see :func:`settings_from_request`),
   ``{"type": "correct", "id": 3, "hints": [...], "output": "/tmp/out2"}`` (the hints now in force, in
   hints.py's schema: the last segment request that said ``"keep_session": true`` is corrected, its
-  slices' embeddings reused; see pipeline.correct_kept),
+  slices' embeddings reused; see pipeline.correct_kept; a file named jobs.STOP_FILE appearing in its
+  output folder stops it, and the kept run stays as it was),
   ``{"type": "download", "id": 2, "files": [{"name", "filename", "url", "sha256", "size_bytes"}],
   "model_dir": ...}`` (the settings panel's weights, into the cache) or ``{"type": "exit"}``;
 * events on stdout: ``ready``, then per request ``loading``, ``progress`` (``done``, ``total``;
@@ -38,6 +39,7 @@ from typing import Callable, Dict, Optional, TextIO, Tuple
 import numpy as np
 
 from .errors import Cancelled, InputError, MissingWeightsError, SalipError
+from .jobs import STOP_FILE
 
 PROTOCOL_VERSION = 1
 MASK_FILE = "mask.npy"
@@ -221,7 +223,9 @@ class Worker:
             def progress(done: int, total: int) -> None:
                 self.emit({"event": "progress", "id": request_id, "done": int(done), "total": int(total)})
 
+            stop = Path(request["output"]) / STOP_FILE  # the effect's Cancel during an Update
             mask, report = correct_kept(self.kept, request.get("hints") or [], progress=progress,
+                                        should_cancel=stop.exists,
                                         say=lambda text: self.emit({"event": "notice", "text": str(text)}))
             paths = write_outputs(Path(request["output"]), mask, report)
             self.emit({"event": "done", "id": request_id, **paths, "summary": report.get("summary", {}),

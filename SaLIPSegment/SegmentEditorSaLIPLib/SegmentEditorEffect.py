@@ -182,7 +182,7 @@ rank worst.</li>
         self.applyButton.connect("clicked()", self.onApply)
         self.cancelButton = qt.QPushButton(_("Cancel"))
         self.cancelButton.objectName = self.__class__.__name__ + "Cancel"
-        self.cancelButton.setToolTip(_("Stop the running preview, or discard the preview."))
+        self.cancelButton.setToolTip(_("Stop the running preview (or only a running Update), or discard the preview."))
         self.cancelButton.connect("clicked()", self.onCancel)
         buttonsLayout = qt.QHBoxLayout()
         buttonsLayout.addWidget(self.previewButton)
@@ -670,8 +670,11 @@ rank worst.</li>
 
         correcting = session.correcting
         if job.state != jobs.DONE:
-            self.reportError(job.error)
             session.correcting = False
+            if correcting and job.error is not None and job.error.kind == "Cancelled":
+                self.setStatus(_("Update stopped; the preview and the fixes are as they were."))
+                return
+            self.reportError(job.error)
             if not correcting:  # a failed Update keeps the preview it started from
                 self.endSession()
             return
@@ -827,7 +830,11 @@ rank worst.</li>
         self.jumpToSlice(index)
 
     def onCancel(self):
-        running = self.session().running
+        session = self.session()
+        running = session.running
+        if session.stop_correction():  # an Update: the engine stops it, the preview and fixes stay
+            self.setStatus(_("Stopping the update; the preview stays as it was (Cancel again to end it)..."))
+            return
         self.endSession()
         self.setStatus(_("Cancelled; nothing was written.") if running else _("Preview discarded."))
         self.timer.stop()

@@ -75,6 +75,11 @@ class _Redo:
             total = len(self.planned | self.done)  # carry_past may go past the plan, slice by slice
             progress(len(self.done), total)
 
+    def finish(self, progress) -> None:
+        """Every slice planned is done (a stretch's slices left without a mask count too)."""
+        self.done |= self.planned
+        self.report(progress)
+
 
 @dataclass
 class _SavedState:
@@ -225,8 +230,7 @@ class CorrectionSession(VolumeRunner):
         for low, high in gaps:
             changed.update(self.refill(low, high))
             changed.update(self.carry_past(low, high))
-        self.redo.done |= self.redo.planned
-        self.redo.report(self.progress)
+        self.redo.finish(self.progress)
         ordered = [self.records[index] for index in range(self.start, self.stop)]
         boxed = [k for k, hint in self.hints.items() if hint.kind != "absent"]
         # What the refill painted past the target loses its mask; no other slice does: presence judged

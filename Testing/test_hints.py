@@ -19,7 +19,7 @@ from SaLIPSegmentLib.corrections import (
 )
 from SaLIPSegmentLib.errors import InputError
 from SaLIPSegmentLib.hints import Hint, HintGeometry, parse_hints
-from SaLIPSegmentLib.imaging import dice, intersect_boxes, mask_to_box, union_box
+from SaLIPSegmentLib.imaging import dice, intersect_boxes, mask_to_box, resize_mask, union_box
 from SaLIPSegmentLib.io import RAS_TO_LPS
 from SaLIPSegmentLib.models import NoisyOracleScorer, OracleScorer, ProposalSettings, create_segmenter
 from SaLIPSegmentLib.models.base import RefinedMask
@@ -325,6 +325,48 @@ def test_the_carry_stops_where_the_model_refuses_the_chain(segmenter):
     np.testing.assert_array_equal(after.mask[8:], before[8:])
     assert after.slices[8].to_dict() | {"flags": [], "quality": {}, "confidence": None} == \
         record | {"flags": [], "quality": {}, "confidence": None}
+
+
+@pytest.mark.parametrize("cascade_finds", ["a poorer mask", "nothing"])
+def test_a_fixs_refused_step_is_kept_over_a_poorer_cascade_but_not_where_the_cascade_finds_nothing(segmenter,
+                                                                                                  cascade_finds):
+    volume = _volume()
+    reference = volume > 100
+    session = _session(segmenter, volume, reference)
+    session.run()
+    session.found.pop(4)  # key slice 4 without the target: the walks into 5 and 7 start from the fix on 6
+    _spoil(session, 5)
+    _spoil(session, 7)
+    refuse_all = PropagationSettings(key_interval=4, max_iou_drop=-10.0)  # every chain step is refused
+    session.settings = replace(session.settings, propagation=refuse_all)
+    real_cascade, cascaded = session.cascade, []
+
+    def cascade(index, pixels, **kwargs):
+        cascaded.append(index)
+        if cascade_finds == "nothing":
+            return False
+        found = real_cascade(index, pixels, **kwargs)
+        if found:
+            _spoil(session, index)  # its candidate is one pixel of the target
+        return found
+
+    real_attempt, refused = session.attempt, {}
+
+    def attempt(index, source, upcoming=()):
+        result = real_attempt(index, source, upcoming)
+        refused[index] = np.logical_or.reduce(result.parts)
+        return result
+
+    session.cascade, session.attempt = cascade, attempt
+    after, correction = session.correct([Hint(6, "box", box=(20, 14, 45, 44))])
+    assert {5, 7} <= set(cascaded) and correction.changed == [5, 6, 7]
+    for k in (5, 7):
+        if cascade_finds == "nothing":
+            assert not after.mask[k].any(), "the walk ends where the cascade finds nothing"
+        else:
+            assert after.slices[k].method == "propagated"
+            np.testing.assert_array_equal(after.mask[k], resize_mask(refused[k], reference[k].shape))
+            assert dice(after.mask[k], reference[k]) > 2 / (1 + reference[k].sum())  # the cascade's one pixel
 
 
 class Overreaching(Counting):

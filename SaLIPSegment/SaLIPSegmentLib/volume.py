@@ -517,10 +517,20 @@ class VolumeRunner:
                          fallback=refused.fallback, source=guide)
         else:  # no embedding kept (a segmenter without one): encode again
             self._cascade_on(index)
+        self.keep_refused_if_better(position, refused, when_nothing_found=True)
+
+    def keep_refused_if_better(self, position: int, refused: _Attempt, when_nothing_found: bool) -> bool:
+        """After the full cascade on a slice whose chain was refused: the refused result instead where the
+        scorer ranks it higher, or (`when_nothing_found`) where the cascade found nothing; True when taken."""
+        index = self.tissue[position]
         found = self.found.get(index)
+        if found is None and not when_nothing_found:
+            return False
         cascaded = found and _Attempt(refused.pixels, found.parts, found.anchor_ious, [], None, {}, found)
         if not cascaded or self._rank(position, refused) > self._rank(position, cascaded):
             self._accept(index, refused)
+            return True
+        return False
 
     def _rank(self, position: int, option: _Attempt) -> float:
         """How the scorer ranks one chain's result on a slice: its weakest part's score (scored once)."""

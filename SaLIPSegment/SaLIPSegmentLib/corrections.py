@@ -134,23 +134,6 @@ class CorrectionSession(VolumeRunner):
         box = mask_to_box(source.mask)
         return None if box is None else grow_box(box, margin, self.shape)
 
-    def _propagate(self, index: int, source: _Found, upcoming: Sequence[int]) -> bool:
-        """The runner's walk step; where a chain from a user's fix is refused and the cascade around it finds
-        something, the refused result is kept instead where the scorer ranks it higher (as on a contested
-        slice). Next to a small, zoomed-in box the chain's first step is often refused on predicted IoU
-        with Dice 0.70-0.95, and the cascade's poor candidate, carried on, painted 9 slices wrong
-        (RESULTS.md, issue 19, 2026-12-03, third)."""
-        if source.hint is None:
-            return super()._propagate(index, source, upcoming)
-        result = self.attempt(index, source, upcoming)
-        if result.fallback is None:
-            self._accept(index, result)
-            return True
-        found = self.cascade(index, result.pixels, already_embedded=True, seconds=dict(result.seconds),
-                             fallback=result.fallback, source=source)
-        position = self.tissue.index(index)
-        return self.keep_refused_if_better(position, result, when_nothing_found=False) or found
-
     def prompt_boxes(self, source: _Found, shape: Tuple[int, int]) -> List[Box]:
         """The runner's boxes, cut to the stretch's envelope while refill redoes one (a box wholly outside it
         stays as it was: the envelope bounds a walk, it does not move a chain)."""

@@ -16,6 +16,7 @@ from SaLIPSegmentLib.quality import (
     neighbour_dice,
     score_z,
     solidity,
+    taper_depth,
     verdict,
 )
 from SaLIPSegmentLib.volume import BEYOND_ORGAN, LOW_SCORE_ABSENT, NO_TISSUE, SliceRecord, flag_slices
@@ -197,6 +198,38 @@ def test_the_slice_just_past_where_presence_cut_the_target_is_flagged_and_no_fur
                                 "method": "hint"})
     flag_slices(records, masks)
     assert not records[6].flags
+
+
+def tapering_run(radii, before=13, after=9):
+    """Masks and records: `before` slices judged without the target, disks of `radii`, then `after` more."""
+    masks = [np.zeros((64, 64), bool)] * before + [disk(radius=r) for r in radii] + [np.zeros((64, 64), bool)] * after
+    absent = {"absent": LOW_SCORE_ABSENT, "reason": "target absent", "area": 0}
+    empty = [k for k in range(len(masks)) if not masks[k].any()]
+    return masks, run_of(masks, **{f"s{k}": absent for k in empty})
+
+
+def test_the_taper_depth_is_how_many_slices_the_end_area_takes_to_vanish_at_its_rate_of_shrinking():
+    _, records = tapering_run([12, 12, 12, 12, 12, 9, 6, 3])  # kept 13-20, shrinking towards 20
+    assert taper_depth(records, end=20, step=1, most=12) == 1
+    assert taper_depth(records, end=13, step=-1, most=12) == 12  # ends at full size: cut in the body
+    _, records = tapering_run([12, 12, 12, 11, 10, 9])  # a slow shrink: more slices before it vanishes
+    slow = taper_depth(records, end=18, step=1, most=30)
+    assert 3 < slow < 30 and taper_depth(records, end=18, step=1, most=3) == 3
+    _, records = tapering_run([12, 3])  # two kept masks tell no rate
+    assert taper_depth(records, end=14, step=1, most=5) == 5
+
+
+def test_tapered_edge_flags_reach_one_slice_past_a_shrinking_end_and_deeper_past_an_abrupt_one():
+    masks, records = tapering_run([12, 12, 12, 12, 12, 9, 6, 3])
+    def edges():  # the shrinking masks themselves are flagged for their area jump
+        return {r.index for r in records if r.flags == [EDGE_FLAG]}
+
+    flag_slices(records, masks, thickness_mm=1.0)  # the default: 6 mm past each end
+    assert edges() == {*range(7, 13), *range(21, 27)}
+    flag_slices(records, masks, rules=QualityRules(edge_taper=True), thickness_mm=1.0)
+    assert edges() == {*range(1, 13), 21} and not records[22].flags
+    flag_slices(records, masks, rules=QualityRules(edge_taper=True), thickness_mm=3.0)  # 12 mm: 4 slices
+    assert edges() == {*range(9, 13), 21}
 
 
 def test_past_the_edge_a_cut_stretch_that_scored_part_of_the_way_up_is_flagged_until_the_floor():

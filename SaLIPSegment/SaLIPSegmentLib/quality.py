@@ -20,7 +20,8 @@ volume's own scored slices, as CLIP's would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -78,11 +79,20 @@ class QualityRules:
     by more slices on thin slices: at 1 mm one flagged slice per end found 2 of 12 cut thalamus
     slices, 6 mm found 11 of 12 (RESULTS.md, issue 18, thick slices)."""
 
-    def edge_slices(self, thickness_mm: Optional[float]) -> int:
-        """How many slices past each end of the kept run the edge flags reach."""
+    edge_taper: bool = False
+    """Set the edge flags' depth at each end by how the kept masks' areas approach it (taper_depth):
+    as many slices as the area, shrinking at the end's rate, would take to vanish (at least one);
+    where the masks do not shrink (the run was cut in the target's body), `edge_depth_max_mm`."""
+    edge_taper_span: int = 4
+    """The kept masks at each end whose areas give its rate of shrinking (at least three of them)."""
+    edge_depth_max_mm: float = 12.0
+    """The tapered edge flags' deepest reach, where a run ends without shrinking."""
+
+    def edge_slices(self, thickness_mm: Optional[float], depth_mm: Optional[float] = None) -> int:
+        """How many slices `depth_mm` (the edge depth by default) reaches past each end of the kept run."""
         if not thickness_mm or thickness_mm <= 0:
             return 1
-        return max(1, int(round(self.edge_depth_mm / thickness_mm)))
+        return max(1, int(round((depth_mm or self.edge_depth_mm) / thickness_mm)))
     tail_height: float = 0.05
     """Past the edge depth, an emptied slice is still flagged while it and every emptied slice between it
     and the kept run scored (presence's score) at least this fraction of the way from presence's floor up
@@ -267,16 +277,21 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
         heights = cut_heights(records, presence_floor)
         # A height counts only well above the emptied slices' own scatter: under noise the floor is a blur.
         least = max(rules.tail_height, 2.0 * robust_spread(np.array(list(heights.values()))))
-        flag_target_edges(records, rules.edge_slices(thickness_mm), heights, least)
+        depth = rules.edge_slices(thickness_mm)
+        if rules.edge_taper:
+            most = rules.edge_slices(thickness_mm, rules.edge_depth_max_mm)
+            depth = partial(taper_depth, records, most=most, span=rules.edge_taper_span)
+        flag_target_edges(records, depth, heights, least)
 
 
 def _is_kept(record) -> bool:
     return record.area > 0 and not record.absent
 
 
-def _walks_from_kept(records: Sequence) -> List[List[int]]:
-    """From each end of the kept masks, the positions of the slices presence emptied in a row outward (a
-    slice the user said has no target, a kept or a skipped slice ends the walk)."""
+def _walks_from_kept(records: Sequence) -> List[Tuple[int, int, List[int]]]:
+    """From each end of the kept masks (its position, and the step outward), the positions of the slices
+    presence emptied in a row outward (a slice the user said has no target, a kept or a skipped slice
+    ends the walk)."""
     walks = []
     for position, record in enumerate(records):
         if not _is_kept(record):
@@ -287,8 +302,28 @@ def _walks_from_kept(records: Sequence) -> List[List[int]]:
                 walk.append(k)
                 k += step
             if walk:
-                walks.append(walk)
+                walks.append((position, step, walk))
     return walks
+
+
+def taper_depth(records: Sequence, end: int, step: int, most: int, span: int = 4) -> int:
+    """How many slices past the kept mask at `end` (the walk going `step`) the edge flags reach: the
+    slices its area takes to vanish at the rate the last `span` kept masks shrink towards it (a least
+    squares line), from 1 to `most`; `most` where they do not shrink or fewer than three are kept.
+
+    A target that tapers (a lesion's pole, the top of a head) ends where its masks shrink to nothing,
+    and presence cuts it there or a slice off; a run that ends at full size was cut inside the target,
+    and the present slices past it are as many as presence could miss."""
+    areas, k = [], end
+    while 0 <= k < len(records) and _is_kept(records[k]) and len(areas) < span:
+        areas.append(float(records[k].area))
+        k -= step
+    if len(areas) < 3:
+        return most
+    shrink = float(np.polyfit(np.arange(len(areas)), areas, 1)[0])  # growth per slice inward
+    if shrink <= 0:
+        return most
+    return int(np.clip(np.ceil(areas[0] / shrink), 1, most))
 
 
 def cut_heights(records: Sequence, floor: Optional[float]) -> Dict[int, float]:
@@ -306,11 +341,11 @@ def cut_heights(records: Sequence, floor: Optional[float]) -> Dict[int, float]:
     return {k: (score(r) - floor) / top if score(r) is not None else 0.0 for k, r in enumerate(records) if r.absent}
 
 
-def flag_target_edges(records: Sequence, depth: int = 1, heights: Optional[Dict[int, float]] = None,
-                      min_height: float = float("inf")) -> None:
+def flag_target_edges(records: Sequence, depth: Union[int, Callable[[int, int], int]] = 1,
+                      heights: Optional[Dict[int, float]] = None, min_height: float = float("inf")) -> None:
     """Flag the slices presence emptied (not the user's "no target") at most `depth` slices past a kept
-    mask, and past those while their scores stay high (`heights`, cut_heights: each at least
-    `min_height`, from the kept mask on).
+    mask (or depth(end, step) past the one at `end`: taper_depth), and past those while their scores stay
+    high (`heights`, cut_heights: each at least `min_height`, from the kept mask on).
 
     Presence cuts the target's run where the scores drop, and a present end slice scores low as
     often as an absent one (its mask is small or poor): the slices just past the cut are where a
@@ -319,10 +354,11 @@ def flag_target_edges(records: Sequence, depth: int = 1, heights: Optional[Dict[
     reads it as 0).
     """
     heights = heights or {}
-    for walk in _walks_from_kept(records):
+    for end, outward, walk in _walks_from_kept(records):
+        reach = depth(end, outward) if callable(depth) else depth
         high = np.array([heights.get(k, 0.0) for k in walk]) >= min_height
         for step, position in enumerate(walk):
-            if step < depth:
+            if step < reach:
                 records[position].flags = [EDGE_FLAG]
             elif high[: step + 1].all():
                 records[position].flags = [CUT_TAIL_FLAG]

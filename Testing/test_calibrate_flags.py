@@ -55,8 +55,12 @@ def test_the_judge_reproduces_the_products_flags_and_scores_them_against_dice(tm
     assert "warning" not in judged.stdout  # the report's flags, reproduced from its records and mask
     row = judge_line(judged.stdout, folder.name)
     assert (row["poor"], row["flagged"]) == (poor.sum(), flagged.sum())
+    met = re.search(r"target met \(recall >= 0.70, precision >= 0.50\): (\d) of (\d) runs", judged.stdout)
+    assert met, judged.stdout
     if poor.any():
-        assert row["recall"] == round(np.sum(poor & flagged) / poor.sum(), 2)
+        recall, precision = np.sum(poor & flagged) / poor.sum(), np.sum(poor & flagged) / flagged.sum()
+        assert row["recall"] == round(recall, 2)
+        assert met.groups() == (str(int(recall >= 0.7 and precision >= 0.5)), "1")
     table = judged.stdout.split("alone:")[1].split("min_solidity")[0]
     for kind, start in REASON_STARTS.items():  # each reason's flags on poor and on good slices
         named = [any(flag.startswith(start) for flag in row["flags"]) for row in rows]

@@ -14,7 +14,8 @@ thickness, presence's floor) under the default QualityRules or the rules given, 
 well the flags find the slices with Dice < 0.5 (evaluation.POOR_SLICE_DICE, painted and missed
 slices included) in the written mask: per run, per structure, pooled, and per reason (its flags on
 poor and on good slices, and the slices only it flags). Under the defaults it first checks that
-it reproduces the flags each report holds. `--sweep` repeats the pooled figures per value of one rule.
+it reproduces the flags each report holds. Each judging ends with how many runs meet issue 18's
+flag target (FLAG_TARGET). `--sweep` repeats the pooled figures per value of one rule.
 The mask signals (fragments, solidity, neighbours) are the report's: the product measures them on the
 model's masks, before the clean-up that makes the written mask (holes filled), so `fragment_share`,
 which changes how they are measured, cannot be judged here.
@@ -29,7 +30,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,6 +48,7 @@ PROMPTS = {"brain": ("brain", False), "cerebellum": ("cerebellum", True), "thala
 DEFAULT_CASES = ("step1/skull/brain", "step1/cerebellum", "step1/thalamus", "step3/lesion/lesion",
                  "step3/skull/brain", "step3/cerebellum", "step3/thalamus", "step1/brain")
 SCORERS = ("oracle", "oracle-noisy")
+FLAG_TARGET = (0.7, 0.5)  # issue 18: the flags find at least 70% of a run's poor slices at 50% precision
 SEPARATOR = "~"
 
 
@@ -130,11 +132,22 @@ def reason_kind(flag: str) -> str:
     return flag
 
 
-def figures(poor: np.ndarray, hit: np.ndarray) -> str:
+def recall_precision(poor: np.ndarray, hit: np.ndarray) -> Tuple[float, float]:
     found = int(np.sum(hit & poor))
-    recall = found / poor.sum() if poor.any() else float("nan")
-    precision = found / hit.sum() if hit.any() else float("nan")
+    return (found / poor.sum() if poor.any() else float("nan"), found / hit.sum() if hit.any() else float("nan"))
+
+
+def figures(poor: np.ndarray, hit: np.ndarray) -> str:
+    recall, precision = recall_precision(poor, hit)
     return f"poor {int(poor.sum()):>4}  flagged {int(hit.sum()):>4}  recall {recall:.2f}  precision {precision:.2f}"
+
+
+def target_met(runs: Sequence[KeptRun], hits: Dict[str, np.ndarray]) -> str:
+    """How many runs with poor slices meet FLAG_TARGET (a run with none has no recall to meet)."""
+    judged = [recall_precision(run.poor, hits[run.name]) for run in runs if run.poor.any()]
+    met = sum(1 for recall, precision in judged if recall >= FLAG_TARGET[0] and precision >= FLAG_TARGET[1])
+    least = f"recall >= {FLAG_TARGET[0]:.2f}, precision >= {FLAG_TARGET[1]:.2f}"
+    return f"target met ({least}): {met} of {len(judged)} runs"
 
 
 def reason_table(runs: Sequence[KeptRun]) -> None:
@@ -163,6 +176,7 @@ def judge(runs: Sequence[KeptRun], rules: QualityRules, title: str, detail: bool
             group = [run for run in runs if run.structure == structure]
             print(f"  {'all ' + structure:<36} {pooled(group, hits)}")
     print(f"  {'all runs':<36} {pooled(runs, hits)}")
+    print(f"  {target_met(runs, hits)}")
     if detail:
         reason_table(runs)
 

@@ -219,17 +219,18 @@ def test_the_taper_depth_is_how_many_slices_the_end_area_takes_to_vanish_at_its_
     assert taper_depth(records, end=14, step=1, most=5) == 5
 
 
-def test_tapered_edge_flags_reach_one_slice_past_a_shrinking_end_and_deeper_past_an_abrupt_one():
+def test_edge_flags_reach_one_slice_past_a_tapering_end_and_the_edge_depth_past_an_abrupt_one():
     masks, records = tapering_run([12, 12, 12, 12, 12, 9, 6, 3])
+
     def edges():  # the shrinking masks themselves are flagged for their area jump
         return {r.index for r in records if r.flags == [EDGE_FLAG]}
 
-    flag_slices(records, masks, thickness_mm=1.0)  # the default: 6 mm past each end
+    flag_slices(records, masks, rules=QualityRules(edge_taper=False), thickness_mm=1.0)  # 6 mm past each end
     assert edges() == {*range(7, 13), *range(21, 27)}
-    flag_slices(records, masks, rules=QualityRules(edge_taper=True), thickness_mm=1.0)
-    assert edges() == {*range(1, 13), 21} and not records[22].flags
-    flag_slices(records, masks, rules=QualityRules(edge_taper=True), thickness_mm=3.0)  # 12 mm: 4 slices
-    assert edges() == {*range(9, 13), 21}
+    flag_slices(records, masks, thickness_mm=1.0)
+    assert edges() == {*range(7, 13), 21} and not records[22].flags
+    flag_slices(records, masks, thickness_mm=3.0)  # 6 mm: 2 slices
+    assert edges() == {11, 12, 21}
 
 
 def test_past_the_edge_a_cut_stretch_that_scored_part_of_the_way_up_is_flagged_until_the_floor():

@@ -6,9 +6,10 @@ Numpy in, numbers out; no Slicer, no files. The steps, for a volume's records in
                     neighbouring slices, predicted IoU, score against the volume's own;
   judge_slice       each signal against its limit (QualityRules): a confidence and the
                     reasons of the signals past their limit;
-  flag_target_edges the slices presence emptied within a few millimetres of a kept mask: where
-                    the target's run was cut is where a cut present slice would be; further on,
-                    while the emptied masks still scored part of the way up to the kept ones;
+  flag_target_edges the slices presence emptied within a few millimetres of a kept mask (fewer
+                    where the masks taper towards that end: taper_depth): where the target's
+                    run was cut is where a cut present slice would be; further on, while the
+                    emptied masks still scored part of the way up to the kept ones;
   verdict           one line for the volume ("12 of 52 slices need a look").
 volume.flag_slices runs them, so every caller (segment, evaluate, batch, the Slicer effect)
 sees the same flags. The limits were chosen against per-slice Dice offline, and
@@ -44,8 +45,9 @@ class QualityRules:
     fully trusted (the confidence's scale). Fitted on LiteMedSAM runs over the template's brain,
     deep grey and ventricles with both oracles, and on the references themselves as right masks;
     judged again on 27 runs of seven structures in three heads, where no one limit's change made
-    more runs meet issue 18's flag target (calibrate_flags.py; RESULTS.md). Nothing is tuned to one
-    structure, and the score's limit is relative, so it does not rest on an exact oracle's zeros."""
+    more runs meet issue 18's flag target, and where the tapered edge depth made 12 meet it, not 10
+    (calibrate_flags.py; RESULTS.md). Nothing is tuned to one structure, and the score's limit is
+    relative, so it does not rest on an exact oracle's zeros."""
 
     max_fragments: float = float("inf")
     """Connected pieces of the mask holding at least `fragment_share` of its area each. Off: right
@@ -79,20 +81,19 @@ class QualityRules:
     by more slices on thin slices: at 1 mm one flagged slice per end found 2 of 12 cut thalamus
     slices, 6 mm found 11 of 12 (RESULTS.md, issue 18, thick slices)."""
 
-    edge_taper: bool = False
-    """Set the edge flags' depth at each end by how the kept masks' areas approach it (taper_depth):
-    as many slices as the area, shrinking at the end's rate, would take to vanish (at least one);
-    where the masks do not shrink (the run was cut in the target's body), `edge_depth_max_mm`."""
+    edge_taper: bool = True
+    """Flag fewer slices past an end that tapers (taper_depth): as many as the end's area, shrinking at
+    the rate of the kept masks before it, takes to vanish (at least one, at most the edge depth). A run
+    cut where the target tapers to nothing needs one slice checked, not 6 mm. A deeper reach where the
+    masks do not shrink (12 mm) flagged more good slices than poor ones (RESULTS.md, issue 18, 2026-12-04)."""
     edge_taper_span: int = 4
     """The kept masks at each end whose areas give its rate of shrinking (at least three of them)."""
-    edge_depth_max_mm: float = 12.0
-    """The tapered edge flags' deepest reach, where a run ends without shrinking."""
 
-    def edge_slices(self, thickness_mm: Optional[float], depth_mm: Optional[float] = None) -> int:
-        """How many slices `depth_mm` (the edge depth by default) reaches past each end of the kept run."""
+    def edge_slices(self, thickness_mm: Optional[float]) -> int:
+        """How many slices past each end of the kept run the edge flags reach."""
         if not thickness_mm or thickness_mm <= 0:
             return 1
-        return max(1, int(round((depth_mm or self.edge_depth_mm) / thickness_mm)))
+        return max(1, int(round(self.edge_depth_mm / thickness_mm)))
     tail_height: float = 0.05
     """Past the edge depth, an emptied slice is still flagged while it and every emptied slice between it
     and the kept run scored (presence's score) at least this fraction of the way from presence's floor up
@@ -279,8 +280,7 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
         least = max(rules.tail_height, 2.0 * robust_spread(np.array(list(heights.values()))))
         depth = rules.edge_slices(thickness_mm)
         if rules.edge_taper:
-            most = rules.edge_slices(thickness_mm, rules.edge_depth_max_mm)
-            depth = partial(taper_depth, records, most=most, span=rules.edge_taper_span)
+            depth = partial(taper_depth, records, most=depth, span=rules.edge_taper_span)
         flag_target_edges(records, depth, heights, least)
 
 

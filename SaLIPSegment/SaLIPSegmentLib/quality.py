@@ -21,8 +21,7 @@ volume's own scored slices, as CLIP's would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -46,8 +45,8 @@ class QualityRules:
     deep grey and ventricles with both oracles, and on the references themselves as right masks;
     judged again on 27 runs of seven structures in three heads, where no one limit's change made
     more runs meet issue 18's flag target, and on 28 rebuilt runs, where the tapered edge depth made
-    13 meet it, not 11 (calibrate_flags.py; RESULTS.md). Nothing is tuned to one structure, and the score's limit is
-    relative, so it does not rest on an exact oracle's zeros."""
+    13 meet it, not 11 (calibrate_flags.py; RESULTS.md). Nothing is tuned to one structure, and the
+    score's limit is relative, so it does not rest on an exact oracle's zeros."""
 
     max_fragments: float = float("inf")
     """Connected pieces of the mask holding at least `fragment_share` of its area each. Off: right
@@ -278,10 +277,8 @@ def flag_records(records: Sequence, masks: Optional[Sequence[np.ndarray]] = None
         heights = cut_heights(records, presence_floor)
         # A height counts only well above the emptied slices' own scatter: under noise the floor is a blur.
         least = max(rules.tail_height, 2.0 * robust_spread(np.array(list(heights.values()))))
-        depth = rules.edge_slices(thickness_mm)
-        if rules.edge_taper:
-            depth = partial(taper_depth, records, most=depth, span=rules.edge_taper_span)
-        flag_target_edges(records, depth, heights, least)
+        taper_span = rules.edge_taper_span if rules.edge_taper else None
+        flag_target_edges(records, rules.edge_slices(thickness_mm), heights, least, taper_span)
 
 
 def _is_kept(record) -> bool:
@@ -341,11 +338,11 @@ def cut_heights(records: Sequence, floor: Optional[float]) -> Dict[int, float]:
     return {k: (score(r) - floor) / top if score(r) is not None else 0.0 for k, r in enumerate(records) if r.absent}
 
 
-def flag_target_edges(records: Sequence, depth: Union[int, Callable[[int, int], int]] = 1,
-                      heights: Optional[Dict[int, float]] = None, min_height: float = float("inf")) -> None:
+def flag_target_edges(records: Sequence, depth: int = 1, heights: Optional[Dict[int, float]] = None,
+                      min_height: float = float("inf"), taper_span: Optional[int] = None) -> None:
     """Flag the slices presence emptied (not the user's "no target") at most `depth` slices past a kept
-    mask (or depth(end, step) past the one at `end`: taper_depth), and past those while their scores stay
-    high (`heights`, cut_heights: each at least `min_height`, from the kept mask on).
+    mask (fewer past an end that tapers, with `taper_span`: taper_depth), and past those while their
+    scores stay high (`heights`, cut_heights: each at least `min_height`, from the kept mask on).
 
     Presence cuts the target's run where the scores drop, and a present end slice scores low as
     often as an absent one (its mask is small or poor): the slices just past the cut are where a
@@ -355,7 +352,7 @@ def flag_target_edges(records: Sequence, depth: Union[int, Callable[[int, int], 
     """
     heights = heights or {}
     for end, outward, walk in _walks_from_kept(records):
-        reach = depth(end, outward) if callable(depth) else depth
+        reach = taper_depth(records, end, outward, depth, taper_span) if taper_span else depth
         high = np.array([heights.get(k, 0.0) for k in walk]) >= min_height
         for step, position in enumerate(walk):
             if step < reach:
